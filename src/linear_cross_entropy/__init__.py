@@ -1,0 +1,8 @@
+"""linear-cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without holding the logits."""
+
+from ._version import __version__
+from .functional import linear_cross_entropy
+from .module import LinearCrossEntropyLoss
+from .options import LinearCrossEntropyOptions
+
+__all__ = ["LinearCrossEntropyLoss", "LinearCrossEntropyOptions", "linear_cross_entropy", "__version__"]

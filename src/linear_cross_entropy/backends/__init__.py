@@ -1,0 +1,1 @@
+"""Backends: ``reference`` (materialises the logits), ``chunked`` (pure PyTorch), ``fused`` (Triton + cuBLAS)."""

@@ -1,0 +1,266 @@
+r"""The chunked path: pure PyTorch, any device; never more than one chunk's ``(rows, C)`` logits alive.
+
+Notation (one loss position; K-dimensional losses repeat it for each of the K positions): ``z = x·Wᵀ + b`` the
+logits of a row, ``lse = log Σ_c exp(z_c)``, ``p = exp(z − lse)``, ``ε`` the label smoothing, ``w`` the class
+weights (ones when absent), ``W_sum = Σ_c w_c``, ``m = [y ≠ ignore_index]``.
+
+Class indices ``y``::
+
+    ℓ = m·[(1−ε)·w_y·(lse − z_y) + (ε/C)·(W_sum·lse − Σ_c w_c z_c)]
+    ∂ℓ/∂z = m·[((1−ε)·w_y + (ε/C)·W_sum)·p − (1−ε)·w_y·e_y − (ε/C)·w]
+
+Class probabilities ``P``, with ``P' = (1−ε)·P + ε/C`` and ``q = w ⊙ P'``::
+
+    ℓ = Σ_c q_c·(lse − z_c),     ∂ℓ/∂z = (Σ_c q_c)·p − q
+
+A row's gradient is ``s·∂ℓ/∂z`` with ``s`` the row's share of the upstream gradient (``1/Σ m·w_y`` for index
+mean, ``1/(N·K)`` for probability mean, 1 for sum, the per-row upstream value for ``none``), and then
+``grad_input = dz·W``, ``grad_weight = dzᵀ·x``, ``grad_bias = Σ_rows dz``.
+
+For the scalar reductions the gradient is linear in the (scalar) upstream gradient, so forward computes the
+gradients for an upstream gradient of 1 in the same sweep as the loss, and backward only scales them — two GEMM
+sweeps fewer than recomputing. ``reduction="none"`` cannot do that (the upstream gradient is per row), so its
+backward recomputes the logits chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..options import ResolvedOptions
+
+__all__ = ["LossParams", "linear_cross_entropy_chunked", "chunk_loss_and_grad"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossParams:
+    """The loss's own settings, resolved (no None): what the math of every backend needs."""
+
+    reduction: str  # "none" | "mean" | "sum"
+    ignore_index: int
+    label_smoothing: float  # >= 0 (negative values behave as 0, as in the reference)
+    target_is_probs: bool
+
+
+def stat_dtype(acc_dtype: torch.dtype) -> torch.dtype:
+    """Reductions (lse, loss sums) run in at least fp32 whatever the buffers' dtype."""
+    return torch.float64 if acc_dtype == torch.float64 else torch.float32
+
+
+def chunk_loss_and_grad(
+    z: torch.Tensor,  # (r, C) logits in the accumulation dtype; overwritten by dz when row_scale is given
+    target: torch.Tensor,  # (r,) int64 indices or (r, C) probabilities
+    class_weight: torch.Tensor | None,  # (C,) in the stats dtype
+    lp: LossParams,
+    row_scale: torch.Tensor | None,  # (r,) upstream share per row (stats dtype), or None for loss only
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss ``(r,)`` in the stats dtype and, when ``row_scale`` is given, ``dz`` written into ``z``."""
+    num_classes = z.shape[1]
+    sdt = stat_dtype(z.dtype)
+    eps = lp.label_smoothing if lp.label_smoothing > 0 else 0.0
+    lse = torch.logsumexp(z.to(sdt), dim=1)  # (r,)
+    z_sum = (z.to(sdt) @ class_weight) if class_weight is not None else z.sum(dim=1, dtype=sdt)  # Σ_c w_c z_c
+    if lp.target_is_probs:
+        q = target.to(sdt)
+        if eps:
+            q = q * (1.0 - eps) + eps / num_classes
+        if class_weight is not None:
+            q = q * class_weight
+        q_sum = q.sum(dim=1)
+        loss = lse * q_sum - (z.to(sdt) * q).sum(dim=1)
+        if row_scale is None:
+            return loss, None
+        dz = _softmax(z, lse)
+        dz.mul_((row_scale * q_sum)[:, None]).sub_(q * row_scale[:, None])
+        return loss, _into(z, dz)
+
+    keep = target != lp.ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    y = torch.where(keep & in_range, target, 0)
+    z_y = z.gather(1, y[:, None]).squeeze(1).to(sdt)
+    w_y = class_weight[y] if class_weight is not None else torch.ones_like(lse)
+    w_sum = class_weight.sum() if class_weight is not None else float(num_classes)
+    loss = (1.0 - eps) * w_y * (lse - z_y)
+    if eps:
+        loss = loss + (eps / num_classes) * (w_sum * lse - z_sum)
+    bad = keep & ~in_range  # reachable only off the CPU, where the range check would sync
+    loss = torch.where(keep, loss, 0.0).masked_fill_(bad, float("nan"))
+    if row_scale is None:
+        return loss, None
+    s = torch.where(keep, row_scale, 0.0).masked_fill_(bad, float("nan"))
+    coef = s * ((1.0 - eps) * w_y + (eps / num_classes) * w_sum)
+    dz = _softmax(z, lse)
+    dz.mul_(coef[:, None])
+    dz.scatter_add_(1, y[:, None], (-(1.0 - eps) * s * w_y)[:, None].to(dz.dtype))
+    if eps:
+        w = class_weight if class_weight is not None else torch.ones((), dtype=sdt, device=z.device)
+        dz.sub_((s * (eps / num_classes))[:, None] * w)
+    return loss, _into(z, dz)
+
+
+def _softmax(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``exp(z − lse)`` in the stats dtype: in place when ``z`` already is in it, else in a temporary."""
+    if z.dtype == lse.dtype:
+        return z.sub_(lse[:, None]).exp_()
+    return (z.to(lse.dtype) - lse[:, None]).exp_()
+
+
+def _into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` stored in ``buffer``'s dtype, reusing ``buffer`` when the dtypes differ."""
+    if value is buffer:
+        return buffer
+    return buffer.copy_(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grads:
+    input: bool
+    weight: bool
+    bias: bool
+
+    @property
+    def any(self) -> bool:
+        return self.input or self.weight or self.bias
+
+
+def _sweep(
+    x: torch.Tensor,  # (N, F)
+    w: torch.Tensor,  # (C, K, F)
+    b: torch.Tensor | None,  # (C, K)
+    target: torch.Tensor,  # (N, K) indices or (N, C, K) probabilities
+    class_weight: torch.Tensor | None,  # (C,) stats dtype
+    lp: LossParams,
+    ro: ResolvedOptions,
+    row_scale: torch.Tensor | None,  # (N, K) stats dtype, or None for loss only
+    grads: _Grads,
+):
+    """One pass over (position, chunk): per-row losses ``(N, K)`` and, with ``row_scale``, the three gradients."""
+    n, f = x.shape
+    c, k, _ = w.shape
+    acc, sdt = ro.acc_dtype, stat_dtype(ro.acc_dtype)
+    accurate = ro.acc_policy == "accurate" and acc != x.dtype
+    gemm_dtype = acc if accurate else x.dtype
+    w_gemm = w.to(gemm_dtype)  # no copy unless "accurate" upcasts
+    b_gemm = None if b is None else b.to(gemm_dtype)
+    losses = torch.empty((n, k), dtype=sdt, device=x.device)
+    want = row_scale is not None
+    grad_x = torch.zeros((n, f), dtype=x.dtype, device=x.device) if want and grads.input else None
+    # The weight gradient accumulates across chunks: in acc_dtype (a (C, K, F) scratch) unless "compact" or the
+    # dtypes agree, in which case it accumulates in place in the parameter's dtype.
+    wgrad_dtype = w.dtype if (ro.acc_policy == "compact" or acc == w.dtype) else acc
+    grad_w = torch.zeros((c, k, f), dtype=wgrad_dtype, device=x.device) if want and grads.weight else None
+    grad_b = torch.zeros((c, k), dtype=sdt, device=x.device) if want and grads.bias else None
+    rows = ro.batch_chunk_size
+    for pos in range(k):
+        w_k = w_gemm[:, pos, :]  # (C, F), strided view for K > 1
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            x_c = x[start:stop].to(gemm_dtype)
+            if b_gemm is None:
+                z = x_c @ w_k.T
+            else:
+                z = torch.addmm(b_gemm[:, pos], x_c, w_k.T)
+            z = z.to(acc)  # no copy when the GEMM already ran in acc_dtype
+            t_c = target[start:stop, :, pos] if lp.target_is_probs else target[start:stop, pos]
+            s_c = None if row_scale is None else row_scale[start:stop, pos]
+            loss_c, dz = chunk_loss_and_grad(z, t_c, class_weight, lp, s_c)
+            losses[start:stop, pos] = loss_c
+            if dz is None:
+                continue
+            if grad_b is not None:
+                grad_b[:, pos] += dz.sum(dim=0, dtype=sdt)
+            dz = dz.to(gemm_dtype)
+            if grad_x is not None:
+                grad_x[start:stop] += (dz @ w_k).to(x.dtype)
+            if grad_w is not None:
+                if grad_w.dtype == gemm_dtype:
+                    grad_w[:, pos].addmm_(dz.T, x_c)
+                else:
+                    grad_w[:, pos] += dz.T @ x_c
+    out = (
+        grad_x,
+        None if grad_w is None else grad_w.to(w.dtype),
+        None if grad_b is None else grad_b.to(b.dtype),
+    )
+    return losses, out
+
+
+def _row_scale(target, class_weight, lp: LossParams, k: int, sdt) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For the scalar reductions: the per-row share of an upstream gradient of 1, and the mean's denominator."""
+    if lp.target_is_probs:
+        n = target.shape[0]
+        denom = torch.tensor(float(n * k), dtype=sdt, device=target.device)
+        scale = torch.ones((n, k), dtype=sdt, device=target.device)
+    else:
+        keep = target != lp.ignore_index
+        if class_weight is None:
+            w_y = keep.to(sdt)
+        else:
+            y = torch.where(keep & (target >= 0) & (target < class_weight.shape[0]), target, 0)
+            w_y = torch.where(keep, class_weight[y], 0.0)
+        denom = w_y.sum()
+        scale = keep.to(sdt)
+    if lp.reduction == "mean":
+        # Rows that take part get 1/denominator (inf, hence NaN gradients, when the weights sum to 0, as in the
+        # reference); ignored rows get exactly 0, so an all-ignored batch has zero gradients and a NaN loss.
+        scale = scale / denom
+    return scale, denom
+
+
+class _ChunkedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: _Grads):
+        sdt = stat_dtype(ro.acc_dtype)
+        cw = None if class_weight is None else class_weight.to(sdt)
+        k = w.shape[1]
+        ctx.lp, ctx.ro, ctx.grads = lp, ro, grads
+        if lp.reduction == "none":
+            losses, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads)
+            ctx.save_for_backward(x, w, b, target, cw)
+            return losses
+        scale, denom = _row_scale(target, cw, lp, k, sdt)
+        losses, ctx.saved_grads = _sweep(x, w, b, target, cw, lp, ro, scale if grads.any else None, grads)
+        total = losses.sum()
+        return total / denom if lp.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.lp.reduction == "none":
+            x, w, b, target, cw = ctx.saved_tensors
+            row_scale = grad_out.to(stat_dtype(ctx.ro.acc_dtype))
+            _, (gx, gw, gb) = _sweep(x, w, b, target, cw, ctx.lp, ctx.ro, row_scale, ctx.grads)
+            return gx, gw, gb, None, None, None, None, None
+        saved = ctx.saved_grads
+        if saved is None:
+            raise RuntimeError(
+                "linear_cross_entropy: backward through the chunked/fused loss a second time; its gradients were "
+                "computed in forward and consumed by the first backward. Pass "
+                "LinearCrossEntropyOptions(allow_retain_graph=True) to keep them for repeated backward."
+            )
+        if ctx.ro.allow_retain_graph:
+            out = tuple(None if g is None else g * grad_out.to(g.dtype) for g in saved)
+        else:
+            ctx.saved_grads = None
+            out = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in saved)
+        return (*out, None, None, None, None, None)
+
+
+def linear_cross_entropy_chunked(
+    x: torch.Tensor,  # (N, F)
+    w: torch.Tensor,  # (C, K, F)
+    b: torch.Tensor | None,  # (C, K)
+    target: torch.Tensor,  # (N, K) int64 indices or (N, C, K) probabilities
+    class_weight: torch.Tensor | None,  # (C,)
+    lp: LossParams,
+    ro: ResolvedOptions,
+) -> torch.Tensor:
+    """Loss ``(N, K)`` for ``reduction="none"``, else a scalar, in the stats dtype (the caller casts)."""
+    grad_mode = torch.is_grad_enabled()
+    grads = _Grads(
+        input=grad_mode and x.requires_grad,
+        weight=grad_mode and w.requires_grad,
+        bias=grad_mode and b is not None and b.requires_grad,
+    )
+    return _ChunkedFunction.apply(x, w, b, target, class_weight, lp, ro, grads)

@@ -1,0 +1,3 @@
+"""Placeholder, replaced below."""
+def linear_cross_entropy_fused(*a, **k):
+    raise NotImplementedError
