@@ -13,7 +13,7 @@ import torch
 
 from . import validate
 from .backends import chunked, fused
-from .backends.chunked import LossParams
+from .backends.common import LossParams
 from .backends.reference import linear_cross_entropy_reference
 from .options import LinearCrossEntropyOptions, resolve
 
@@ -103,7 +103,7 @@ def linear_cross_entropy(
         loss = chunked.linear_cross_entropy_chunked(x, w, b, t, weight, lp, ro)
 
     out_dtype = torch.promote_types(input.dtype, target.dtype) if shape.target_is_probs else input.dtype
-    loss = loss.to(out_dtype)
+    loss = loss.to(options.loss_dtype or out_dtype)
     if reduction == "none":
         loss = loss.reshape((*input.shape[:-1], *shape.out_features))
     return loss

@@ -59,7 +59,9 @@ class LinearCrossEntropyOptions:
 
     Ours: ``backend`` is ``"auto"`` (the fused GPU path when it supports the call, else the chunked path),
     ``"chunked"`` (pure PyTorch, any device) or ``"fused"`` (Triton kernels between cuBLAS GEMMs; needs CUDA and
-    ``triton``, else falls back to ``"chunked"`` with a warning).
+    ``triton``, else falls back to ``"chunked"`` with a warning). ``loss_dtype``: None returns the loss in the
+    input's dtype, as PyTorch does (one rounding of an fp32-accumulated value); ``torch.float32`` returns the fp32
+    value itself (what trainers log).
     """
 
     allow_retain_graph: bool = False
@@ -68,6 +70,7 @@ class LinearCrossEntropyOptions:
     acc_policy: Literal["accurate", "balanced", "compact", "auto"] = "auto"
     acc_dtype: torch.dtype | None = None
     backend: Literal["auto", "chunked", "fused"] = "auto"
+    loss_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if self.acc_policy not in ACC_POLICIES:
@@ -89,6 +92,8 @@ class LinearCrossEntropyOptions:
                 f"acc_dtype must be one of {{None, torch.float16, torch.bfloat16, torch.float32, torch.float64}}, "
                 f"got {self.acc_dtype!r}. Pass acc_dtype=None to let the op pick automatically."
             )
+        if self.loss_dtype is not None and self.loss_dtype not in _ACC_DTYPES:
+            raise ValueError(f"loss_dtype must be None or a floating dtype in {_ACC_DTYPES}, got {self.loss_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"invalid backend: {self.backend!r}; expected one of {BACKENDS}")
 

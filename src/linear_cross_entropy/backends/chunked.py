@@ -30,23 +30,9 @@ import dataclasses
 import torch
 
 from ..options import ResolvedOptions
+from .common import LossParams, row_scale_for_reduction, stat_dtype, take_saved_grads
 
-__all__ = ["LossParams", "linear_cross_entropy_chunked", "chunk_loss_and_grad"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossParams:
-    """The loss's own settings, resolved (no None): what the math of every backend needs."""
-
-    reduction: str  # "none" | "mean" | "sum"
-    ignore_index: int
-    label_smoothing: float  # >= 0 (negative values behave as 0, as in the reference)
-    target_is_probs: bool
-
-
-def stat_dtype(acc_dtype: torch.dtype) -> torch.dtype:
-    """Reductions (lse, loss sums) run in at least fp32 whatever the buffers' dtype."""
-    return torch.float64 if acc_dtype == torch.float64 else torch.float32
+__all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad"]
 
 
 def chunk_loss_and_grad(
@@ -187,28 +173,6 @@ def _sweep(
     return losses, out
 
 
-def _row_scale(target, class_weight, lp: LossParams, k: int, sdt) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """For the scalar reductions: the per-row share of an upstream gradient of 1, and the mean's denominator."""
-    if lp.target_is_probs:
-        n = target.shape[0]
-        denom = torch.tensor(float(n * k), dtype=sdt, device=target.device)
-        scale = torch.ones((n, k), dtype=sdt, device=target.device)
-    else:
-        keep = target != lp.ignore_index
-        if class_weight is None:
-            w_y = keep.to(sdt)
-        else:
-            y = torch.where(keep & (target >= 0) & (target < class_weight.shape[0]), target, 0)
-            w_y = torch.where(keep, class_weight[y], 0.0)
-        denom = w_y.sum()
-        scale = keep.to(sdt)
-    if lp.reduction == "mean":
-        # Rows that take part get 1/denominator (inf, hence NaN gradients, when the weights sum to 0, as in the
-        # reference); ignored rows get exactly 0, so an all-ignored batch has zero gradients and a NaN loss.
-        scale = scale / denom
-    return scale, denom
-
-
 class _ChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: _Grads):
@@ -220,7 +184,7 @@ class _ChunkedFunction(torch.autograd.Function):
             losses, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads)
             ctx.save_for_backward(x, w, b, target, cw)
             return losses
-        scale, denom = _row_scale(target, cw, lp, k, sdt)
+        scale, denom = row_scale_for_reduction(target, cw, lp, k, sdt)
         losses, ctx.saved_grads = _sweep(x, w, b, target, cw, lp, ro, scale if grads.any else None, grads)
         total = losses.sum()
         return total / denom if lp.reduction == "mean" else total
@@ -232,18 +196,8 @@ class _ChunkedFunction(torch.autograd.Function):
             row_scale = grad_out.to(stat_dtype(ctx.ro.acc_dtype))
             _, (gx, gw, gb) = _sweep(x, w, b, target, cw, ctx.lp, ctx.ro, row_scale, ctx.grads)
             return gx, gw, gb, None, None, None, None, None
-        saved = ctx.saved_grads
-        if saved is None:
-            raise RuntimeError(
-                "linear_cross_entropy: backward through the chunked/fused loss a second time; its gradients were "
-                "computed in forward and consumed by the first backward. Pass "
-                "LinearCrossEntropyOptions(allow_retain_graph=True) to keep them for repeated backward."
-            )
-        if ctx.ro.allow_retain_graph:
-            out = tuple(None if g is None else g * grad_out.to(g.dtype) for g in saved)
-        else:
-            ctx.saved_grads = None
-            out = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in saved)
+        in_place = not ctx.ro.allow_retain_graph
+        out = tuple(None if g is None else (g.mul_(grad_out) if in_place else g * grad_out) for g in take_saved_grads(ctx))
         return (*out, None, None, None, None, None)
 
 

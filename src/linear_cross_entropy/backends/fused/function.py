@@ -1,3 +1,79 @@
-"""Placeholder, replaced below."""
-def linear_cross_entropy_fused(*a, **k):
-    raise NotImplementedError
+"""The fused backend's autograd Function: saves, calls launchers, no math.
+
+Forward runs :func:`fused_sweep` once; for the scalar reductions it also produces the gradients for an upstream
+gradient of 1, which backward scales (the weight gradient leaves its fp32 scratch, when it has one, in that same
+pass). ``reduction="none"`` recomputes in backward with the per-row upstream gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...options import ResolvedOptions
+from ..common import LossParams, row_scale_for_reduction, take_saved_grads
+from .launch import fused_sweep, scale_cast
+
+__all__ = ["linear_cross_entropy_fused"]
+
+
+class _FusedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, wants: tuple):
+        ctx.lp, ctx.ro, ctx.wants, ctx.w_dtype = lp, ro, wants, w.dtype
+        if lp.reduction == "none":
+            losses, _, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, *wants)
+            ctx.save_for_backward(x, w, b, target, class_weight)
+            return losses
+        row_scale, denom = row_scale_for_reduction(
+            target[:, None], None if class_weight is None else class_weight.float(), lp, 1, torch.float32
+        )
+        losses, _, ctx.saved_grads = fused_sweep(
+            x, w, b, target, class_weight, lp, ro, row_scale[:, 0] if any(wants) else None, *wants
+        )
+        total = losses.sum()
+        return total / denom if lp.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.lp.reduction == "none":
+            x, w, b, target, class_weight = ctx.saved_tensors
+            _, _, (gx, gw, gb) = fused_sweep(x, w, b, target, class_weight, ctx.lp, ctx.ro, grad_out.float(), *ctx.wants)
+            grads = (gx, None if gw is None else gw.to(ctx.w_dtype), None if gb is None else gb.to(b.dtype))
+            return (*grads, None, None, None, None, None)
+        gx, gw, gb = take_saved_grads(ctx)
+        in_place = not ctx.ro.allow_retain_graph
+        if gx is not None:
+            gx = gx.mul_(grad_out) if in_place else gx * grad_out
+        if gw is not None:
+            if gw.dtype != ctx.w_dtype:
+                gw = scale_cast(gw, grad_out, ctx.w_dtype)
+            else:
+                gw = gw.mul_(grad_out) if in_place else gw * grad_out
+        if gb is not None:
+            gb = gb * grad_out
+        return gx, gw, gb, None, None, None, None, None
+
+
+def linear_cross_entropy_fused(
+    x: torch.Tensor,  # (N, H)
+    w: torch.Tensor,  # (V, H)
+    b: torch.Tensor | None,  # (V,)
+    target: torch.Tensor,  # (N,) int64
+    class_weight: torch.Tensor | None,  # (V,)
+    lp: LossParams,
+    ro: ResolvedOptions,
+) -> torch.Tensor:
+    """Loss ``(N,)`` for ``reduction="none"``, else a scalar; fp32 (the caller casts)."""
+    grad_mode = torch.is_grad_enabled()
+    wants = (
+        grad_mode and x.requires_grad,
+        grad_mode and w.requires_grad,
+        grad_mode and b is not None and b.requires_grad,
+    )
+    x, w = _blas_ready(x), _blas_ready(w)
+    return _FusedFunction.apply(x, w, b, target.contiguous(), class_weight, lp, ro, wants)
+
+
+def _blas_ready(t: torch.Tensor) -> torch.Tensor:
+    """A view cuBLAS takes as it is (unit stride in one dimension), else a contiguous copy."""
+    return t if (t.stride(-1) == 1 or t.stride(0) == 1) else t.contiguous()

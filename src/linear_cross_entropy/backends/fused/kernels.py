@@ -1,0 +1,147 @@
+r"""Triton kernels of the fused backend (``@triton.jit`` only; no torch calls).
+
+The fused backend keeps cuBLAS for the three GEMMs and puts all cross-entropy arithmetic in one pass between them.
+Per chunk of ``r`` rows, with ``z = x_c·Wᵀ`` the chunk's logits (written by cuBLAS into a reused buffer)::
+
+    _cross_entropy_rows_kernel:   z + b  →  lse, ℓ (per row)  and  dz = s·∂ℓ/∂z  (into the buffer, in place)
+
+then ``grad_x_c = dz·W`` and ``grad_W += dzᵀ·x_c`` read ``dz`` straight from the buffer. With ``z = x·Wᵀ + b``,
+``lse = log Σ_c exp(z_c)``, ``p = exp(z − lse)``, label smoothing ``ε``, class weights ``w`` (``W_sum = Σ_c w_c``),
+``m = [y ≠ ignore_index]`` and ``s`` the row's share of the upstream gradient::
+
+    ℓ      = m·[(1−ε)·w_y·(lse − z_y) + (ε/C)·(W_sum·lse − Σ_c w_c·z_c)]
+    ∂ℓ/∂z  = m·[((1−ε)·w_y + (ε/C)·W_sum)·p − (1−ε)·w_y·e_y − (ε/C)·w]
+
+One program owns one row and reads it twice: an online max / sum-exp sweep (with the target logit and, for
+smoothing, the weighted logit sum), then a sweep that writes ``dz``. The second read of a row hits L2: the rows in
+flight at once (≈ 2 per multiprocessor × 256 KiB at V = 128k) fit in it, so HBM sees one read and one write.
+Rows whose target is outside ``[0, C)`` (and not ignored) get a NaN loss and NaN gradients instead of a host check.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    # pointers
+    logits_ptr,  # (r, C) logits without bias; read
+    grad_ptr,  # (r, C) dz; written (may alias logits_ptr)
+    bias_ptr,  # (C,)
+    target_ptr,  # (r,) int64
+    class_weight_ptr,  # (C,)
+    row_scale_ptr,  # (r,) or a scalar (stride 0): s per row
+    loss_ptr,  # (r,) fp32 per-row loss; written
+    lse_ptr,  # (r,) fp32 per-row logsumexp; written
+    # dimensions
+    n_classes,
+    # strides
+    stride_logits_row,
+    stride_grad_row,
+    stride_row_scale,
+    # scalars
+    ignore_index,
+    label_smoothing,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row_ptr = logits_ptr + row * stride_logits_row
+    offs_c = tl.arange(0, BLOCK_C)
+
+    target = tl.load(target_ptr + row)
+    keep = target != ignore_index
+    in_range = (target >= 0) & (target < n_classes)
+    bad = keep & (in_range == 0)
+    y = tl.where(keep & in_range, target, 0)
+
+    # Sweep 1: running max m and sum-exp s (scalars, rescaled per tile); Σ w_c·z_c and Σ w_c for smoothing.
+    m = -float("inf")
+    s = 0.0
+    z_sum = 0.0
+    w_sum = 0.0
+    for start in range(0, n_classes, BLOCK_C):
+        cols = start + offs_c
+        mask = cols < n_classes
+        z = tl.load(logits_row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            if HAS_CLASS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                z_sum += tl.sum(tl.where(mask, w * z, 0.0), axis=0)
+                w_sum += tl.sum(w, axis=0)
+            else:
+                z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    if HAS_SMOOTHING and not HAS_CLASS_WEIGHT:
+        w_sum = n_classes * 1.0
+    lse = m + tl.log(s)
+
+    z_y = tl.load(logits_row_ptr + y).to(tl.float32)
+    if HAS_BIAS:
+        z_y += tl.load(bias_ptr + y).to(tl.float32)
+    if HAS_CLASS_WEIGHT:
+        w_y = tl.load(class_weight_ptr + y).to(tl.float32)
+    else:
+        w_y = 1.0
+    eps = label_smoothing
+    loss = (1.0 - eps) * w_y * (lse - z_y)
+    if HAS_SMOOTHING:
+        loss += (eps / n_classes) * (w_sum * lse - z_sum)
+    nan = float("nan")
+    loss = tl.where(keep, loss, 0.0)
+    loss = tl.where(bad, nan, loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+    if COMPUTE_GRAD:
+        # Sweep 2: dz = coef·p − a·e_y − b·w, written over the logits the sweep has just read.
+        row_scale = tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
+        row_scale = tl.where(keep, row_scale, 0.0)
+        row_scale = tl.where(bad, nan, row_scale)
+        coef = row_scale * (1.0 - eps) * w_y
+        if HAS_SMOOTHING:
+            coef += row_scale * (eps / n_classes) * w_sum
+        target_coef = row_scale * (1.0 - eps) * w_y
+        smooth_coef = row_scale * (eps / n_classes)
+        grad_row_ptr = grad_ptr + row * stride_grad_row
+        for start in range(0, n_classes, BLOCK_C):
+            cols = start + offs_c
+            mask = cols < n_classes
+            z = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            dz = coef * tl.exp(z - lse)
+            dz -= tl.where(cols == y, target_coef, 0.0)
+            if HAS_SMOOTHING:
+                if HAS_CLASS_WEIGHT:
+                    dz -= smooth_coef * tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    dz -= smooth_coef
+            tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_cast_kernel(
+    # pointers
+    src_ptr,  # (numel,) fp32 accumulator
+    scale_ptr,  # () upstream gradient
+    dst_ptr,  # (numel,) gradient in the parameter's dtype; written
+    # dimensions
+    numel,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    """``dst = src · scale`` rounded once to dst's dtype: the weight gradient leaves its fp32 scratch in one pass."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    scale = tl.load(scale_ptr).to(tl.float32)
+    value = tl.load(src_ptr + offs, mask=mask, other=0.0) * scale
+    tl.store(dst_ptr + offs, value.to(dst_ptr.dtype.element_ty), mask=mask)

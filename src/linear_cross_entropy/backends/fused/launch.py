@@ -1,0 +1,185 @@
+"""Launchers of the fused backend: check, allocate, pick the grid, launch — cuBLAS GEMMs and the Triton kernels.
+
+:func:`fused_sweep` is the chunk loop: per chunk of rows, one cuBLAS GEMM writes the logits into a reused buffer,
+one Triton kernel turns them into per-row losses and (when gradients are wanted) ``dz`` in place, and two cuBLAS
+GEMMs consume ``dz``. Nothing here reads a GPU value on the host, so the loop can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ...options import ResolvedOptions
+from ..common import LossParams
+from .kernels import _cross_entropy_rows_kernel, _scale_cast_kernel
+
+__all__ = ["fused_sweep", "cross_entropy_rows", "scale_cast"]
+
+# Logits rows start on 128-byte boundaries whatever V is: cuBLAS keeps its fast kernels only for aligned leading
+# dimensions (an odd V such as 50257 would otherwise cost a multiple of the floor).
+_ROW_ALIGN_BYTES = 128
+# Columns a program of the row kernel handles per step, and warps per program: 8 warps × 32 lanes × 16 values
+# keeps 8 KiB of bf16 loads in flight per step (the kernel is bandwidth-bound).
+_MAX_BLOCK_C = 4096
+_SCALE_CAST_BLOCK = 4096
+
+
+def _padded(n: int, dtype: torch.dtype) -> int:
+    per = max(1, _ROW_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    return -(-n // per) * per
+
+
+def _has_out_dtype_mm(device: torch.device) -> bool:
+    """cuBLAS GEMMs with bf16/fp16 operands and an fp32 output (``torch.mm(..., out_dtype=)``, torch >= 2.8)."""
+    return device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype")
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,  # (r, C), row stride s >= C, unit column stride
+    grad: torch.Tensor | None,  # (r, C) dz destination (may share storage with logits), or None for loss only
+    bias: torch.Tensor | None,  # (C,)
+    target: torch.Tensor,  # (r,) int64
+    class_weight: torch.Tensor | None,  # (C,)
+    row_scale: torch.Tensor | None,  # (r,) or () fp32: s per row
+    loss_out: torch.Tensor,  # (r,) fp32
+    lse_out: torch.Tensor,  # (r,) fp32
+    lp: LossParams,
+) -> None:
+    """Per-row loss and logsumexp; with ``grad``, ``dz = s·∂ℓ/∂z`` (see kernels.py for the math)."""
+    rows, num_classes = logits.shape
+    if rows == 0:
+        return
+    assert logits.stride(1) == 1 and (grad is None or grad.stride(1) == 1)
+    block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(num_classes))
+    if row_scale is None:
+        row_scale = loss_out  # never read: COMPUTE_GRAD is off
+    _cross_entropy_rows_kernel[(rows,)](
+        logits,
+        logits if grad is None else grad,
+        logits if bias is None else bias,
+        target,
+        logits if class_weight is None else class_weight,
+        row_scale,
+        loss_out,
+        lse_out,
+        num_classes,
+        logits.stride(0),
+        logits.stride(0) if grad is None else grad.stride(0),
+        row_scale.stride(0) if row_scale.dim() == 1 else 0,
+        lp.ignore_index,
+        lp.label_smoothing,
+        HAS_BIAS=bias is not None,
+        HAS_CLASS_WEIGHT=class_weight is not None,
+        HAS_SMOOTHING=lp.label_smoothing > 0,
+        COMPUTE_GRAD=grad is not None,
+        BLOCK_C=block_c,
+        num_warps=8 if block_c >= 2048 else 4,
+    )
+
+
+def scale_cast(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(src · scale).to(dtype)`` in one pass over ``src`` (contiguous fp32)."""
+    out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    numel = src.numel()
+    if numel:
+        grid = (triton.cdiv(numel, _SCALE_CAST_BLOCK),)
+        _scale_cast_kernel[grid](src, scale, out, numel, BLOCK=_SCALE_CAST_BLOCK, num_warps=4)
+    return out
+
+
+def fused_sweep(
+    x: torch.Tensor,  # (N, H)
+    w: torch.Tensor,  # (V, H)
+    b: torch.Tensor | None,  # (V,)
+    target: torch.Tensor,  # (N,) int64
+    class_weight: torch.Tensor | None,  # (V,)
+    lp: LossParams,
+    ro: ResolvedOptions,
+    row_scale: torch.Tensor | None,  # (N,) fp32 share of the upstream gradient per row; None: loss only
+    want_input: bool,
+    want_weight: bool,
+    want_bias: bool,
+):
+    """Per-row losses ``(N,)`` and lse ``(N,)`` (fp32) and, with ``row_scale``, the gradients.
+
+    Returns ``(losses, lse, (grad_x, grad_w, grad_b))``. ``grad_w`` is fp32 when the policy keeps an fp32 scratch
+    (``"balanced"``/``"accurate"`` with low-precision weights): the caller rounds it once, when it scales it.
+    """
+    n, h = x.shape
+    v = w.shape[0]
+    device, dtype = x.device, x.dtype
+    losses = torch.empty(n, dtype=torch.float32, device=device)
+    lse = torch.empty(n, dtype=torch.float32, device=device)
+    want_grads = row_scale is not None and (want_input or want_weight or want_bias)
+    rows = max(1, min(ro.batch_chunk_size, n))
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    fp32_mm = low_precision and _has_out_dtype_mm(device)
+    # "accurate": logits leave the GEMM in fp32 (no rounding before the softmax); dz is written in the input dtype
+    # into the front half of each fp32 row (byte 2c ≤ 4c: a row's dz never overwrites logits not yet read).
+    fp32_logits = ro.acc_policy == "accurate" and fp32_mm
+    buf_dtype = torch.float32 if fp32_logits else dtype
+    v_pad = _padded(v, buf_dtype)
+    buffer = torch.empty((rows, v_pad), dtype=buf_dtype, device=device)
+    logits_all = buffer[:, :v]
+    grad_all = buffer.view(dtype)[:, :v] if fp32_logits else logits_all
+
+    grad_x = torch.empty((n, h), dtype=dtype, device=device) if want_grads and want_input else None
+    scratch = ro.acc_policy != "compact" and ro.acc_dtype == torch.float32 and low_precision
+    grad_w = None
+    if want_grads and want_weight:
+        grad_w = torch.empty((v, h), dtype=torch.float32 if scratch else w.dtype, device=device)
+    grad_b = torch.zeros(v, dtype=torch.float32, device=device) if want_grads and want_bias else None
+
+    w_t = w.T
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        r = stop - start
+        x_c = x[start:stop]
+        logits = logits_all[:r]
+        if fp32_logits:
+            torch.mm(x_c, w_t, out_dtype=torch.float32, out=logits)
+        else:
+            torch.mm(x_c, w_t, out=logits)
+        grad = grad_all[:r] if want_grads else None
+        cross_entropy_rows(
+            logits,
+            grad,
+            b,
+            target[start:stop],
+            class_weight,
+            None if row_scale is None else row_scale[start:stop],
+            losses[start:stop],
+            lse[start:stop],
+            lp,
+        )
+        if not want_grads:
+            continue
+        if grad_x is not None:
+            torch.mm(grad, w, out=grad_x[start:stop])
+        if grad_w is not None:
+            _accumulate_weight_grad(grad_w, grad.T, x_c, first=start == 0, fp32_mm=fp32_mm)
+        if grad_b is not None:
+            grad_b += grad.sum(dim=0, dtype=torch.float32)
+    if grad_w is not None and n == 0:
+        grad_w.zero_()
+    return losses, lse, (grad_x, grad_w, grad_b)
+
+
+def _accumulate_weight_grad(grad_w, dz_t, x_c, *, first: bool, fp32_mm: bool) -> None:
+    """``grad_w (+)= dzᵀ·x_c``; into an fp32 scratch through cuBLAS's fp32 output when ``grad_w`` is fp32."""
+    mixed = grad_w.dtype != x_c.dtype
+    if mixed and fp32_mm:
+        if first:
+            torch.mm(dz_t, x_c, out_dtype=torch.float32, out=grad_w)
+        else:
+            torch.addmm(grad_w, dz_t, x_c, out_dtype=torch.float32, out=grad_w)
+    elif mixed:  # no fp32-output GEMM on this device (CPU interpreter runs): round per chunk, add in fp32
+        if first:
+            grad_w.copy_(dz_t @ x_c)
+        else:
+            grad_w += dz_t @ x_c
+    elif first:
+        torch.mm(dz_t, x_c, out=grad_w)
+    else:
+        grad_w.addmm_(dz_t, x_c)
