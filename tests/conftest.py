@@ -190,11 +190,15 @@ def oracle_loss(input, linear_weight, target, *, linear_bias=None, weight=None, 
 
 
 def upstream_grad(loss: torch.Tensor, seed: int = 1234) -> torch.Tensor:
-    """A random, never-small upstream gradient shaped like ``loss`` (same values for equal seeds and shapes)."""
+    """A random, never-small upstream gradient shaped like ``loss`` (same values for equal seeds and shapes).
+
+    The values are rounded to bfloat16, hence exact in every floating dtype: the float64 oracle and a
+    low-precision run see the very same upstream gradient."""
     gen = torch.Generator().manual_seed(seed)
     mag = torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5
     sign = torch.randint(0, 2, loss.shape, generator=gen).to(torch.float64) * 2 - 1
-    return (mag * sign).to(device=loss.device, dtype=loss.dtype)
+    values = (mag * sign).to(torch.bfloat16)
+    return values.to(device=loss.device, dtype=loss.dtype)
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:

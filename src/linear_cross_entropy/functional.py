@@ -77,16 +77,7 @@ def linear_cross_entropy(
     if not shape.target_is_probs:
         validate.check_target_range(target, shape.num_classes, lp.ignore_index)
 
-    # Normalise to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K).
-    k = shape.positions
     x = input if shape.batched else input.unsqueeze(0)
-    w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
-    b = None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
-    if shape.target_is_probs:
-        t = target.reshape(shape.num_rows, shape.num_classes, k)
-    else:
-        t = target.reshape(shape.num_rows, k).long()
-
     backend = _choose_backend(options, lp, shape, x)
     ro = resolve(
         options,
@@ -97,9 +88,16 @@ def linear_cross_entropy(
         dtype=x.dtype,
         device=x.device,
     )
-    if backend == "fused":
-        loss = fused.linear_cross_entropy_fused(x, w[:, 0], None if b is None else b[:, 0], t[:, 0], weight, lp, ro)
-    else:
+    if backend == "fused":  # 2-D weight, index targets: the tensors go in as they are (no views to backprop through)
+        loss = fused.linear_cross_entropy_fused(x, linear_weight, linear_bias, target.reshape(-1).long(), weight, lp, ro)
+    else:  # normalised to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K)
+        k = shape.positions
+        w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
+        b = None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
+        if shape.target_is_probs:
+            t = target.reshape(shape.num_rows, shape.num_classes, k)
+        else:
+            t = target.reshape(shape.num_rows, k).long()
         loss = chunked.linear_cross_entropy_chunked(x, w, b, t, weight, lp, ro)
 
     out_dtype = torch.promote_types(input.dtype, target.dtype) if shape.target_is_probs else input.dtype

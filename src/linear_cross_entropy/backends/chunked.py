@@ -187,7 +187,13 @@ class _ChunkedFunction(torch.autograd.Function):
         scale, denom = row_scale_for_reduction(target, cw, lp, k, sdt)
         losses, ctx.saved_grads = _sweep(x, w, b, target, cw, lp, ro, scale if grads.any else None, grads)
         total = losses.sum()
-        return total / denom if lp.reduction == "mean" else total
+        if lp.reduction != "mean":
+            return total
+        if lp.target_is_probs:
+            return total / denom
+        # The reference divides the NLL and the smoothing terms by the denominator separately: 0/0 (NaN) whenever
+        # the targets' class weights sum to 0, also when smoothing makes the total non-zero (total/0 is inf).
+        return (total / denom).masked_fill(denom == 0, float("nan"))
 
     @staticmethod
     def backward(ctx, grad_out):

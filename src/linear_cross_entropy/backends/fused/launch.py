@@ -7,6 +7,8 @@ GEMMs consume ``dz``. Nothing here reads a GPU value on the host, so the loop ca
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -22,7 +24,18 @@ _ROW_ALIGN_BYTES = 128
 # Columns a program of the row kernel handles per step, and warps per program: 8 warps × 32 lanes × 16 values
 # keeps 8 KiB of bf16 loads in flight per step (the kernel is bandwidth-bound).
 _MAX_BLOCK_C = 4096
+_NUM_WARPS = 8
+# Programs of the persistent row kernel per multiprocessor: few enough that their rows fit in L2 together.
+_PROGRAMS_PER_SM = 1
 _SCALE_CAST_BLOCK = 4096
+
+
+@functools.cache
+def _row_programs(device: torch.device) -> int:
+    """Programs of the persistent row kernel on ``device`` (the interpreter runs one program per row)."""
+    if device.type != "cuda":
+        return 1 << 30
+    return torch.cuda.get_device_properties(device).multi_processor_count * _PROGRAMS_PER_SM
 
 
 def _padded(n: int, dtype: torch.dtype) -> int:
@@ -54,7 +67,8 @@ def cross_entropy_rows(
     block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(num_classes))
     if row_scale is None:
         row_scale = loss_out  # never read: COMPUTE_GRAD is off
-    _cross_entropy_rows_kernel[(rows,)](
+    grid = (min(rows, _row_programs(logits.device)),)
+    _cross_entropy_rows_kernel[grid](
         logits,
         logits if grad is None else grad,
         logits if bias is None else bias,
@@ -63,6 +77,7 @@ def cross_entropy_rows(
         row_scale,
         loss_out,
         lse_out,
+        rows,
         num_classes,
         logits.stride(0),
         logits.stride(0) if grad is None else grad.stride(0),
@@ -74,7 +89,7 @@ def cross_entropy_rows(
         HAS_SMOOTHING=lp.label_smoothing > 0,
         COMPUTE_GRAD=grad is not None,
         BLOCK_C=block_c,
-        num_warps=8 if block_c >= 2048 else 4,
+        num_warps=_NUM_WARPS if block_c >= 2048 else 4,
     )
 
 

@@ -1,0 +1,146 @@
+"""The fused backend on a CUDA device: results against float64, no host syncs, CUDA-graph capture, NaN propagation.
+
+Tolerances come from the plain PyTorch computation in the same dtype (eager: logits in the input dtype, softmax in
+fp32): ours may not be worse than ``_SLACK`` times that error, plus a floor for errors that are exactly 0.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+triton = pytest.importorskip("triton")
+
+_SLACK = 1.25
+_FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-4, torch.float16: 1e-5}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _problem(n, h, v, dtype, seed, bias=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, h, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(v, h, device="cuda", generator=g) * (2 / h**0.5)).to(dtype)
+    b = torch.randn(v, device="cuda", generator=g).to(dtype) if bias else None
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    y[torch.rand(n, device="cuda", generator=g) < 0.05] = -100
+    y[0] = 0  # never all ignored: that case (NaN loss) has its own tests
+    return x, w, b, y
+
+
+def _run(fn, x, w, b, y, **kw):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    loss = fn(x, w, y, b, **kw)
+    loss.backward(torch.ones_like(loss) if loss.dim() else None)
+    return [loss.detach(), x.grad, w.grad] + ([] if b is None else [b.grad])
+
+
+def _ours(x, w, y, b, **kw):
+    return linear_cross_entropy(x, w, y, linear_bias=b, **kw)
+
+
+def _eager(x, w, y, b, options=None, **kw):
+    logits = F.linear(x, w, b).float()
+    return F.cross_entropy(logits, y, **kw).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(512, 256, 4096), (1000, 192, 50257), (333, 64, 1000), (1, 128, 32000)])
+@pytest.mark.parametrize("policy", ["auto", "compact", "accurate"])
+@pytest.mark.parametrize("extras", [{}, {"label_smoothing": 0.1, "class_weight": True, "bias": True}, {"reduction": "sum"}, {"reduction": "none"}])
+def test_matches_float64(dtype, shape, policy, extras):
+    extras = dict(extras)
+    x, w, b, y = _problem(*shape, dtype, seed=hash((shape, str(dtype))) % 2**31, bias=extras.pop("bias", False))
+    if extras.pop("class_weight", False):
+        extras["weight"] = torch.rand(shape[2], device="cuda").to(dtype)
+    ref = _run(_eager, x.double(), w.double(), None if b is None else b.double(), y,
+               **{k: (v.double() if torch.is_tensor(v) else v) for k, v in extras.items()})
+    eager = _run(_eager, x, w, b, y, **extras)
+    opts = LinearCrossEntropyOptions(backend="fused", acc_policy=policy, batch_chunk_size=256)
+    ours = _run(_ours, x, w, b, y, options=opts, **extras)
+    for name, o, e, r in zip(["loss", "dx", "dw", "db"], ours, eager, ref):
+        assert o.dtype == e.dtype
+        bound = _SLACK * _rel(e, r) + _FLOOR[dtype]
+        if name == "loss":  # eager rounds once to the output dtype: allow that one rounding
+            bound = max(bound, torch.finfo(dtype).eps)
+        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
+
+
+def test_no_host_sync_and_cuda_graph():
+    x, w, b, y = _problem(1024, 256, 8192, torch.bfloat16, seed=1, bias=True)
+    opts = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=256)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    _ours(x, w, y, b, options=opts).backward()  # compile the kernels outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in (x, w, b):
+            p.grad = None
+        _ours(x, w, y, b, options=opts).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    expected = [x.grad.clone(), w.grad.clone(), b.grad.clone()]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for p in (x, w, b):
+                p.grad = None
+            _ours(x, w, y, b, options=opts).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for p in (x, w, b):
+        p.grad = None
+    with torch.cuda.graph(graph):
+        loss = _ours(x, w, y, b, options=opts)
+        loss.backward()
+    y.copy_(torch.randint(0, 8192, y.shape, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = _run(_ours, x, w, b, y, options=opts)
+    assert torch.equal(loss, fresh[0])
+    assert all(torch.equal(a, c) for a, c in zip([x.grad, w.grad, b.grad], fresh[1:]))
+    assert not torch.equal(expected[1], w.grad)
+
+
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_nan_reaches_the_loss(where):
+    x, w, b, y = _problem(256, 64, 3000, torch.bfloat16, seed=2)
+    (x if where == "input" else w)[3, 5] = float("nan")
+    loss = _ours(x, w, y, None, options=LinearCrossEntropyOptions(backend="fused"))
+    assert torch.isnan(loss)
+
+
+def test_no_grad_computes_only_the_loss():
+    x, w, b, y = _problem(2048, 256, 16384, torch.bfloat16, seed=3)
+    x.requires_grad_(), w.requires_grad_()
+    with torch.no_grad():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = _ours(x, w, y, None, options=LinearCrossEntropyOptions(backend="fused"))
+        extra = torch.cuda.max_memory_allocated() - base
+    assert loss.grad_fn is None
+    assert extra < w.numel() * w.element_size() / 2  # no weight-gradient buffer was allocated
+    ref = _eager(x.double(), w.double(), y, None)
+    assert _rel(loss, ref) <= torch.finfo(torch.bfloat16).eps
+
+
+def test_auto_picks_fused_on_cuda():
+    x, w, b, y = _problem(64, 32, 100, torch.bfloat16, seed=4)
+    from linear_cross_entropy.functional import _choose_backend
+    from linear_cross_entropy.backends.common import LossParams
+    from linear_cross_entropy.validate import check_call
+
+    shape = check_call(x, w, y, None, None, "mean", None, 0.0)
+    lp = LossParams("mean", -100, 0.0, False)
+    assert _choose_backend(LinearCrossEntropyOptions(), lp, shape, x) == "fused"
