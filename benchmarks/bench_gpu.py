@@ -194,12 +194,23 @@ def profile(n, h, v, dtype):
         x.grad = w.grad = None
         linear_cross_entropy(x, w, y, options=opts).backward()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
         x.grad = w.grad = None
         linear_cross_entropy(x, w, y, options=opts).backward()
         torch.cuda.synchronize()
     print(f"profile {n}x{h}x{v}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=50))
+    prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "."), f"trace_{n}x{h}x{v}.json"))
+    for sync in (False, True):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x.grad = w.grad = None
+        linear_cross_entropy(x, w, y, options=opts).backward()
+        if sync:
+            torch.cuda.synchronize()
+        print(f"host time of one fwd+bwd ({'with' if sync else 'without'} a final sync): {(time.perf_counter() - t0) * 1e3:.1f} ms")
     del x, w, y
 
 
@@ -216,17 +227,14 @@ def kernel_sweep(rows=2048, v=128256, dtype=torch.bfloat16):
     lp = LossParams("mean", -100, 0.0, False)
     min_bytes = 2 * logits.numel() * logits.element_size()
     print(f"row kernel on a {rows}x{v} {dtype} chunk (one read + one write = {min_bytes / 2**20:.0f} MiB)")
-    saved = (launch._MAX_BLOCK_C, launch._NUM_WARPS, launch._PROGRAMS_PER_SM)
+    saved = (launch._MAX_BLOCK_C, launch._NUM_WARPS)
     for block in (2048, 4096, 8192):
         for warps in (4, 8, 16):
-            for per_sm in (1, 2, 4, 64):
-                launch._MAX_BLOCK_C, launch._NUM_WARPS, launch._PROGRAMS_PER_SM = block, warps, per_sm
-                launch._row_programs.cache_clear()
-                step = lambda: launch.cross_entropy_rows(logits, logits, None, target, None, scale, loss, lse, lp)  # noqa: E731
-                ms = time_fn(step, 10)
-                print(f"  BLOCK_C={block:5d} warps={warps:2d} programs/SM={per_sm:2d}: {ms:6.3f} ms  {min_bytes / ms / 1e9:6.0f} GB/s")
-    launch._MAX_BLOCK_C, launch._NUM_WARPS, launch._PROGRAMS_PER_SM = saved
-    launch._row_programs.cache_clear()
+            launch._MAX_BLOCK_C, launch._NUM_WARPS = block, warps
+            step = lambda: launch.cross_entropy_rows(logits, logits, None, target, None, scale, loss, lse, lp)  # noqa: E731
+            ms = time_fn(step, 10)
+            print(f"  BLOCK_C={block:5d} warps={warps:2d}: {ms:6.3f} ms  {min_bytes / ms / 1e6:6.0f} GB/s (read+write)")
+    launch._MAX_BLOCK_C, launch._NUM_WARPS = saved
 
 
 def fmt(v, spec):

@@ -12,10 +12,10 @@ then ``grad_x_c = dz·W`` and ``grad_W += dzᵀ·x_c`` read ``dz`` straight from
     ℓ      = m·[(1−ε)·w_y·(lse − z_y) + (ε/C)·(W_sum·lse − Σ_c w_c·z_c)]
     ∂ℓ/∂z  = m·[((1−ε)·w_y + (ε/C)·W_sum)·p − (1−ε)·w_y·e_y − (ε/C)·w]
 
-A program owns one row at a time and reads it twice: an online max / sum-exp sweep (with the target logit and,
-for smoothing, the weighted logit sum), then a sweep that writes ``dz``. The grid is persistent (a few programs per
-multiprocessor, each walking rows) so that the rows in flight fit in L2 (132 × 256 KiB at V = 128k on an H100)
-and the second sweep re-reads from L2: HBM sees about one read and one write of the logits.
+One program owns one row and reads it twice: an online max / sum-exp sweep (with the target logit and, for
+smoothing, the weighted logit sum), then a sweep that writes ``dz``. Measured on an H100 (benchmarks/NOTES.md), one
+program per row runs at ~2.7 TB/s counting both reads; a persistent grid sized to keep the rows in flight inside
+L2 (so that the second read would hit it) ran 1.1–1.9× slower: too few loads in flight.
 Rows whose target is outside ``[0, C)`` (and not ignored) get a NaN loss and NaN gradients instead of a host check.
 """
 
@@ -35,7 +35,6 @@ def _cross_entropy_rows_kernel(
     loss_ptr,  # (r,) fp32 per-row loss; written
     lse_ptr,  # (r,) fp32 per-row logsumexp; written
     # dimensions
-    n_rows,
     n_classes,
     # strides
     stride_logits_row,
@@ -51,86 +50,84 @@ def _cross_entropy_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # One program per row; the row index is int64 because row · stride overflows int32 past 2^31 logits.
+    row = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
-    # Persistent: a program walks rows pid, pid + P, ...; with P ≈ one or two per multiprocessor the rows in
-    # flight fit in L2, so sweep 2 re-reads from L2 rather than HBM.
-    # Rows count in int64: row · stride overflows int32 once a chunk holds 2^31 logits.
-    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-        logits_row_ptr = logits_ptr + row * stride_logits_row
+    logits_row_ptr = logits_ptr + row * stride_logits_row
 
-        target = tl.load(target_ptr + row)
-        keep = target != ignore_index
-        in_range = (target >= 0) & (target < n_classes)
-        bad = keep & (in_range == 0)
-        y = tl.where(keep & in_range, target, 0)
+    target = tl.load(target_ptr + row)
+    keep = target != ignore_index
+    in_range = (target >= 0) & (target < n_classes)
+    bad = keep & (in_range == 0)
+    y = tl.where(keep & in_range, target, 0)
 
-        # Sweep 1: running max m and sum-exp s (scalars, rescaled per tile); Σ w_c·z_c and Σ w_c for smoothing.
-        m = -float("inf")
-        s = 0.0
-        z_sum = 0.0
-        w_sum = 0.0
+    # Sweep 1: running max m and sum-exp s (scalars, rescaled per tile); Σ w_c·z_c and Σ w_c for smoothing.
+    m = -float("inf")
+    s = 0.0
+    z_sum = 0.0
+    w_sum = 0.0
+    for start in range(0, n_classes, BLOCK_C):
+        cols = start + offs_c
+        mask = cols < n_classes
+        z = tl.load(logits_row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            if HAS_CLASS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                z_sum += tl.sum(tl.where(mask, w * z, 0.0), axis=0)
+                w_sum += tl.sum(w, axis=0)
+            else:
+                z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    if HAS_SMOOTHING and not HAS_CLASS_WEIGHT:
+        w_sum = n_classes * 1.0
+    lse = m + tl.log(s)
+
+    z_y = tl.load(logits_row_ptr + y).to(tl.float32)
+    if HAS_BIAS:
+        z_y += tl.load(bias_ptr + y).to(tl.float32)
+    if HAS_CLASS_WEIGHT:
+        w_y = tl.load(class_weight_ptr + y).to(tl.float32)
+    else:
+        w_y = 1.0
+    eps = label_smoothing
+    loss = (1.0 - eps) * w_y * (lse - z_y)
+    if HAS_SMOOTHING:
+        loss += (eps / n_classes) * (w_sum * lse - z_sum)
+    nan = float("nan")
+    loss = tl.where(keep, loss, 0.0)
+    loss = tl.where(bad, nan, loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+    if COMPUTE_GRAD:
+        # Sweep 2: dz = coef·p − a·e_y − b·w, written over the logits the sweep has just read.
+        row_scale = tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
+        row_scale = tl.where(keep, row_scale, 0.0)
+        row_scale = tl.where(bad, nan, row_scale)
+        coef = row_scale * (1.0 - eps) * w_y
+        if HAS_SMOOTHING:
+            coef += row_scale * (eps / n_classes) * w_sum
+        target_coef = row_scale * (1.0 - eps) * w_y
+        smooth_coef = row_scale * (eps / n_classes)
+        grad_row_ptr = grad_ptr + row * stride_grad_row
         for start in range(0, n_classes, BLOCK_C):
             cols = start + offs_c
             mask = cols < n_classes
-            z = tl.load(logits_row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            z = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
+            dz = coef * tl.exp(z - lse)
+            dz -= tl.where(cols == y, target_coef, 0.0)
             if HAS_SMOOTHING:
                 if HAS_CLASS_WEIGHT:
-                    w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    z_sum += tl.sum(tl.where(mask, w * z, 0.0), axis=0)
-                    w_sum += tl.sum(w, axis=0)
+                    dz -= smooth_coef * tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                 else:
-                    z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        if HAS_SMOOTHING and not HAS_CLASS_WEIGHT:
-            w_sum = n_classes * 1.0
-        lse = m + tl.log(s)
-
-        z_y = tl.load(logits_row_ptr + y).to(tl.float32)
-        if HAS_BIAS:
-            z_y += tl.load(bias_ptr + y).to(tl.float32)
-        if HAS_CLASS_WEIGHT:
-            w_y = tl.load(class_weight_ptr + y).to(tl.float32)
-        else:
-            w_y = 1.0
-        eps = label_smoothing
-        loss = (1.0 - eps) * w_y * (lse - z_y)
-        if HAS_SMOOTHING:
-            loss += (eps / n_classes) * (w_sum * lse - z_sum)
-        nan = float("nan")
-        loss = tl.where(keep, loss, 0.0)
-        loss = tl.where(bad, nan, loss)
-        tl.store(loss_ptr + row, loss)
-        tl.store(lse_ptr + row, lse)
-
-        if COMPUTE_GRAD:
-            # Sweep 2: dz = coef·p − a·e_y − b·w, written over the logits the sweep has just read.
-            row_scale = tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
-            row_scale = tl.where(keep, row_scale, 0.0)
-            row_scale = tl.where(bad, nan, row_scale)
-            coef = row_scale * (1.0 - eps) * w_y
-            if HAS_SMOOTHING:
-                coef += row_scale * (eps / n_classes) * w_sum
-            target_coef = row_scale * (1.0 - eps) * w_y
-            smooth_coef = row_scale * (eps / n_classes)
-            grad_row_ptr = grad_ptr + row * stride_grad_row
-            for start in range(0, n_classes, BLOCK_C):
-                cols = start + offs_c
-                mask = cols < n_classes
-                z = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                dz = coef * tl.exp(z - lse)
-                dz -= tl.where(cols == y, target_coef, 0.0)
-                if HAS_SMOOTHING:
-                    if HAS_CLASS_WEIGHT:
-                        dz -= smooth_coef * tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    else:
-                        dz -= smooth_coef
-                tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
+                    dz -= smooth_coef
+            tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

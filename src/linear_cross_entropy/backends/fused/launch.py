@@ -7,8 +7,6 @@ GEMMs consume ``dz``. Nothing here reads a GPU value on the host, so the loop ca
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
@@ -25,27 +23,7 @@ _ROW_ALIGN_BYTES = 128
 # keeps 8 KiB of bf16 loads in flight per step (the kernel is bandwidth-bound).
 _MAX_BLOCK_C = 4096
 _NUM_WARPS = 8
-# Programs of the persistent row kernel per multiprocessor: few enough that their rows fit in L2 together.
-_PROGRAMS_PER_SM = 1
 _SCALE_CAST_BLOCK = 4096
-
-
-@functools.cache
-def _row_programs(device: torch.device) -> int:
-    """Programs of the persistent row kernel on ``device`` (the interpreter runs one program per row)."""
-    if device.type != "cuda":
-        return 1 << 30
-    return torch.cuda.get_device_properties(device).multi_processor_count * _PROGRAMS_PER_SM
-
-
-def _padded(n: int, dtype: torch.dtype) -> int:
-    per = max(1, _ROW_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-    return -(-n // per) * per
-
-
-def _has_out_dtype_mm(device: torch.device) -> bool:
-    """cuBLAS GEMMs with bf16/fp16 operands and an fp32 output (``torch.mm(..., out_dtype=)``, torch >= 2.8)."""
-    return device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype")
 
 
 def cross_entropy_rows(
@@ -67,8 +45,7 @@ def cross_entropy_rows(
     block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(num_classes))
     if row_scale is None:
         row_scale = loss_out  # never read: COMPUTE_GRAD is off
-    grid = (min(rows, _row_programs(logits.device)),)
-    _cross_entropy_rows_kernel[grid](
+    _cross_entropy_rows_kernel[(rows,)](
         logits,
         logits if grad is None else grad,
         logits if bias is None else bias,
@@ -77,7 +54,6 @@ def cross_entropy_rows(
         row_scale,
         loss_out,
         lse_out,
-        rows,
         num_classes,
         logits.stride(0),
         logits.stride(0) if grad is None else grad.stride(0),
