@@ -26,6 +26,16 @@ _NUM_WARPS = 8
 _SCALE_CAST_BLOCK = 4096
 
 
+def _padded(n: int, dtype: torch.dtype) -> int:
+    per = max(1, _ROW_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    return -(-n // per) * per
+
+
+def _has_out_dtype_mm(device: torch.device) -> bool:
+    """cuBLAS GEMMs with bf16/fp16 operands and an fp32 output (``torch.mm(..., out_dtype=)``, torch >= 2.8)."""
+    return device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype")
+
+
 def cross_entropy_rows(
     logits: torch.Tensor,  # (r, C), row stride s >= C, unit column stride
     grad: torch.Tensor | None,  # (r, C) dz destination (may share storage with logits), or None for loss only
