@@ -233,13 +233,14 @@ def test_low_precision_vs_plain_torch(dtype, floor, scale, probs, reduction, pol
                          ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_low_precision_many_chunks_fp32_scratch(dtype, policy, seed):
-    """With an fp32 weight-gradient scratch, 128 chunks of 4 rows are as accurate as one GEMM."""
+    """With an fp32 weight-gradient scratch, 1024 chunks of 4 rows are as accurate as one GEMM (accumulating the
+    chunks' products in the input dtype instead is 5-15x plain PyTorch's error here)."""
     acc_policy, acc_dtype = policy
-    # input (512, 32), linear_weight (96, 32)
-    case = make_case(512, 32, 96, bias=True, class_weight=True, reduction="mean", dtype=dtype, seed=seed, scale=3.0)
+    # input (4096, 32), linear_weight (96, 32); "sum" keeps float16's gradient entries well inside its range.
+    case = make_case(4096, 32, 96, bias=True, class_weight=True, reduction="sum", dtype=dtype, seed=seed, scale=3.0)
     options = chunked(batch_chunk_size=4, acc_policy=acc_policy, acc_dtype=acc_dtype)
     our_errs, torch_errs = _low_precision_errors(case, options)
-    _assert_within(our_errs, torch_errs, torch.finfo(dtype).eps, f"{dtype} {policy}")
+    _assert_within(our_errs, torch_errs, torch.finfo(dtype).eps / 4, f"{dtype} {policy}")
 
 
 def test_low_precision_tolerance_can_fail(seed):
