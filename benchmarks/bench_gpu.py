@@ -76,9 +76,15 @@ def methods(selected, policies):
     out["eager"] = eager
     if "compile" in selected:
         out["torch.compile"] = torch.compile(eager)
-    for spec in policies:  # "policy" or "policy:acc_dtype", e.g. "accurate:float32"
-        pol, _, acc = spec.partition(":")
-        opts = LinearCrossEntropyOptions(backend="fused", acc_policy=pol, acc_dtype=getattr(torch, acc) if acc else None)
+    for spec in policies:  # "policy[:acc_dtype][@rows]", e.g. "accurate:float32", "compact@256"
+        spec_main, _, rows = spec.partition("@")
+        pol, _, acc = spec_main.partition(":")
+        opts = LinearCrossEntropyOptions(
+            backend="fused",
+            acc_policy=pol,
+            acc_dtype=getattr(torch, acc) if acc else None,
+            batch_chunk_size=int(rows) if rows else None,
+        )
         out[f"ours[{spec}]"] = lambda x, w, y, o=opts: linear_cross_entropy(x, w, y, options=o)
     opts32 = LinearCrossEntropyOptions(backend="fused", loss_dtype=torch.float32)
     out["ours[auto,fp32 loss]"] = lambda x, w, y, o=opts32: linear_cross_entropy(x, w, y, options=o)

@@ -93,7 +93,7 @@ def grid_cases(draw):
     return case, options
 
 
-@settings(max_examples=400)
+@settings(max_examples=1000)
 @given(grid_cases())
 def test_chunked_matches_oracle_float64(drawn):
     case, options = drawn
@@ -512,3 +512,38 @@ def test_partial_requires_grad(which, seed):
             assert rel_err(t.grad, e) <= FLOAT64_TOL
         else:
             assert t.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("out", [(), (2,)], ids=["2d", "kdim"])
+@pytest.mark.parametrize("wants", ["target", "weight", "both"])
+def test_gradients_of_probability_target_and_class_weight(wants, out, reduction, seed):
+    """The reference differentiates probability targets (and, with them, class weights); the chunked path serves
+    such a call the reference's way, with one UserWarning, rather than drop those gradients."""
+    case = make_case(7, 4, 6, out, probs=True, bias=True, class_weight=True, label_smoothing=0.1,
+                     reduction=reduction, seed=seed)
+
+    def run(options):
+        t = leaf(case.target) if wants in ("target", "both") else case.target
+        cw = leaf(case.weight) if wants in ("weight", "both") else case.weight
+        x = leaf(case.input)
+        loss = linear_cross_entropy(x, case.linear_weight, t, linear_bias=case.linear_bias, weight=cw,
+                                    reduction=reduction, label_smoothing=0.1, options=options)
+        loss.backward(upstream_grad(loss))
+        return loss.detach(), x.grad, t.grad, cw.grad
+
+    expected = run(None)
+    with pytest.warns(UserWarning, match="target or weight") as record:
+        actual = run(chunked(batch_chunk_size=3))
+    assert len(record) == 1
+    for a, e in zip(actual, expected):
+        assert rel_err(a, e) <= FLOAT64_TOL
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["reference", "chunked", "auto"])
+def test_class_weight_requiring_grad_with_index_targets_raises(path, seed):
+    """As in the reference: nll_loss is not differentiable with respect to the class weights."""
+    case = make_case(7, 4, 6, class_weight=True, seed=seed)
+    with pytest.raises(RuntimeError, match="weight"):
+        linear_cross_entropy(leaf(case.input), case.linear_weight, case.target, weight=leaf(case.weight),
+                             options=_options(path))

@@ -62,7 +62,7 @@ def _ours(x, w, y, b, **kw):
 
 
 def _eager(x, w, y, b, options=None, **kw):
-    logits = F.linear(x, w, b).float()
+    logits = F.linear(x, w, b).to(torch.promote_types(x.dtype, torch.float32))
     return F.cross_entropy(logits, y, **kw).to(x.dtype)
 
 

@@ -26,8 +26,10 @@ backward recomputes the logits chunk by chunk.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ..options import ResolvedOptions
 from .common import LossParams, row_scale_for_reduction, stat_dtype, take_saved_grads
@@ -218,9 +220,35 @@ def linear_cross_entropy_chunked(
 ) -> torch.Tensor:
     """Loss ``(N, K)`` for ``reduction="none"``, else a scalar, in the stats dtype (the caller casts)."""
     grad_mode = torch.is_grad_enabled()
+    if grad_mode and (
+        (lp.target_is_probs and target.requires_grad) or (class_weight is not None and class_weight.requires_grad)
+    ):
+        # Gradients the chunks do not compute: the reference differentiates probability targets and (for them)
+        # class weights, and raises for class weights with index targets. Its computation serves the call.
+        if lp.target_is_probs:
+            warnings.warn(
+                "linear_cross_entropy: the chunked path does not differentiate with respect to target or weight "
+                "(class weights); computing this call with the logits materialised.",
+                stacklevel=3,
+            )
+        return _materialised(x, w, b, target, class_weight, lp)
     grads = _Grads(
         input=grad_mode and x.requires_grad,
         weight=grad_mode and w.requires_grad,
         bias=grad_mode and b is not None and b.requires_grad,
     )
     return _ChunkedFunction.apply(x, w, b, target, class_weight, lp, ro, grads)
+
+
+def _materialised(x, w, b, target, class_weight, lp: LossParams) -> torch.Tensor:
+    """The reference's computation on the normalised shapes: all ``(N, C, K)`` logits at once, plain autograd."""
+    c, k, f = w.shape
+    logits = F.linear(x, w.reshape(c * k, f), None if b is None else b.reshape(c * k)).reshape(x.shape[0], c, k)
+    return F.cross_entropy(
+        logits,
+        target,
+        weight=class_weight,
+        reduction=lp.reduction,
+        ignore_index=lp.ignore_index,
+        label_smoothing=lp.label_smoothing,
+    )
