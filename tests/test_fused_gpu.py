@@ -47,6 +47,7 @@ def _run(fn, x, w, b, y, **kw):
 def _eager_weight_grad_accumulated(x, w, b, y, rows, **kw):
     """Eager's weight gradient, with dzᵀ·x summed chunk by chunk in the input dtype."""
     logits = F.linear(x, w, b).float().requires_grad_()
+    kw = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
     loss = F.cross_entropy(logits, y, **kw)
     (dz,) = torch.autograd.grad(loss, logits, torch.ones_like(loss))
     dz = dz.to(x.dtype)
