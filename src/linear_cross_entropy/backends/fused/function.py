@@ -2,7 +2,10 @@
 
 Forward runs :func:`fused_sweep` once; for the scalar reductions it also produces the gradients for an upstream
 gradient of 1, which backward scales (the weight gradient leaves its fp32 scratch, when it has one, in that same
-pass). ``reduction="none"`` recomputes in backward with the per-row upstream gradient.
+pass). When the whole batch is one chunk, forward stops at ``dz`` and backward runs the two gradient GEMMs with the
+upstream gradient ``g`` folded into the small operands (``grad_x = (dz·W)·g``, ``grad_W = dzᵀ·(g·x)``): no pass
+over a ``(V, H)`` gradient to scale it. ``reduction="none"`` recomputes in backward with the per-row upstream
+gradient.
 """
 
 from __future__ import annotations
@@ -27,9 +30,14 @@ class _FusedFunction(torch.autograd.Function):
         row_scale, denom = row_scale_for_reduction(
             target[:, None], None if class_weight is None else class_weight.float(), lp, 1, torch.float32
         )
-        losses, _, ctx.saved_grads = fused_sweep(
-            x, w, b, target, class_weight, lp, ro, row_scale[:, 0] if any(wants) else None, *wants
+        ctx.deferred = ro.batch_chunk_size >= x.shape[0] and any(wants)
+        losses, _, grads = fused_sweep(
+            x, w, b, target, class_weight, lp, ro, row_scale[:, 0] if any(wants) else None, *wants, ctx.deferred
         )
+        if ctx.deferred:  # grads is dz (N, V); x and w are needed again by backward's GEMMs
+            ctx.save_for_backward(x, w)
+            grads = (grads,)
+        ctx.saved_grads = grads
         total = losses.sum()
         return total / denom if lp.reduction == "mean" else total
 
@@ -40,6 +48,8 @@ class _FusedFunction(torch.autograd.Function):
             _, _, (gx, gw, gb) = fused_sweep(x, w, b, target, class_weight, ctx.lp, ctx.ro, grad_out.float(), *ctx.wants)
             grads = (gx, None if gw is None else gw.to(ctx.w_dtype), None if gb is None else gb.to(b.dtype))
             return (*grads, None, None, None, None, None)
+        if ctx.deferred:
+            return (*_deferred_grads(ctx, grad_out), None, None, None, None, None)
         gx, gw, gb = take_saved_grads(ctx)
         in_place = not ctx.ro.allow_retain_graph
         if gx is not None:
@@ -52,6 +62,17 @@ class _FusedFunction(torch.autograd.Function):
         if gb is not None:
             gb = gb * grad_out
         return gx, gw, gb, None, None, None, None, None
+
+
+def _deferred_grads(ctx, grad_out):
+    """The single-chunk backward: the two gradient GEMMs on the ``dz`` forward left, scaled by ``grad_out``."""
+    (dz,) = take_saved_grads(ctx)
+    x, w = ctx.saved_tensors
+    want_input, want_weight, want_bias = ctx.wants
+    gx = torch.mm(dz, w).mul_(grad_out) if want_input else None
+    gw = torch.mm(dz.T, x * grad_out) if want_weight else None
+    gb = dz.sum(dim=0, dtype=torch.float32).mul_(grad_out).to(ctx.w_dtype) if want_bias else None
+    return gx, gw, gb
 
 
 def linear_cross_entropy_fused(

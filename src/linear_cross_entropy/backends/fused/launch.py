@@ -101,11 +101,14 @@ def fused_sweep(
     want_input: bool,
     want_weight: bool,
     want_bias: bool,
+    defer: bool = False,
 ):
     """Per-row losses ``(N,)`` and lse ``(N,)`` (fp32) and, with ``row_scale``, the gradients.
 
     Returns ``(losses, lse, (grad_x, grad_w, grad_b))``. ``grad_w`` is fp32 when the policy keeps an fp32 scratch
     (``"balanced"``/``"accurate"`` with low-precision weights): the caller rounds it once, when it scales it.
+    With ``defer`` (one chunk only) the gradient GEMMs are left to the caller: the third item is then ``dz``
+    ``(N, V)`` itself.
     """
     n, h = x.shape
     v = w.shape[0]
@@ -114,6 +117,7 @@ def fused_sweep(
     lse = torch.empty(n, dtype=torch.float32, device=device)
     want_grads = row_scale is not None and (want_input or want_weight or want_bias)
     rows = max(1, min(ro.batch_chunk_size, n))
+    assert not defer or rows == n, "deferred gradient GEMMs need a single chunk"
     low_precision = dtype in (torch.float16, torch.bfloat16)
     fp32_mm = low_precision and _has_out_dtype_mm(device)
     # "accurate": logits leave the GEMM in fp32 (no rounding before the softmax); dz is written in the input dtype
@@ -125,6 +129,8 @@ def fused_sweep(
     logits_all = buffer[:, :v]
     grad_all = buffer.view(dtype)[:, :v] if fp32_logits else logits_all
 
+    if want_grads and defer:
+        want_input = want_weight = want_bias = False
     grad_x = torch.empty((n, h), dtype=dtype, device=device) if want_grads and want_input else None
     scratch = ro.acc_policy != "compact" and ro.acc_dtype == torch.float32 and low_precision
     grad_w = None
@@ -164,6 +170,8 @@ def fused_sweep(
             grad_b += grad.sum(dim=0, dtype=torch.float32)
     if grad_w is not None and n == 0:
         grad_w.zero_()
+    if want_grads and defer:
+        return losses, lse, grad_all[:n]
     return losses, lse, (grad_x, grad_w, grad_b)
 
 
