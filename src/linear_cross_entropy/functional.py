@@ -68,6 +68,17 @@ def linear_cross_entropy(
         # The reference's own quirk (a (1,) target for an unbatched input) is served by the reference itself.
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
 
+    if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
+        # Gradients no backend computes: the reference differentiates probability targets (and their class
+        # weights) and raises for class weights that require grad with index targets. It serves the call.
+        if shape.target_is_probs:
+            warnings.warn(
+                "linear_cross_entropy: target or weight (class weights) requires grad, which the chunked and fused "
+                "paths do not compute; using the reference path (logits materialised) for this call.",
+                stacklevel=2,
+            )
+        return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
+
     lp = LossParams(
         reduction=reduction,
         ignore_index=-100 if ignore_index is None else ignore_index,

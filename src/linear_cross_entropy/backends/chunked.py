@@ -26,13 +26,11 @@ backward recomputes the logits chunk by chunk.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
-import torch.nn.functional as F
 
 from ..options import ResolvedOptions
-from .common import LossParams, row_scale_for_reduction, stat_dtype, take_saved_grads
+from .common import LossParams, reduce_total, row_scale_for_reduction, stat_dtype, take_saved_grads
 
 __all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad"]
 
@@ -137,7 +135,9 @@ def _sweep(
     grad_x = torch.zeros((n, f), dtype=x.dtype, device=x.device) if want and grads.input else None
     # The weight gradient accumulates across chunks: in acc_dtype (a (C, K, F) scratch) unless "compact" or the
     # dtypes agree, in which case it accumulates in place in the parameter's dtype.
-    wgrad_dtype = w.dtype if (ro.acc_policy == "compact" or acc == w.dtype) else acc
+    # PyTorch's rule: off CUDA, mixed-precision "compact" behaves as "balanced" (no fast low-precision addmm there).
+    compact = ro.acc_policy == "compact" and (x.device.type == "cuda" or acc == w.dtype)
+    wgrad_dtype = w.dtype if (compact or acc == w.dtype) else acc
     grad_w = torch.zeros((c, k, f), dtype=wgrad_dtype, device=x.device) if want and grads.weight else None
     grad_b = torch.zeros((c, k), dtype=sdt, device=x.device) if want and grads.bias else None
     rows = ro.batch_chunk_size
@@ -188,14 +188,7 @@ class _ChunkedFunction(torch.autograd.Function):
             return losses
         scale, denom = row_scale_for_reduction(target, cw, lp, k, sdt)
         losses, ctx.saved_grads = _sweep(x, w, b, target, cw, lp, ro, scale if grads.any else None, grads)
-        total = losses.sum()
-        if lp.reduction != "mean":
-            return total
-        if lp.target_is_probs:
-            return total / denom
-        # The reference divides the NLL and the smoothing terms by the denominator separately: 0/0 (NaN) whenever
-        # the targets' class weights sum to 0, also when smoothing makes the total non-zero (total/0 is inf).
-        return (total / denom).masked_fill(denom == 0, float("nan"))
+        return reduce_total(losses.sum(), denom, lp)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -220,35 +213,9 @@ def linear_cross_entropy_chunked(
 ) -> torch.Tensor:
     """Loss ``(N, K)`` for ``reduction="none"``, else a scalar, in the stats dtype (the caller casts)."""
     grad_mode = torch.is_grad_enabled()
-    if grad_mode and (
-        (lp.target_is_probs and target.requires_grad) or (class_weight is not None and class_weight.requires_grad)
-    ):
-        # Gradients the chunks do not compute: the reference differentiates probability targets and (for them)
-        # class weights, and raises for class weights with index targets. Its computation serves the call.
-        if lp.target_is_probs:
-            warnings.warn(
-                "linear_cross_entropy: the chunked path does not differentiate with respect to target or weight "
-                "(class weights); computing this call with the logits materialised.",
-                stacklevel=3,
-            )
-        return _materialised(x, w, b, target, class_weight, lp)
     grads = _Grads(
         input=grad_mode and x.requires_grad,
         weight=grad_mode and w.requires_grad,
         bias=grad_mode and b is not None and b.requires_grad,
     )
     return _ChunkedFunction.apply(x, w, b, target, class_weight, lp, ro, grads)
-
-
-def _materialised(x, w, b, target, class_weight, lp: LossParams) -> torch.Tensor:
-    """The reference's computation on the normalised shapes: all ``(N, C, K)`` logits at once, plain autograd."""
-    c, k, f = w.shape
-    logits = F.linear(x, w.reshape(c * k, f), None if b is None else b.reshape(c * k)).reshape(x.shape[0], c, k)
-    return F.cross_entropy(
-        logits,
-        target,
-        weight=class_weight,
-        reduction=lp.reduction,
-        ignore_index=lp.ignore_index,
-        label_smoothing=lp.label_smoothing,
-    )

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["LossParams", "stat_dtype", "row_scale_for_reduction", "take_saved_grads"]
+__all__ = ["LossParams", "stat_dtype", "row_scale_for_reduction", "reduce_total", "take_saved_grads"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,19 @@ def row_scale_for_reduction(target, class_weight, lp: LossParams, k: int, sdt) -
         # reference); ignored rows get exactly 0, so an all-ignored batch has zero gradients and a NaN loss.
         scale = scale / denom
     return scale, denom
+
+
+def reduce_total(total: torch.Tensor, denom: torch.Tensor, lp: LossParams) -> torch.Tensor:
+    """The scalar loss from the sum of per-row losses: ``total`` for sum, ``total / denom`` for mean.
+
+    The reference divides its NLL and smoothing terms by the denominator separately, so index targets whose class
+    weights sum to 0 give 0/0 = NaN, also where smoothing makes ``total`` non-zero (``total / 0`` would be inf).
+    """
+    if lp.reduction != "mean":
+        return total
+    if lp.target_is_probs:
+        return total / denom
+    return (total / denom).masked_fill(denom == 0, float("nan"))
 
 
 def take_saved_grads(ctx) -> tuple:

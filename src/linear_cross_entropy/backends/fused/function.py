@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...options import ResolvedOptions
-from ..common import LossParams, row_scale_for_reduction, take_saved_grads
+from ..common import LossParams, reduce_total, row_scale_for_reduction, take_saved_grads
 from .launch import fused_sweep, scale_cast
 
 __all__ = ["linear_cross_entropy_fused"]
@@ -38,8 +38,7 @@ class _FusedFunction(torch.autograd.Function):
             ctx.save_for_backward(x, w)
             grads = (grads,)
         ctx.saved_grads = grads
-        total = losses.sum()
-        return total / denom if lp.reduction == "mean" else total
+        return reduce_total(losses.sum(), denom, lp)
 
     @staticmethod
     def backward(ctx, grad_out):
