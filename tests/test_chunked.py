@@ -173,7 +173,7 @@ def test_chunks_bound_the_logits(monkeypatch, seed):
     monkeypatch.setattr(chunked_mod, "chunk_loss_and_grad", spy)
     n, f, c, out = 50, 4, 64, (3,)
     case = make_case(n, f, c, out, seed=seed)
-    for options in (chunked(batch_chunk_size=7), chunked(chunking_method="aspect_ratio:2"), chunked()):
+    for options in (chunked(batch_chunk_size=7), chunked(chunking_method="aspect_ratio:2")):
         seen.clear()
         rows = resolve(options, backend="chunked", num_rows=n, in_features=f, num_classes=c,
                        dtype=case.input.dtype, device=case.input.device).batch_chunk_size

@@ -36,18 +36,22 @@ __all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad"]
 
 
 def chunk_loss_and_grad(
-    z: torch.Tensor,  # (r, C) logits in the accumulation dtype; overwritten by dz when row_scale is given
+    z: torch.Tensor,  # (r, C) logits in the accumulation dtype; consumed (holds softmax, then dz, afterwards)
     target: torch.Tensor,  # (r,) int64 indices or (r, C) probabilities
     class_weight: torch.Tensor | None,  # (C,) in the stats dtype
     lp: LossParams,
     row_scale: torch.Tensor | None,  # (r,) upstream share per row (stats dtype), or None for loss only
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss ``(r,)`` in the stats dtype and, when ``row_scale`` is given, ``dz`` written into ``z``."""
+    """Per-row loss ``(r,)`` in the stats dtype and, when ``row_scale`` is given, ``dz`` (in ``z``'s storage).
+
+    The softmax is formed in place (``z ← exp(z − m)``, ``m`` the row max) so a chunk needs no second ``(r, C)``
+    temporary, and ``lse − z_y`` is taken as ``(m − z_y) + log Σ exp(z − m)``, which keeps small losses next to
+    large logits exact.
+    """
     num_classes = z.shape[1]
     sdt = stat_dtype(z.dtype)
     eps = lp.label_smoothing if lp.label_smoothing > 0 else 0.0
-    lse = torch.logsumexp(z.to(sdt), dim=1)  # (r,)
-    z_sum = (z.to(sdt) @ class_weight) if class_weight is not None else z.sum(dim=1, dtype=sdt)  # Σ_c w_c z_c
+    m = z.amax(dim=1).to(sdt)  # (r,)
     if lp.target_is_probs:
         q = target.to(sdt)
         if eps:
@@ -55,10 +59,13 @@ def chunk_loss_and_grad(
         if class_weight is not None:
             q = q * class_weight
         q_sum = q.sum(dim=1)
-        loss = lse * q_sum - (z.to(sdt) * q).sum(dim=1)
+        zq = (z.to(sdt) * q).sum(dim=1)  # Σ_c q_c z_c
+        e = _shifted_exp(z, m)
+        sum_exp = e.sum(dim=1)
+        loss = q_sum * (m + sum_exp.log()) - zq
         if row_scale is None:
             return loss, None
-        dz = _softmax(z, lse)
+        dz = e.div_(sum_exp[:, None])
         dz.mul_((row_scale * q_sum)[:, None]).sub_(q * row_scale[:, None])
         return loss, _into(z, dz)
 
@@ -66,19 +73,23 @@ def chunk_loss_and_grad(
     in_range = (target >= 0) & (target < num_classes)
     y = torch.where(keep & in_range, target, 0)
     z_y = z.gather(1, y[:, None]).squeeze(1).to(sdt)
-    w_y = class_weight[y] if class_weight is not None else torch.ones_like(lse)
+    if eps:  # Σ_c w_c z_c, for the smoothing term
+        z_sum = (z.to(sdt) @ class_weight) if class_weight is not None else z.sum(dim=1, dtype=sdt)
+    w_y = class_weight[y] if class_weight is not None else torch.ones_like(m)
     w_sum = class_weight.sum() if class_weight is not None else float(num_classes)
-    loss = (1.0 - eps) * w_y * (lse - z_y)
+    e = _shifted_exp(z, m)
+    sum_exp = e.sum(dim=1)
+    log_sum_exp = sum_exp.log()
+    loss = (1.0 - eps) * w_y * ((m - z_y) + log_sum_exp)
     if eps:
-        loss = loss + (eps / num_classes) * (w_sum * lse - z_sum)
+        loss = loss + (eps / num_classes) * (w_sum * (m + log_sum_exp) - z_sum)
     bad = keep & ~in_range  # reachable only off the CPU, where the range check would sync
     loss = torch.where(keep, loss, 0.0).masked_fill_(bad, float("nan"))
     if row_scale is None:
         return loss, None
     s = torch.where(keep, row_scale, 0.0).masked_fill_(bad, float("nan"))
     coef = s * ((1.0 - eps) * w_y + (eps / num_classes) * w_sum)
-    dz = _softmax(z, lse)
-    dz.mul_(coef[:, None])
+    dz = e.mul_((coef / sum_exp)[:, None])  # coef · p
     dz.scatter_add_(1, y[:, None], (-(1.0 - eps) * s * w_y)[:, None].to(dz.dtype))
     if eps:
         w = class_weight if class_weight is not None else torch.ones((), dtype=sdt, device=z.device)
@@ -86,11 +97,11 @@ def chunk_loss_and_grad(
     return loss, _into(z, dz)
 
 
-def _softmax(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """``exp(z − lse)`` in the stats dtype: in place when ``z`` already is in it, else in a temporary."""
-    if z.dtype == lse.dtype:
-        return z.sub_(lse[:, None]).exp_()
-    return (z.to(lse.dtype) - lse[:, None]).exp_()
+def _shifted_exp(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``exp(z − m)`` in the stats dtype: in place when ``z`` already is in it, else in a temporary."""
+    if z.dtype == m.dtype:
+        return z.sub_(m[:, None]).exp_()
+    return (z.to(m.dtype) - m[:, None]).exp_()
 
 
 def _into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -109,6 +120,9 @@ class _Grads:
     @property
     def any(self) -> bool:
         return self.input or self.weight or self.bias
+
+
+_BLOCK_LOGITS = 1 << 20
 
 
 def _sweep(
@@ -132,7 +146,7 @@ def _sweep(
     b_gemm = None if b is None else b.to(gemm_dtype)
     losses = torch.empty((n, k), dtype=sdt, device=x.device)
     want = row_scale is not None
-    grad_x = torch.zeros((n, f), dtype=x.dtype, device=x.device) if want and grads.input else None
+    grad_x = torch.zeros((n, f), dtype=x.dtype, device=x.device) if want and grads.input else None  # (N, F)
     # The weight gradient accumulates across chunks: in acc_dtype (a (C, K, F) scratch) unless "compact" or the
     # dtypes agree, in which case it accumulates in place in the parameter's dtype.
     # PyTorch's rule: off CUDA, mixed-precision "compact" behaves as "balanced" (no fast low-precision addmm there).
@@ -141,32 +155,43 @@ def _sweep(
     grad_w = torch.zeros((c, k, f), dtype=wgrad_dtype, device=x.device) if want and grads.weight else None
     grad_b = torch.zeros((c, k), dtype=sdt, device=x.device) if want and grads.bias else None
     rows = ro.batch_chunk_size
+    # The softmax arithmetic walks a chunk in blocks of ~2^20 logits: its fp32 temporaries then stay in cache
+    # and a low-precision chunk never has an fp32 twin of its own size.
+    block = max(1, _BLOCK_LOGITS // max(c, 1))
     for pos in range(k):
         w_k = w_gemm[:, pos, :]  # (C, F), strided view for K > 1
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             x_c = x[start:stop].to(gemm_dtype)
             if b_gemm is None:
-                z = x_c @ w_k.T
+                z = x_c @ w_k.T  # (r, C) in the GEMM dtype; becomes dz in place
             else:
                 z = torch.addmm(b_gemm[:, pos], x_c, w_k.T)
-            z = z.to(acc)  # no copy when the GEMM already ran in acc_dtype
-            t_c = target[start:stop, :, pos] if lp.target_is_probs else target[start:stop, pos]
-            s_c = None if row_scale is None else row_scale[start:stop, pos]
-            loss_c, dz = chunk_loss_and_grad(z, t_c, class_weight, lp, s_c)
-            losses[start:stop, pos] = loss_c
-            if dz is None:
+            for b0 in range(0, stop - start, block):
+                b1 = min(b0 + block, stop - start)
+                z_b = z[b0:b1].to(acc)  # a view when the GEMM ran in acc_dtype
+                t_b = target[start + b0 : start + b1, :, pos] if lp.target_is_probs else target[start + b0 : start + b1, pos]
+                s_b = None if row_scale is None else row_scale[start + b0 : start + b1, pos]
+                loss_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b)
+                losses[start + b0 : start + b1, pos] = loss_b
+                if dz_b is not None and dz_b.data_ptr() != z.data_ptr() + b0 * z.stride(0) * z.element_size():
+                    z[b0:b1] = dz_b
+            if row_scale is None:
                 continue
+            dz = z
             if grad_b is not None:
                 grad_b[:, pos] += dz.sum(dim=0, dtype=sdt)
-            dz = dz.to(gemm_dtype)
             if grad_x is not None:
-                grad_x[start:stop] += (dz @ w_k).to(x.dtype)
+                if k == 1 and grad_x.dtype == gemm_dtype:
+                    torch.mm(dz, w_k, out=grad_x[start:stop])
+                else:
+                    grad_x[start:stop] += (dz @ w_k).to(x.dtype)
             if grad_w is not None:
                 if grad_w.dtype == gemm_dtype:
                     grad_w[:, pos].addmm_(dz.T, x_c)
-                else:
-                    grad_w[:, pos] += dz.T @ x_c
+                else:  # low-precision product into the acc_dtype scratch, a cache-sized block of classes at a time
+                    for c0 in range(0, c, block):
+                        grad_w[c0 : c0 + block, pos] += dz[:, c0 : c0 + block].T @ x_c
     out = (
         grad_x,
         None if grad_w is None else grad_w.to(w.dtype),
