@@ -68,8 +68,9 @@ def _deferred_grads(ctx, grad_out):
     (dz,) = take_saved_grads(ctx)
     x, w = ctx.saved_tensors
     want_input, want_weight, want_bias = ctx.wants
-    gx = torch.mm(dz, w).mul_(grad_out) if want_input else None
+    # grad_W first: its (N, H) temporary g·x is gone before grad_x is allocated.
     gw = torch.mm(dz.T, x * grad_out) if want_weight else None
+    gx = torch.mm(dz, w).mul_(grad_out) if want_input else None
     gb = dz.sum(dim=0, dtype=torch.float32).mul_(grad_out).to(ctx.w_dtype) if want_bias else None
     return gx, gw, gb
 
