@@ -172,3 +172,4 @@ def test_auto_picks_fused_on_cuda():
     shape = check_call(x, w, y, None, None, "mean", None, 0.0)
     lp = LossParams("mean", -100, 0.0, False)
     assert _choose_backend(LinearCrossEntropyOptions(), lp, shape, x) == "fused"
+    assert _choose_backend(LinearCrossEntropyOptions(), lp, shape, x.cpu()) == "chunked"

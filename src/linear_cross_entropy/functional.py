@@ -125,7 +125,7 @@ def _choose_backend(options: LinearCrossEntropyOptions, lp: LossParams, shape, x
     """
     if options.backend == "chunked":
         return "chunked"
-    reason = fused.unsupported_reason(x, lp, shape)
+    reason = fused.unsupported_reason(x, lp, shape, explicit=options.backend == "fused")
     if reason is None:
         return "fused"
     if options.backend == "fused":

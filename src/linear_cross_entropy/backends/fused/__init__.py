@@ -1,33 +1,34 @@
-"""The fused GPU backend: cuBLAS GEMMs with the cross-entropy arithmetic in Triton kernels between them."""
+"""The fused GPU backend: cuBLAS GEMMs with the cross-entropy arithmetic in Triton kernels between them.
+
+``triton`` is an optional dependency: nothing here imports it until the backend runs.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
-
-from .function import linear_cross_entropy_fused
 
 __all__ = ["linear_cross_entropy_fused", "unsupported_reason", "triton_available"]
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unsupported_reason(x: torch.Tensor, lp, shape) -> str | None:
-    """Why the fused backend cannot serve this call, or None when it can."""
+def unsupported_reason(x: torch.Tensor, lp, shape, *, explicit: bool) -> str | None:
+    """Why the fused backend cannot serve this call, or None when it can.
+
+    On the CPU it runs only when asked for explicitly under ``TRITON_INTERPRET=1`` (the kernels' CPU tests).
+    """
     if not triton_available():
         return "triton is not installed"
-    if x.device.type != "cuda" and not (_interpreting() and x.device.type == "cpu"):
+    if x.device.type != "cuda" and not (explicit and _interpreting() and x.device.type == "cpu"):
         return f"device {x.device.type!r} (needs CUDA)"
     if shape.target_is_probs:
         return "class-probability targets"
@@ -36,3 +37,10 @@ def unsupported_reason(x: torch.Tensor, lp, shape) -> str | None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {x.dtype}"
     return None
+
+
+def linear_cross_entropy_fused(*args, **kwargs) -> torch.Tensor:
+    """See :func:`.function.linear_cross_entropy_fused` (imported on first use: it needs triton)."""
+    from .function import linear_cross_entropy_fused as run
+
+    return run(*args, **kwargs)

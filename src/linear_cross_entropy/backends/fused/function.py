@@ -14,7 +14,7 @@ import torch
 
 from ...options import ResolvedOptions
 from ..common import LossParams, reduce_total, row_scale_for_reduction, take_saved_grads
-from .launch import fused_sweep, scale_cast
+from .launch import deferred_grads, fused_sweep, scale_cast
 
 __all__ = ["linear_cross_entropy_fused"]
 
@@ -67,12 +67,8 @@ def _deferred_grads(ctx, grad_out):
     """The single-chunk backward: the two gradient GEMMs on the ``dz`` forward left, scaled by ``grad_out``."""
     (dz,) = take_saved_grads(ctx)
     x, w = ctx.saved_tensors
-    want_input, want_weight, want_bias = ctx.wants
-    # grad_W first: its (N, H) temporary g·x is gone before grad_x is allocated.
-    gw = torch.mm(dz.T, x * grad_out) if want_weight else None
-    gx = torch.mm(dz, w).mul_(grad_out) if want_input else None
-    gb = dz.sum(dim=0, dtype=torch.float32).mul_(grad_out).to(ctx.w_dtype) if want_bias else None
-    return gx, gw, gb
+    gx, gw, gb = deferred_grads(dz, x, w, grad_out, ctx.wants)
+    return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
 
 
 def linear_cross_entropy_fused(

@@ -14,7 +14,7 @@ from ...options import ResolvedOptions
 from ..common import LossParams
 from .kernels import _cross_entropy_rows_kernel, _scale_cast_kernel
 
-__all__ = ["fused_sweep", "cross_entropy_rows", "scale_cast"]
+__all__ = ["fused_sweep", "deferred_grads", "cross_entropy_rows", "scale_cast"]
 
 # Logits rows start on 128-byte boundaries whatever V is: cuBLAS keeps its fast kernels only for aligned leading
 # dimensions (an odd V such as 50257 would otherwise cost a multiple of the floor).
@@ -34,6 +34,60 @@ def _padded(n: int, dtype: torch.dtype) -> int:
 def _has_out_dtype_mm(device: torch.device) -> bool:
     """cuBLAS GEMMs with bf16/fp16 operands and an fp32 output (``torch.mm(..., out_dtype=)``, torch >= 2.8)."""
     return device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _vocab_parts(v: int) -> list[slice]:
+    """Vocabulary ranges for the GEMMs: an aligned bulk and a small tail when ``V`` is not a multiple of 8.
+
+    cuBLAS falls off its fast kernels for a GEMM dimension that breaks 16-byte alignment (V = 50257 ran 5x the
+    floor on an H100 for every method); the bulk ``[0, V − V mod 128)`` keeps them and the tail costs a few tiny
+    GEMMs. No padded copy of the weight is made.
+    """
+    if v % 8 == 0:
+        return [slice(0, v)]
+    bulk = v - v % 128
+    return [part for part in (slice(0, bulk), slice(bulk, v)) if part.stop > part.start]
+
+
+def logits_gemm(x_c: torch.Tensor, w: torch.Tensor, out: torch.Tensor, out_dtype: torch.dtype | None = None) -> None:
+    """``out = x_c · Wᵀ`` (``(r, H)·(H, V)``), vocabulary part by part."""
+    for part in _vocab_parts(w.shape[0]):
+        if out_dtype is None:
+            torch.mm(x_c, w[part].T, out=out[:, part])
+        else:
+            torch.mm(x_c, w[part].T, out_dtype=out_dtype, out=out[:, part])
+
+
+def input_grad_gemm(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = dz · W`` (``(r, V)·(V, H)``), summed over the vocabulary parts."""
+    for i, part in enumerate(_vocab_parts(w.shape[0])):
+        if i == 0:
+            torch.mm(dz[:, part], w[part], out=out)
+        else:
+            out.addmm_(dz[:, part], w[part])
+    return out
+
+
+def weight_grad_gemm(grad_w: torch.Tensor, dz: torch.Tensor, x_c: torch.Tensor, *, first: bool) -> None:
+    """``grad_w (+)= dzᵀ · x_c`` (``(V, r)·(r, H)``), rows of ``grad_w`` part by part (fp32 scratch or not)."""
+    fp32_mm = _has_out_dtype_mm(x_c.device)
+    for part in _vocab_parts(grad_w.shape[0]):
+        _accumulate_weight_grad(grad_w[part], dz[:, part].T, x_c, first=first, fp32_mm=fp32_mm)
+
+
+def deferred_grads(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, grad_out: torch.Tensor, wants) -> tuple:
+    """The gradients of a single-chunk call from its ``dz`` ``(N, V)``, with the upstream gradient folded into the
+    small operands: ``grad_W = dzᵀ·(g·x)``, ``grad_x = (dz·W)·g``, ``grad_b = g·Σ_rows dz``."""
+    want_input, want_weight, want_bias = wants
+    gw = gx = gb = None
+    if want_weight:  # first: its (N, H) temporary g·x is gone before grad_x is allocated
+        gw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        weight_grad_gemm(gw, dz, x * grad_out, first=True)
+    if want_input:
+        gx = input_grad_gemm(dz, w, torch.empty(x.shape, dtype=x.dtype, device=x.device)).mul_(grad_out)
+    if want_bias:
+        gb = dz.sum(dim=0, dtype=torch.float32).mul_(grad_out)
+    return gx, gw, gb
 
 
 def cross_entropy_rows(
@@ -138,16 +192,12 @@ def fused_sweep(
         grad_w = torch.empty((v, h), dtype=torch.float32 if scratch else w.dtype, device=device)
     grad_b = torch.zeros(v, dtype=torch.float32, device=device) if want_grads and want_bias else None
 
-    w_t = w.T
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         r = stop - start
         x_c = x[start:stop]
         logits = logits_all[:r]
-        if fp32_logits:
-            torch.mm(x_c, w_t, out_dtype=torch.float32, out=logits)
-        else:
-            torch.mm(x_c, w_t, out=logits)
+        logits_gemm(x_c, w, logits, torch.float32 if fp32_logits else None)
         grad = grad_all[:r] if want_grads else None
         cross_entropy_rows(
             logits,
@@ -163,9 +213,9 @@ def fused_sweep(
         if not want_grads:
             continue
         if grad_x is not None:
-            torch.mm(grad, w, out=grad_x[start:stop])
+            input_grad_gemm(grad, w, grad_x[start:stop])
         if grad_w is not None:
-            _accumulate_weight_grad(grad_w, grad.T, x_c, first=start == 0, fp32_mm=fp32_mm)
+            weight_grad_gemm(grad_w, grad, x_c, first=start == 0)
         if grad_b is not None:
             grad_b += grad.sum(dim=0, dtype=torch.float32)
     if grad_w is not None and n == 0:

@@ -1,0 +1,129 @@
+"""The fused backend's Triton kernels on the CPU under ``TRITON_INTERPRET=1`` (set by conftest when no GPU).
+
+Small, odd shapes: V not a multiple of the block nor of 8 (the GEMMs' vocabulary split), several chunks and one
+chunk (the deferred backward), every loss option. Results against float64; in fp32 and fp16 the tolerance is the
+error of plain PyTorch in the same dtype (logits in that dtype, softmax in fp32), times a slack.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (CPU runs)"),
+]
+pytest.importorskip("triton")
+
+_SLACK = 2.0
+_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _problem(n, h, v, dtype, seed, bias, class_weight):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g)
+    w = torch.randn(v, h, generator=g) * (2 / h**0.5)
+    b = torch.randn(v, generator=g) if bias else None
+    cw = torch.rand(v, generator=g) + 0.1 if class_weight else None
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.2] = -100
+    y[0] = 1
+    cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+    return cast(x), cast(w), cast(b), y, cast(cw)
+
+
+def _run(fn, x, w, b, y, upstream, **kw):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    loss = fn(x, w, y, b, **kw)
+    loss.backward(upstream.to(loss.dtype) if loss.dim() else upstream[0].to(loss.dtype))
+    return [loss.detach(), x.grad, w.grad] + ([] if b is None else [b.grad])
+
+
+def _plain(x, w, y, b, **kw):
+    """Plain PyTorch: logits in the input dtype, the loss in (at least) fp32, rounded to the input dtype."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    kw = {k: (v.to(work) if torch.is_tensor(v) else v) for k, v in kw.items()}
+    return F.cross_entropy(F.linear(x, w, b).to(work), y, **kw).to(x.dtype)
+
+
+def _fused(x, w, y, b, rows=None, **kw):
+    options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=rows, chunking_method=None)
+    return linear_cross_entropy(x, w, y, linear_bias=b, options=options, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [None, 5], ids=["one-chunk", "chunks-of-5"])
+@pytest.mark.parametrize("shape", [(13, 8, 203), (6, 4, 9)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "extras",
+    [{}, {"bias": True}, {"class_weight": True, "label_smoothing": 0.3}, {"bias": True, "label_smoothing": 0.1}],
+    ids=["plain", "bias", "weights+smoothing", "bias+smoothing"],
+)
+def test_fused_matches_float64(dtype, rows, shape, reduction, extras):
+    extras = dict(extras)
+    x, w, b, y, cw = _problem(*shape, dtype, seed=sum(shape) + (rows or 0), bias=extras.pop("bias", False),
+                              class_weight=extras.pop("class_weight", False))
+    kw = dict(reduction=reduction, weight=cw, **extras)
+    upstream = torch.rand(shape[0]) + 0.5
+    ref = _run(_plain, x.double(), w.double(), None if b is None else b.double(), y, upstream,
+               **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    plain = _run(_plain, x, w, b, y, upstream, **kw)
+    ours = _run(_fused, x, w, b, y, upstream, rows=rows, **kw)
+    for name, o, p, r in zip(["loss", "grad_input", "grad_weight", "grad_bias"], ours, plain, ref):
+        assert o.dtype == p.dtype, name
+        bound = _SLACK * _rel(p, r) + _FLOOR[dtype]
+        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(p, r))
+
+
+def test_all_ignored_mean_is_nan_with_zero_gradients():
+    x, w, _, _, _ = _problem(7, 4, 11, torch.float32, seed=0, bias=False, class_weight=False)
+    x.requires_grad_(), w.requires_grad_()
+    loss = _fused(x, w, torch.full((7,), -100), None, rows=3)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.count_nonzero(x.grad) == 0 and torch.count_nonzero(w.grad) == 0
+
+
+def test_out_of_range_index_is_caught_before_the_kernel_on_cpu():
+    x, w, _, _, _ = _problem(4, 4, 11, torch.float32, seed=1, bias=False, class_weight=False)
+    with pytest.raises(IndexError, match="Target 11 is out of bounds"):
+        _fused(x, w, torch.tensor([0, 1, 11, 2]), None)
+
+
+def test_retain_graph_rules():
+    x, w, _, y, _ = _problem(9, 4, 11, torch.float32, seed=2, bias=False, class_weight=False)
+    x.requires_grad_()
+    for rows in (None, 4):
+        loss = _fused(x, w, y, None, rows=rows)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="allow_retain_graph=True"):
+            loss.backward()
+        x.grad = None
+        options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=rows, chunking_method=None,
+                                            allow_retain_graph=True)
+        loss = linear_cross_entropy(x, w, y, options=options)
+        loss.backward(retain_graph=True)
+        first = x.grad.clone()
+        loss.backward()
+        torch.testing.assert_close(x.grad, 2 * first)
+        x.grad = None
+
+
+def test_fp32_loss_option():
+    x, w, _, y, _ = _problem(9, 4, 11, torch.float16, seed=3, bias=False, class_weight=False)
+    options = LinearCrossEntropyOptions(backend="fused", loss_dtype=torch.float32)
+    loss = linear_cross_entropy(x, w, y, options=options)
+    assert loss.dtype == torch.float32
+    ref = F.cross_entropy(F.linear(x, w).float(), y)
+    assert _rel(loss, ref) < 1e-6
