@@ -62,7 +62,7 @@ CASES = [
     ErrorCase("target_int32", lambda d: (_t(d, N, FEAT), _t(d, C, FEAT), _idx(d, N).int(), {}),
               RuntimeError, r"target dtype", composable=True, composable_on_cpu_only=True),
     ErrorCase("target_float_not_prob_shaped", lambda d: (_t(d, N, FEAT), _t(d, C, FEAT), _idx(d, N).double(), {}),
-              RuntimeError, r"target", composable=True),
+              RuntimeError, r"target", composable=True, composable_on_cpu_only=True),
     ErrorCase("integer_probabilities", lambda d: (_t(d, N, FEAT), _t(d, C, FEAT), _idx(d, N, C, high=2), {}),
               RuntimeError, r"floating point type for target", composable=True),
     ErrorCase("integer_probabilities_unbatched", lambda d: (_t(d, FEAT), _t(d, C, FEAT), _idx(d, C, high=2), {}),

@@ -64,6 +64,7 @@ def _ours(x, w, y, b, **kw):
 
 def _eager(x, w, y, b, options=None, **kw):
     logits = F.linear(x, w, b).to(torch.promote_types(x.dtype, torch.float32))
+    kw = {k: (v.to(logits.dtype) if torch.is_tensor(v) else v) for k, v in kw.items()}
     return F.cross_entropy(logits, y, **kw).to(x.dtype)
 
 

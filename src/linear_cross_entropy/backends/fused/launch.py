@@ -59,13 +59,24 @@ def logits_gemm(x_c: torch.Tensor, w: torch.Tensor, out: torch.Tensor, out_dtype
 
 
 def input_grad_gemm(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = dz · W`` (``(r, V)·(V, H)``), summed over the vocabulary parts."""
-    for i, part in enumerate(_vocab_parts(w.shape[0])):
-        if i == 0:
-            torch.mm(dz[:, part], w[part], out=out)
+    """``out = dz · W`` (``(r, V)·(V, H)``), summed over the vocabulary parts.
+
+    The parts split the GEMM's reduction dimension, so their sum is kept in fp32 (an ``(r, H)`` temporary) and
+    rounded once, as the single GEMM would.
+    """
+    parts = _vocab_parts(w.shape[0])
+    if len(parts) == 1:
+        return torch.mm(dz, w, out=out)
+    fp32_sum = out.dtype in (torch.float16, torch.bfloat16) and _has_out_dtype_mm(out.device)
+    acc = torch.mm(dz[:, parts[0]], w[parts[0]], out_dtype=torch.float32) if fp32_sum else torch.mm(
+        dz[:, parts[0]], w[parts[0]], out=out
+    )
+    for part in parts[1:]:
+        if fp32_sum:
+            torch.addmm(acc, dz[:, part], w[part], out_dtype=torch.float32, out=acc)
         else:
-            out.addmm_(dz[:, part], w[part])
-    return out
+            acc.addmm_(dz[:, part], w[part])
+    return out.copy_(acc) if fp32_sum else out
 
 
 def weight_grad_gemm(grad_w: torch.Tensor, dz: torch.Tensor, x_c: torch.Tensor, *, first: bool) -> None:
