@@ -6,13 +6,16 @@ import collections
 import os
 
 
+_BASE = {"N": (4096, 128256), "V": (8192, 4096)}  # the fixed dimensions of each sweep: (H, V) and (N, H)
+
+
 def _series(rows, axis):
-    """{method: [(value of the swept dimension, row)]} over the shapes that differ only in ``axis``."""
+    """{method: [(value of the swept dimension, row)]} over the shapes of the ``axis`` sweep (others fixed)."""
     out = collections.defaultdict(list)
     for r in rows:
         n, h, v = (int(t) for t in r["shape"].split("x"))
-        key = {"N": n, "V": v}[axis]
-        out[r["method"]].append((key, r))
+        if (axis == "N" and (h, v) == _BASE["N"]) or (axis == "V" and (n, h) == _BASE["V"]):
+            out[r["method"]].append(({"N": n, "V": v}[axis], r))
     return out
 
 
@@ -23,11 +26,10 @@ def plot_results(rows, out_dir, tag):
     import matplotlib.pyplot as plt
 
     methods = sorted({r["method"] for r in rows})
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
     paths = []
     for axis, metrics in (("N", ("x_floor", "extra_mib")), ("V", ("x_floor",))):
-        shapes = {r["shape"] for r in rows}
-        if len({s.split("x")["NHV".index(axis)] for s in shapes}) < 2:
+        if len({k for pts in _series(rows, axis).values() for k, _ in pts}) < 2:
             continue
         fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
@@ -35,7 +37,9 @@ def plot_results(rows, out_dir, tag):
                 pts = [(k, r[metric]) for k, r in sorted(pts, key=lambda p: p[0]) if r[metric] not in ("", None)]
                 if not pts or (metric == "extra_mib" and method.startswith("floor")):
                     continue
-                ax.plot([p[0] for p in pts], [float(p[1]) for p in pts], marker="o", label=method, color=colors[method])
+                style = "-" if method.startswith("ours") else "--"
+                ax.plot([p[0] for p in pts], [float(p[1]) for p in pts], style, marker="o", label=method,
+                        color=colors[method])
             ax.set_xscale("log", base=2)
             if metric == "extra_mib":
                 ax.set_yscale("log")
@@ -50,3 +54,26 @@ def plot_results(rows, out_dir, tag):
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def main():
+    """``python benchmarks/plots.py CSV... --out DIR --tag TAG``: plot CSVs written by bench_gpu.py together."""
+    import argparse
+    import csv
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("csv", nargs="+")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="h100")
+    args = ap.parse_args()
+    rows = []
+    for path in args.csv:
+        for r in csv.DictReader(open(path)):
+            for k in ("x_floor", "extra_mib"):
+                r[k] = float(r[k]) if r[k] else ""
+            rows.append(r)
+    print(plot_results(rows, args.out, args.tag))
+
+
+if __name__ == "__main__":
+    main()
