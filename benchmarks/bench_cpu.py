@@ -50,7 +50,11 @@ def child(variant: str, dtype_name: str, n: int, h: int, c: int) -> None:
     loss.backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "max_rss_mb": peak / 1024, "rss_before_mb": base_rss / 1024, "loss": float(loss)}))
+    print(
+        json.dumps(
+            {"seconds": seconds, "max_rss_mb": peak / 1024, "rss_before_mb": base_rss / 1024, "loss": float(loss)}
+        )
+    )
 
 
 def main() -> None:
@@ -79,7 +83,9 @@ def main() -> None:
             for _ in range(args.runs):
                 out = subprocess.run(
                     [sys.executable, __file__, "--shape", args.shape, "--child", variant, dtype],
-                    check=True, capture_output=True, text=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             row = {
@@ -90,8 +96,11 @@ def main() -> None:
                 "rss_before_mb": statistics.median(r["rss_before_mb"] for r in runs),
             }
             rows.append(row)
-            print(f"  {dtype:9s} {variant:16s} {row['seconds']:6.2f} s  max RSS {row['max_rss_mb']:6.0f} MB "
-                  f"(before fwd+bwd {row['rss_before_mb']:.0f} MB)", flush=True)
+            print(
+                f"  {dtype:9s} {variant:16s} {row['seconds']:6.2f} s  max RSS {row['max_rss_mb']:6.0f} MB "
+                f"(before fwd+bwd {row['rss_before_mb']:.0f} MB)",
+                flush=True,
+            )
     print("\n| dtype | variant | fwd+bwd s (median) | max RSS MB (median) |")
     print("|---|---|---|---|")
     for r in rows:

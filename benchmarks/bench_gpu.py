@@ -132,6 +132,40 @@ def time_fn(step, reps, warmup=2):
 _SLEEP_CYCLES = 40_000_000  # ~20 ms at H100 clocks: longer than the host needs to enqueue one step
 
 
+def measure(fn, x, w, y, ref, reps):
+    """(median ms, extra MiB, (loss, dx, dw) errors, first-call seconds) of one method's fwd+bwd."""
+    xr = x.detach().clone().requires_grad_()
+    wr = w.detach().clone().requires_grad_()
+
+    def step():
+        xr.grad = None
+        wr.grad = None
+        fn(xr, wr, y).backward()
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    xr.grad = wr.grad = None
+    loss = fn(xr, wr, y)
+    loss.backward()
+    errs = (rel(loss.detach(), ref[0]), rel(xr.grad, ref[1]), rel(wr.grad, ref[2]))
+    xr.grad = wr.grad = None
+    loss = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    grads = xr.grad.numel() * xr.grad.element_size() + wr.grad.numel() * wr.grad.element_size()
+    extra = (torch.cuda.max_memory_allocated() - base - grads) / MiB
+    ms = time_fn(step, reps)
+    xr.grad = wr.grad = None
+    return ms, extra, errs, first
+
+
 def floor_ms(n, h, v, dtype, reps):
     pad = lambda d: -(-d // 128) * 128  # noqa: E731
     n, h, v = pad(n), pad(h), pad(v)
@@ -144,60 +178,56 @@ def floor_ms(n, h, v, dtype, reps):
         torch.mm(dz, w)
         torch.mm(dz.T, x)
 
-    ms = time_fn(step, reps)
-    del x, w, dz
-    return ms
+    return time_fn(step, reps)
 
 
 def bench_shape(n, h, v, dtype, selected, policies, reps):
     rows = []
     floor = floor_ms(n, h, v, dtype, reps)
     tflops = 6 * n * h * v / floor / 1e9
-    rows.append(dict(shape=f"{n}x{h}x{v}", method="floor (3 cuBLAS GEMMs)", ms=floor, x_floor=1.0, extra_mib="", loss_err="", dx_err="", dw_err="", first_call_s="", note=f"{tflops:.0f} TFLOP/s"))
+    rows.append(
+        dict(
+            shape=f"{n}x{h}x{v}",
+            method="floor (3 cuBLAS GEMMs)",
+            ms=floor,
+            x_floor=1.0,
+            extra_mib="",
+            loss_err="",
+            dx_err="",
+            dw_err="",
+            first_call_s="",
+            note=f"{tflops:.0f} TFLOP/s",
+        )
+    )
     x, w, y = make_problem(n, h, v, dtype)
     ref = reference_fp64(x, w, y)
     torch.cuda.empty_cache()
     for name, fn in methods(selected, policies).items():
-        xr = x.detach().clone().requires_grad_()
-        wr = w.detach().clone().requires_grad_()
-
-        def step():
-            xr.grad = None
-            wr.grad = None
-            fn(xr, wr, y).backward()
-
         try:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            loss = fn(xr, wr, y)
-            xr.grad = wr.grad = None
-            loss.backward()
-            errs = (rel(loss.detach(), ref[0]), rel(xr.grad, ref[1]), rel(wr.grad, ref[2]))
-            xr.grad = wr.grad = None
-            del loss
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            grads = xr.grad.numel() * xr.grad.element_size() + wr.grad.numel() * wr.grad.element_size()
-            extra = (torch.cuda.max_memory_allocated() - base - grads) / MiB
-            ms = time_fn(step, reps)
+            row = measure(fn, x, w, y, ref, reps)
         except Exception as e:  # noqa: BLE001
             print(f"{name} failed at {n}x{h}x{v}: {type(e).__name__}: {e}")
             continue
-        finally:
-            xr.grad = wr.grad = None
-        rows.append(dict(shape=f"{n}x{h}x{v}", method=name, ms=ms, x_floor=ms / floor, extra_mib=extra, loss_err=errs[0], dx_err=errs[1], dw_err=errs[2], first_call_s=first, note=""))
-        print(f"  {name:24s} {ms:8.2f} ms {ms / floor:5.2f}x  {extra:8.1f} MiB  loss {errs[0]:.1e} dx {errs[1]:.1e} dw {errs[2]:.1e}  first {first:.1f}s", flush=True)
-        del xr, wr
+        ms, extra, errs, first = row
+        rows.append(
+            dict(
+                shape=f"{n}x{h}x{v}",
+                method=name,
+                ms=ms,
+                x_floor=ms / floor,
+                extra_mib=extra,
+                loss_err=errs[0],
+                dx_err=errs[1],
+                dw_err=errs[2],
+                first_call_s=first,
+                note="",
+            )
+        )
+        print(
+            f"  {name:24s} {ms:8.2f} ms {ms / floor:5.2f}x  {extra:8.1f} MiB  loss {errs[0]:.1e} dx {errs[1]:.1e} dw {errs[2]:.1e}  first {first:.1f}s",
+            flush=True,
+        )
         torch.cuda.empty_cache()
-    del x, w, y, ref
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -226,7 +256,9 @@ def profile(n, h, v, dtype):
         linear_cross_entropy(x, w, y, options=opts).backward()
         if sync:
             torch.cuda.synchronize()
-        print(f"host time of one fwd+bwd ({'with' if sync else 'without'} a final sync): {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        print(
+            f"host time of one fwd+bwd ({'with' if sync else 'without'} a final sync): {(time.perf_counter() - t0) * 1e3:.1f} ms"
+        )
     del x, w, y
 
 
@@ -261,7 +293,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["8192x4096x128256", "16384x2048x131072"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--methods", nargs="+", default=["eager", "compile", "ours", "liger", "cut-cross-entropy", "torch built-in"])
+    ap.add_argument(
+        "--methods", nargs="+", default=["eager", "compile", "ours", "liger", "cut-cross-entropy", "torch built-in"]
+    )
     ap.add_argument("--policies", nargs="+", default=["auto", "compact", "accurate:float32"])
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one fwd+bwd of ours[auto]")
     ap.add_argument("--kernel-sweep", action="store_true", help="time the row kernel alone over launch configurations")
@@ -292,11 +326,13 @@ def main():
         from plots import plot_results  # benchmarks/plots.py
 
         plot_results(rows, args.out, args.tag)
-    print(f"\n| N×H×V | method | ms | ×floor | extra MiB | loss err | dX err | dW err | first call s |")
+    print("\n| N×H×V | method | ms | ×floor | extra MiB | loss err | dX err | dW err | first call s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['method']} | {r['ms']:.1f} | {r['x_floor']:.2f} | {fmt(r['extra_mib'], '.1f')} | "
-              f"{fmt(r['loss_err'], '.1e')} | {fmt(r['dx_err'], '.1e')} | {fmt(r['dw_err'], '.1e')} | {fmt(r['first_call_s'], '.1f')} |")
+        print(
+            f"| {r['shape']} | {r['method']} | {r['ms']:.1f} | {r['x_floor']:.2f} | {fmt(r['extra_mib'], '.1f')} | "
+            f"{fmt(r['loss_err'], '.1e')} | {fmt(r['dx_err'], '.1e')} | {fmt(r['dw_err'], '.1e')} | {fmt(r['first_call_s'], '.1f')} |"
+        )
     print("wrote", path)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import os
 
-
 _BASE = {"N": (4096, 128256), "V": (8192, 4096)}  # the fixed dimensions of each sweep: (H, V) and (N, H)
 
 
@@ -38,13 +37,21 @@ def plot_results(rows, out_dir, tag):
                 if not pts or (metric == "extra_mib" and method.startswith("floor")):
                     continue
                 style = "-" if method.startswith("ours") else "--"
-                ax.plot([p[0] for p in pts], [float(p[1]) for p in pts], style, marker="o", label=method,
-                        color=colors[method])
+                ax.plot(
+                    [p[0] for p in pts],
+                    [float(p[1]) for p in pts],
+                    style,
+                    marker="o",
+                    label=method,
+                    color=colors[method],
+                )
             ax.set_xscale("log", base=2)
             if metric == "extra_mib":
                 ax.set_yscale("log")
             ax.set_xlabel(axis)
-            ax.set_ylabel({"x_floor": "fwd+bwd time / three-GEMM floor", "extra_mib": "peak MiB beyond inputs and grads"}[metric])
+            ax.set_ylabel(
+                {"x_floor": "fwd+bwd time / three-GEMM floor", "extra_mib": "peak MiB beyond inputs and grads"}[metric]
+            )
             ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"{tag}: fused linear + cross-entropy, bf16, over {axis}")

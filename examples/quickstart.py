@@ -1,6 +1,6 @@
 """Quickstart: the drop-in API on whatever device is here, checked against the materialised reference.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import time
@@ -31,12 +31,13 @@ for name, options in [("reference (options=None)", None), ("ours (default option
 (ref_loss, ref_dx, ref_dw, _), (loss, dx, dw, seconds) = results.values()
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
 print(f"device={device} dtype={dtype} N×H×V={n}×{hidden}×{vocab}")
-for name, (l, _, _, s) in results.items():
-    print(f"  {name:26s} loss {l.item():.5f}  fwd+bwd {s * 1e3:7.1f} ms (first call, includes warm-up)")
-print(f"  relative difference to the reference: loss {rel(loss, ref_loss):.1e}, "
-      f"grad_input {rel(dx, ref_dx):.1e}, grad_weight {rel(dw, ref_dw):.1e}")
+for name, (value, _, _, s) in results.items():
+    print(f"  {name:26s} loss {value.item():.5f}  fwd+bwd {s * 1e3:7.1f} ms (first call, includes warm-up)")
+print(
+    f"  relative difference to the reference: loss {rel(loss, ref_loss):.1e}, "
+    f"grad_input {rel(dx, ref_dx):.1e}, grad_weight {rel(dw, ref_dw):.1e}"
+)
 
 # The module form: PyTorch's LinearCrossEntropyLoss layout (parameters in self.linear, flat).
-head = LinearCrossEntropyLoss(hidden, vocab, bias=True, device=device, dtype=dtype,
-                              options=LinearCrossEntropyOptions())
+head = LinearCrossEntropyLoss(hidden, vocab, bias=True, device=device, dtype=dtype, options=LinearCrossEntropyOptions())
 print("  module:", head, "loss", head(x.detach(), y).item())

@@ -157,8 +157,9 @@ def make_case(
         ignored = torch.rand(t.shape, generator=gen) < ignore_frac
         t = torch.where(ignored, -100 if ignore_index is None else ignore_index, t)
     tensors = [x, w, t, b, cw]
-    tensors = [None if v is None else v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-               for v in tensors]
+    tensors = [
+        None if v is None else v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for v in tensors
+    ]
     tensors = [None if v is None else noncontiguous(v, layout) for v in tensors]
     return Case(
         input=tensors[0],
@@ -176,8 +177,17 @@ def make_case(
 # Oracle and runner
 
 
-def oracle_loss(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                ignore_index=None, label_smoothing=0.0):
+def oracle_loss(
+    input,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    weight=None,
+    reduction="mean",
+    ignore_index=None,
+    label_smoothing=0.0,
+):
     """PyTorch's own ``cross_entropy(linear(...))`` with the logits reshaped to ``(N, C, *out_features)``."""
     c, out_features, f = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
     flat = math.prod(out_features, start=c)
@@ -269,7 +279,9 @@ def assert_identical(actual, expected, what: str = ""):
         # CUDA's cross_entropy reductions (atomics in the K-dimensional and weighted kernels) are not
         # run-to-run deterministic: two identical calls may differ in the last bits there.
         tol = 0 if a.device.type == "cpu" else 1e-12
-        torch.testing.assert_close(a, e, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(
+            a, e, rtol=tol, atol=tol, equal_nan=True, msg=lambda m, name=name: f"{what} {name}: {m}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -63,7 +63,10 @@ def grid_cases(draw):
         ignore_frac = draw(st.sampled_from([0.0, 0.3, 1.0]))
     layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
     case = make_case(
-        n, f, c, out,
+        n,
+        f,
+        c,
+        out,
         probs=probs,
         bias=draw(st.booleans()),
         class_weight=draw(st.booleans()),
@@ -116,8 +119,18 @@ def test_peaked_logits(probs, reduction, scale, seed):
     (The relative error is taken over all rows: a single row whose loss is tiny next to its logits, e.g. 4e-8
     against logits of 30, is ill-conditioned — any two float64 algorithms differ there by ~eps·|z|/loss.)"""
     # input (32, 8), linear_weight (16, 8)
-    case = make_case(32, 8, 16, probs=probs, bias=True, class_weight=True, label_smoothing=0.1,
-                     reduction=reduction, seed=seed, scale=scale)
+    case = make_case(
+        32,
+        8,
+        16,
+        probs=probs,
+        bias=True,
+        class_weight=True,
+        label_smoothing=0.1,
+        reduction=reduction,
+        seed=seed,
+        scale=scale,
+    )
     actual = forward_backward(linear_cross_entropy, case, options=chunked(batch_chunk_size=5))
     assert all(t.isfinite().all() for t in actual)
     assert_results_close(actual, reference_grads(case), FLOAT64_TOL)
@@ -131,8 +144,18 @@ def test_uint8_targets(reduction, class_weight, label_smoothing, ignore_index, s
     """Byte class indices are accepted like int64 ones (ignore_index compared by value)."""
     if reduction == "mean" and class_weight and label_smoothing:
         pytest.skip("the reference itself fails here (gather() needs int64 indices): nothing to match")
-    case = make_case(12, 4, 6, bias=True, class_weight=class_weight, ignore_index=ignore_index, ignore_frac=0.3,
-                     label_smoothing=label_smoothing, reduction=reduction, seed=seed)
+    case = make_case(
+        12,
+        4,
+        6,
+        bias=True,
+        class_weight=class_weight,
+        ignore_index=ignore_index,
+        ignore_frac=0.3,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        seed=seed,
+    )
     case.target = case.target.clamp(0, 255).to(torch.uint8)  # -100 cannot be a byte: nothing ignored then
     actual = forward_backward(linear_cross_entropy, case, options=chunked(batch_chunk_size=5))
     assert_results_close(actual, reference_grads(case), FLOAT64_TOL)
@@ -145,9 +168,20 @@ def test_chunk_size_invariance(kind, reduction, device, seed):
     """Any chunk size (1 row, uneven splits, larger than N, the aspect-ratio picks) gives the same results."""
     # input (37, 8), linear_weight (13, *out, 8)
     out = (2, 3) if kind == "kdim" else ()
-    case = make_case(37, 8, 13, out, probs=kind == "probs", bias=True, class_weight=True,
-                     ignore_index=None if kind == "probs" else 3, label_smoothing=0.15, reduction=reduction,
-                     device=device, seed=seed)
+    case = make_case(
+        37,
+        8,
+        13,
+        out,
+        probs=kind == "probs",
+        bias=True,
+        class_weight=True,
+        ignore_index=None if kind == "probs" else 3,
+        label_smoothing=0.15,
+        reduction=reduction,
+        device=device,
+        seed=seed,
+    )
     expected = reference_grads(case)
     first = None
     variants = [dict(batch_chunk_size=s) for s in (1, 2, 5, 16, 36, 37, 1000)]
@@ -175,8 +209,15 @@ def test_chunks_bound_the_logits(monkeypatch, seed):
     case = make_case(n, f, c, out, seed=seed)
     for options in (chunked(batch_chunk_size=7), chunked(chunking_method="aspect_ratio:2")):
         seen.clear()
-        rows = resolve(options, backend="chunked", num_rows=n, in_features=f, num_classes=c,
-                       dtype=case.input.dtype, device=case.input.device).batch_chunk_size
+        rows = resolve(
+            options,
+            backend="chunked",
+            num_rows=n,
+            in_features=f,
+            num_classes=c,
+            dtype=case.input.dtype,
+            device=case.input.device,
+        ).batch_chunk_size
         assert rows < n
         forward_backward(linear_cross_entropy, case, options=options)
         assert seen, "chunk_loss_and_grad was not called"
@@ -203,11 +244,13 @@ def test_backend_auto_is_chunked_on_cpu(seed):
 @pytest.mark.parametrize("batch_chunk_size", [None, 4])
 def test_chunked_matches_torch_chunked(reduction, class_weight, ignore_index, bias, batch_chunk_size, seed):
     """Where PyTorch's own chunked path serves the call (int64 indices, no smoothing, no K-dim), we agree with it."""
-    case = make_case(13, 6, 11, bias=bias, class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
-                     seed=seed)
+    case = make_case(
+        13, 6, 11, bias=bias, class_weight=class_weight, ignore_index=ignore_index, reduction=reduction, seed=seed
+    )
     assert (case.target != (-100 if ignore_index is None else ignore_index)).any()
-    theirs = forward_backward(F.linear_cross_entropy, case,
-                              options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=batch_chunk_size))
+    theirs = forward_backward(
+        F.linear_cross_entropy, case, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=batch_chunk_size)
+    )
     ours = forward_backward(linear_cross_entropy, case, options=chunked(batch_chunk_size=batch_chunk_size))
     assert_results_close(ours, theirs, 1e-12)
 
@@ -259,15 +302,28 @@ def test_low_precision_vs_plain_torch(dtype, floor, scale, probs, reduction, pol
     if dtype == torch.float32 and acc_dtype == torch.float32 and acc_policy != "accurate":
         pytest.skip("same as acc_dtype=None for float32 input")
     # input (64, 32), linear_weight (96, 32): 6 chunks of 12 rows (the last one short).
-    case = make_case(64, 32, 96, probs=probs, bias=True, class_weight=True, label_smoothing=0.1,
-                     reduction=reduction, dtype=dtype, device=device, seed=seed, scale=scale)
+    case = make_case(
+        64,
+        32,
+        96,
+        probs=probs,
+        bias=True,
+        class_weight=True,
+        label_smoothing=0.1,
+        reduction=reduction,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        scale=scale,
+    )
     options = chunked(batch_chunk_size=12, acc_policy=acc_policy, acc_dtype=acc_dtype)
     our_errs, torch_errs = _low_precision_errors(case, options)
     _assert_within(our_errs, torch_errs, floor, f"{dtype} {policy}")
 
 
-@pytest.mark.parametrize("policy", [("auto", None), ("accurate", torch.float32), ("balanced", torch.float32)],
-                         ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize(
+    "policy", [("auto", None), ("accurate", torch.float32), ("balanced", torch.float32)], ids=lambda p: f"{p[0]}-{p[1]}"
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_low_precision_many_chunks_fp32_scratch(dtype, policy, seed):
     """With an fp32 weight-gradient scratch, 1024 chunks of 4 rows are as accurate as one GEMM (accumulating the
@@ -283,8 +339,9 @@ def test_low_precision_many_chunks_fp32_scratch(dtype, policy, seed):
 def test_low_precision_tolerance_can_fail(seed):
     """The low-precision criterion is sharp enough to reject a plausible bug (label smoothing dropped), even one
     computed in float64."""
-    case = make_case(64, 32, 96, bias=True, class_weight=True, label_smoothing=0.1, dtype=torch.bfloat16,
-                     seed=seed, scale=3.0)
+    case = make_case(
+        64, 32, 96, bias=True, class_weight=True, label_smoothing=0.1, dtype=torch.bfloat16, seed=seed, scale=3.0
+    )
     expected = reference_grads(case)
     plain = forward_backward(oracle_loss, case)
     torch_errs = [rel_err(a, e) for a, e in zip(plain, expected)]
@@ -300,10 +357,15 @@ def test_mixed_dtype_probability_target(dtype, seed):
     """Probabilities in another float dtype than the input: the reference's output dtype and value."""
     case = make_case(10, 6, 7, probs=True, bias=True, reduction="none", dtype=dtype, seed=seed)
     target = case.target.to(torch.float64)  # (N, C) in float64, input in `dtype`
-    ref = linear_cross_entropy(case.input, case.linear_weight, target, linear_bias=case.linear_bias,
-                               reduction="none")
-    ours = linear_cross_entropy(case.input, case.linear_weight, target, linear_bias=case.linear_bias,
-                                reduction="none", options=chunked(batch_chunk_size=3))
+    ref = linear_cross_entropy(case.input, case.linear_weight, target, linear_bias=case.linear_bias, reduction="none")
+    ours = linear_cross_entropy(
+        case.input,
+        case.linear_weight,
+        target,
+        linear_bias=case.linear_bias,
+        reduction="none",
+        options=chunked(batch_chunk_size=3),
+    )
     assert ours.dtype == ref.dtype
     torch.testing.assert_close(ours, ref, rtol=4 * torch.finfo(dtype).eps, atol=4 * torch.finfo(dtype).eps)
 
@@ -320,8 +382,20 @@ def test_all_ignored(kind, ignore_index, device, seed):
     gradients for mean; the reference, which we follow, gives zeros)."""
     n, out = (None, ()) if kind == "unbatched" else (8, (2,) if kind == "kdim" else ())
     for reduction in ("mean", "sum", "none"):
-        case = make_case(n, 5, 6, out, bias=True, class_weight=True, ignore_index=ignore_index, ignore_frac=1.0,
-                         label_smoothing=0.2, reduction=reduction, device=device, seed=seed)
+        case = make_case(
+            n,
+            5,
+            6,
+            out,
+            bias=True,
+            class_weight=True,
+            ignore_index=ignore_index,
+            ignore_frac=1.0,
+            label_smoothing=0.2,
+            reduction=reduction,
+            device=device,
+            seed=seed,
+        )
         assert (case.target == (-100 if ignore_index is None else ignore_index)).all()
         loss, gx, gw, gb = forward_backward(linear_cross_entropy, case, options=chunked(batch_chunk_size=3))
         if reduction == "mean":
@@ -339,8 +413,9 @@ def test_all_ignored(kind, ignore_index, device, seed):
 def test_empty_batch(probs, out, device, seed):
     """N = 0: mean NaN, sum 0, none empty; gradients of the right shapes, zero."""
     for reduction in ("mean", "sum", "none"):
-        case = make_case(0, 5, 6, out, probs=probs, bias=True, class_weight=True, reduction=reduction,
-                         device=device, seed=seed)
+        case = make_case(
+            0, 5, 6, out, probs=probs, bias=True, class_weight=True, reduction=reduction, device=device, seed=seed
+        )
         loss, gx, gw, gb = forward_backward(linear_cross_entropy, case, options=chunked())
         if reduction == "mean":
             assert loss.shape == () and loss.isnan()
@@ -366,8 +441,17 @@ def test_negative_label_smoothing_is_zero(probs, reduction, seed):
 @pytest.mark.parametrize("ignore_index", [7, 1000, -1, -7])
 def test_out_of_range_ignore_index(ignore_index, seed):
     """An ignore_index no class has: targets equal to it are ignored, the rest count as usual."""
-    case = make_case(20, 5, 7, bias=True, class_weight=True, ignore_index=ignore_index, ignore_frac=0.4,
-                     label_smoothing=0.1, seed=seed)
+    case = make_case(
+        20,
+        5,
+        7,
+        bias=True,
+        class_weight=True,
+        ignore_index=ignore_index,
+        ignore_frac=0.4,
+        label_smoothing=0.1,
+        seed=seed,
+    )
     keep = case.target != ignore_index
     assert keep.any() and not keep.all()
     ours = forward_backward(linear_cross_entropy, case, options=chunked(batch_chunk_size=6))
@@ -381,8 +465,17 @@ def test_out_of_range_ignore_index(ignore_index, seed):
 def test_zero_class_weights_of_all_targets(reduction, label_smoothing, seed):
     """Every target's class weighs 0: mean divides by 0 → the reference's NaN (also with smoothing), same NaNs in
     the gradients."""
-    case = make_case(6, 4, 5, bias=True, class_weight=True, ignore_frac=0.0, label_smoothing=label_smoothing,
-                     reduction=reduction, seed=seed)
+    case = make_case(
+        6,
+        4,
+        5,
+        bias=True,
+        class_weight=True,
+        ignore_frac=0.0,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        seed=seed,
+    )
     case.weight[case.target.unique()] = 0.0
     assert (case.weight != 0).any()
     ours = forward_backward(linear_cross_entropy, case, options=chunked(batch_chunk_size=4))
@@ -396,8 +489,9 @@ def test_unbatched_with_one_element_target(seed):
     c = case.to(torch.float64)
     expected = oracle_loss(c.input, c.linear_weight, target, linear_bias=c.linear_bias)
     for options in (None, chunked(), LinearCrossEntropyOptions()):
-        loss = linear_cross_entropy(case.input, case.linear_weight, target, linear_bias=case.linear_bias,
-                                    options=options)
+        loss = linear_cross_entropy(
+            case.input, case.linear_weight, target, linear_bias=case.linear_bias, options=options
+        )
         assert loss.shape == expected.shape
         assert rel_err(loss, expected) <= FLOAT64_TOL
 
@@ -426,14 +520,35 @@ def _options(path, **kwargs):
 @pytest.mark.parametrize("kind", ["index", "probs", "kdim"])
 def test_gradcheck(kind, reduction, path, device, seed):
     out = (2,) if kind == "kdim" else ()
-    case = make_case(5, 3, 4, out, probs=kind == "probs", bias=True, class_weight=True,
-                     ignore_index=None if kind == "probs" else 1, ignore_frac=0.2, label_smoothing=0.1,
-                     reduction=reduction, device=device, seed=seed)
+    case = make_case(
+        5,
+        3,
+        4,
+        out,
+        probs=kind == "probs",
+        bias=True,
+        class_weight=True,
+        ignore_index=None if kind == "probs" else 1,
+        ignore_frac=0.2,
+        label_smoothing=0.1,
+        reduction=reduction,
+        device=device,
+        seed=seed,
+    )
     options = _options(path, allow_retain_graph=True)
 
     def fn(x, w, b):
-        return linear_cross_entropy(x, w, case.target, linear_bias=b, weight=case.weight, reduction=reduction,
-                                    ignore_index=case.ignore_index, label_smoothing=0.1, options=options)
+        return linear_cross_entropy(
+            x,
+            w,
+            case.target,
+            linear_bias=b,
+            weight=case.weight,
+            reduction=reduction,
+            ignore_index=case.ignore_index,
+            label_smoothing=0.1,
+            options=options,
+        )
 
     inputs = (leaf(case.input), leaf(case.linear_weight), leaf(case.linear_bias))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -444,8 +559,9 @@ def test_gradcheck(kind, reduction, path, device, seed):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_repeated_backward_with_allow_retain_graph(reduction, path, device, seed):
     """First backward equals the oracle; a second one (same upstream gradient) accumulates exactly twice that."""
-    case = make_case(9, 4, 6, bias=True, class_weight=True, label_smoothing=0.1, reduction=reduction,
-                     device=device, seed=seed)
+    case = make_case(
+        9, 4, 6, bias=True, class_weight=True, label_smoothing=0.1, reduction=reduction, device=device, seed=seed
+    )
     x, w, b = leaf(case.input), leaf(case.linear_weight), leaf(case.linear_bias)
     options = LinearCrossEntropyOptions(backend=path, batch_chunk_size=4, allow_retain_graph=True)
     loss = linear_cross_entropy(x, w, case.target, **{**case.kwargs(), "linear_bias": b}, options=options)
@@ -464,8 +580,9 @@ def test_repeated_backward_with_allow_retain_graph(reduction, path, device, seed
 def test_second_backward_without_allow_retain_graph_raises(reduction, path, device, seed):
     case = make_case(9, 4, 6, bias=True, reduction=reduction, device=device, seed=seed)
     x, w, b = leaf(case.input), leaf(case.linear_weight), leaf(case.linear_bias)
-    loss = linear_cross_entropy(x, w, case.target, linear_bias=b, reduction=reduction,
-                                options=LinearCrossEntropyOptions(backend=path))
+    loss = linear_cross_entropy(
+        x, w, case.target, linear_bias=b, reduction=reduction, options=LinearCrossEntropyOptions(backend=path)
+    )
     loss.backward(retain_graph=True)
     first = [t.grad.clone() for t in (x, w, b)]
     assert_results_close((loss.detach(), *first), _unit_upstream_oracle(case), FLOAT64_TOL)
@@ -498,15 +615,18 @@ def test_reduction_none_backward_twice_without_allow_retain_graph(seed):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_grad_returns_the_loss(reduction, device, seed):
-    case = make_case(10, 4, 6, bias=True, class_weight=True, label_smoothing=0.1, reduction=reduction,
-                     device=device, seed=seed)
+    case = make_case(
+        10, 4, 6, bias=True, class_weight=True, label_smoothing=0.1, reduction=reduction, device=device, seed=seed
+    )
     x, w, b = leaf(case.input), leaf(case.linear_weight), leaf(case.linear_bias)
     with torch.no_grad():
-        loss = linear_cross_entropy(x, w, case.target, **{**case.kwargs(), "linear_bias": b},
-                                    options=chunked(batch_chunk_size=3))
+        loss = linear_cross_entropy(
+            x, w, case.target, **{**case.kwargs(), "linear_bias": b}, options=chunked(batch_chunk_size=3)
+        )
     assert not loss.requires_grad
-    expected = oracle_loss(*(t.to(torch.float64) for t in (case.input, case.linear_weight)), case.target,
-                           **case.to(torch.float64).kwargs())
+    expected = oracle_loss(
+        *(t.to(torch.float64) for t in (case.input, case.linear_weight)), case.target, **case.to(torch.float64).kwargs()
+    )
     assert rel_err(loss, expected) <= FLOAT64_TOL
 
 
@@ -517,8 +637,9 @@ def test_partial_requires_grad(which, seed):
     x = case.input.clone().requires_grad_(which == "input")
     w = case.linear_weight.clone().requires_grad_(which == "linear_weight")
     b = case.linear_bias.clone().requires_grad_(which == "linear_bias")
-    loss = linear_cross_entropy(x, w, case.target, **{**case.kwargs(), "linear_bias": b},
-                                options=chunked(batch_chunk_size=3))
+    loss = linear_cross_entropy(
+        x, w, case.target, **{**case.kwargs(), "linear_bias": b}, options=chunked(batch_chunk_size=3)
+    )
     expected = _unit_upstream_oracle(case)
     assert rel_err(loss.detach(), expected[0]) <= FLOAT64_TOL
     if which == "none":
@@ -538,15 +659,24 @@ def test_partial_requires_grad(which, seed):
 def test_gradients_of_probability_target_and_class_weight(wants, out, reduction, seed):
     """The reference differentiates probability targets (and, with them, class weights); the chunked path serves
     such a call the reference's way, with one UserWarning, rather than drop those gradients."""
-    case = make_case(7, 4, 6, out, probs=True, bias=True, class_weight=True, label_smoothing=0.1,
-                     reduction=reduction, seed=seed)
+    case = make_case(
+        7, 4, 6, out, probs=True, bias=True, class_weight=True, label_smoothing=0.1, reduction=reduction, seed=seed
+    )
 
     def run(options):
         t = leaf(case.target) if wants in ("target", "both") else case.target
         cw = leaf(case.weight) if wants in ("weight", "both") else case.weight
         x = leaf(case.input)
-        loss = linear_cross_entropy(x, case.linear_weight, t, linear_bias=case.linear_bias, weight=cw,
-                                    reduction=reduction, label_smoothing=0.1, options=options)
+        loss = linear_cross_entropy(
+            x,
+            case.linear_weight,
+            t,
+            linear_bias=case.linear_bias,
+            weight=cw,
+            reduction=reduction,
+            label_smoothing=0.1,
+            options=options,
+        )
         loss.backward(upstream_grad(loss))
         return loss.detach(), x.grad, t.grad, cw.grad
 
@@ -563,8 +693,9 @@ def test_class_weight_requiring_grad_with_index_targets_raises(path, seed):
     """As in the reference: nll_loss is not differentiable with respect to the class weights."""
     case = make_case(7, 4, 6, class_weight=True, seed=seed)
     with pytest.raises(RuntimeError, match="weight"):
-        linear_cross_entropy(leaf(case.input), case.linear_weight, case.target, weight=leaf(case.weight),
-                             options=_options(path))
+        linear_cross_entropy(
+            leaf(case.input), case.linear_weight, case.target, weight=leaf(case.weight), options=_options(path)
+        )
 
 
 @pytest.mark.gpu

@@ -71,14 +71,23 @@ def _eager(x, w, y, b, options=None, **kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(512, 256, 4096), (1000, 192, 50257), (333, 64, 1000), (1, 128, 32000)])
 @pytest.mark.parametrize("policy", ["auto", "compact", "accurate"])
-@pytest.mark.parametrize("extras", [{}, {"label_smoothing": 0.1, "class_weight": True, "bias": True}, {"reduction": "sum"}, {"reduction": "none"}])
+@pytest.mark.parametrize(
+    "extras",
+    [{}, {"label_smoothing": 0.1, "class_weight": True, "bias": True}, {"reduction": "sum"}, {"reduction": "none"}],
+)
 def test_matches_float64(dtype, shape, policy, extras):
     extras = dict(extras)
     x, w, b, y = _problem(*shape, dtype, seed=hash((shape, str(dtype))) % 2**31, bias=extras.pop("bias", False))
     if extras.pop("class_weight", False):
         extras["weight"] = torch.rand(shape[2], device="cuda").to(dtype)
-    ref = _run(_eager, x.double(), w.double(), None if b is None else b.double(), y,
-               **{k: (v.double() if torch.is_tensor(v) else v) for k, v in extras.items()})
+    ref = _run(
+        _eager,
+        x.double(),
+        w.double(),
+        None if b is None else b.double(),
+        y,
+        **{k: (v.double() if torch.is_tensor(v) else v) for k, v in extras.items()},
+    )
     eager = _run(_eager, x, w, b, y, **extras)
     rows = 256
     opts = LinearCrossEntropyOptions(backend="fused", acc_policy=policy, batch_chunk_size=rows)
@@ -166,8 +175,8 @@ def test_no_grad_computes_only_the_loss():
 
 def test_auto_picks_fused_on_cuda():
     x, w, b, y = _problem(64, 32, 100, torch.bfloat16, seed=4)
-    from linear_cross_entropy.functional import _choose_backend
     from linear_cross_entropy.backends.common import LossParams
+    from linear_cross_entropy.functional import _choose_backend
     from linear_cross_entropy.validate import check_call
 
     shape = check_call(x, w, y, None, None, "mean", None, 0.0)

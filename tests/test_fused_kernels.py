@@ -36,7 +36,7 @@ def _problem(n, h, v, dtype, seed, bias, class_weight):
     y = torch.randint(0, v, (n,), generator=g)
     y[torch.rand(n, generator=g) < 0.2] = -100
     y[0] = 1
-    cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return cast(x), cast(w), cast(b), y, cast(cw)
 
 
@@ -72,12 +72,24 @@ def _fused(x, w, y, b, rows=None, **kw):
 )
 def test_fused_matches_float64(dtype, rows, shape, reduction, extras):
     extras = dict(extras)
-    x, w, b, y, cw = _problem(*shape, dtype, seed=sum(shape) + (rows or 0), bias=extras.pop("bias", False),
-                              class_weight=extras.pop("class_weight", False))
+    x, w, b, y, cw = _problem(
+        *shape,
+        dtype,
+        seed=sum(shape) + (rows or 0),
+        bias=extras.pop("bias", False),
+        class_weight=extras.pop("class_weight", False),
+    )
     kw = dict(reduction=reduction, weight=cw, **extras)
     upstream = torch.rand(shape[0]) + 0.5
-    ref = _run(_plain, x.double(), w.double(), None if b is None else b.double(), y, upstream,
-               **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    ref = _run(
+        _plain,
+        x.double(),
+        w.double(),
+        None if b is None else b.double(),
+        y,
+        upstream,
+        **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()},
+    )
     plain = _run(_plain, x, w, b, y, upstream, **kw)
     ours = _run(_fused, x, w, b, y, upstream, rows=rows, **kw)
     for name, o, p, r in zip(["loss", "grad_input", "grad_weight", "grad_bias"], ours, plain, ref):
@@ -110,8 +122,9 @@ def test_retain_graph_rules():
         with pytest.raises(RuntimeError, match="allow_retain_graph=True"):
             loss.backward()
         x.grad = None
-        options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=rows, chunking_method=None,
-                                            allow_retain_graph=True)
+        options = LinearCrossEntropyOptions(
+            backend="fused", batch_chunk_size=rows, chunking_method=None, allow_retain_graph=True
+        )
         loss = linear_cross_entropy(x, w, y, options=options)
         loss.backward(retain_graph=True)
         first = x.grad.clone()

@@ -153,7 +153,12 @@ def test_class_weight_is_a_buffer(seed):
 def test_defaults():
     m = LinearCrossEntropyLoss(4, 6)
     assert (m.num_classes, m.out_features, m.reduction, m.ignore_index, m.label_smoothing, m.options) == (
-        6, (), "mean", None, 0.0, None
+        6,
+        (),
+        "mean",
+        None,
+        0.0,
+        None,
     )
     assert m.linear.bias is None
     assert m.extra_repr() == (
@@ -170,9 +175,17 @@ def test_options_attribute(cfg, reduction, seed):
     f, c, out, bias = cfg
     torch.manual_seed(seed)
     opts = LinearCrossEntropyOptions(backend="chunked", batch_chunk_size=3, allow_retain_graph=True)
-    m = LinearCrossEntropyLoss(f, c, out_features=out, bias=bias, weight=torch.rand(c, dtype=torch.float64) + 0.5,
-                               reduction=reduction,
-                               label_smoothing=0.1, options=opts, dtype=torch.float64)
+    m = LinearCrossEntropyLoss(
+        f,
+        c,
+        out_features=out,
+        bias=bias,
+        weight=torch.rand(c, dtype=torch.float64) + 0.5,
+        reduction=reduction,
+        label_smoothing=0.1,
+        options=opts,
+        dtype=torch.float64,
+    )
     assert m.options is opts
     assert "options" not in m.state_dict() and not any("options" in k for k in m.state_dict())
     assert f"options={opts}" in m.extra_repr()

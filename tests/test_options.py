@@ -61,8 +61,11 @@ def test_fields_match_torch():
     # Positional construction in PyTorch's field order gives the same settings.
     args = (True, 64, None, "balanced", torch.float32)
     for name, value in zip(TORCH_FIELDS, args):
-        assert getattr(LinearCrossEntropyOptions(*args), name) == getattr(torch.nn.LinearCrossEntropyOptions(*args),
-                                                                           name) == value
+        assert (
+            getattr(LinearCrossEntropyOptions(*args), name)
+            == getattr(torch.nn.LinearCrossEntropyOptions(*args), name)
+            == value
+        )
 
 
 def test_frozen():
@@ -159,10 +162,12 @@ def test_backend_values(backend):
 
 @requires_torch_options
 @settings(max_examples=300)
-@given(st.one_of(
-    st.text(alphabet="aspect_ratio:0123456789-+ x.", max_size=16),
-    st.builds(lambda k: f"aspect_ratio:{k}", st.text(alphabet="0123456789-+x ", max_size=4)),
-))
+@given(
+    st.one_of(
+        st.text(alphabet="aspect_ratio:0123456789-+ x.", max_size=16),
+        st.builds(lambda k: f"aspect_ratio:{k}", st.text(alphabet="0123456789-+x ", max_size=4)),
+    )
+)
 def test_chunking_method_validation_agrees_with_torch(method):
     assert _raises(LinearCrossEntropyOptions, chunking_method=method) == _raises(
         torch.nn.LinearCrossEntropyOptions, chunking_method=method
@@ -174,8 +179,9 @@ def test_chunking_method_validation_agrees_with_torch(method):
 
 
 def _resolve(options, n=1024, f=64, c=1000, dtype=torch.float32, device="cpu", backend="chunked"):
-    return resolve(options, backend=backend, num_rows=n, in_features=f, num_classes=c, dtype=dtype,
-                   device=torch.device(device))
+    return resolve(
+        options, backend=backend, num_rows=n, in_features=f, num_classes=c, dtype=dtype, device=torch.device(device)
+    )
 
 
 def aspect_ratio_rows(n: int, f: int, c: int, k: int) -> int:
@@ -261,8 +267,12 @@ def test_no_chunking_method_means_one_chunk():
 
 def test_disagreeing_batch_chunk_size_and_method():
     n, f, c = 1000, 64, 1000  # aspect_ratio -> 64 rows
-    assert _resolve(LinearCrossEntropyOptions(batch_chunk_size=64, chunking_method="aspect_ratio"),
-                    n=n, f=f, c=c).batch_chunk_size == 64
+    assert (
+        _resolve(
+            LinearCrossEntropyOptions(batch_chunk_size=64, chunking_method="aspect_ratio"), n=n, f=f, c=c
+        ).batch_chunk_size
+        == 64
+    )
     with pytest.raises(ValueError, match=r"batch_chunk_size \(=32\) and chunking_method \('aspect_ratio'\)"):
         _resolve(LinearCrossEntropyOptions(batch_chunk_size=32, chunking_method="aspect_ratio"), n=n, f=f, c=c)
 
@@ -307,16 +317,27 @@ def test_acc_dtype_on_a_device_without_mixed_precision():
         assert _resolve(LinearCrossEntropyOptions(), dtype=torch.bfloat16, device="cuda").acc_dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("acc_dtype,dtype", [(torch.float16, torch.float32), (torch.float64, torch.float32),
-                                             (torch.float32, torch.float64), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "acc_dtype,dtype",
+    [
+        (torch.float16, torch.float32),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float16),
+    ],
+)
 def test_unsupported_acc_dtype_raises(acc_dtype, dtype, seed):
     """Mixed precision means fp16/bf16 input with fp32 accumulation; anything else is PyTorch's RuntimeError."""
     with pytest.raises(RuntimeError, match="acc_dtype"):
         _resolve(LinearCrossEntropyOptions(acc_dtype=acc_dtype), dtype=dtype)
     case = make_case(6, 4, 5, dtype=dtype, seed=seed)
     with pytest.raises(RuntimeError, match="acc_dtype"):
-        linear_cross_entropy(case.input, case.linear_weight, case.target,
-                             options=LinearCrossEntropyOptions(backend="chunked", acc_dtype=acc_dtype))
+        linear_cross_entropy(
+            case.input,
+            case.linear_weight,
+            case.target,
+            options=LinearCrossEntropyOptions(backend="chunked", acc_dtype=acc_dtype),
+        )
 
 
 @requires_torch_options
@@ -333,12 +354,18 @@ def test_unsupported_acc_dtype_raises(acc_dtype, dtype, seed):
     acc_dtype=st.sampled_from([None, torch.float32]),
     allow_retain_graph=st.booleans(),
 )
-def test_resolution_agrees_with_torch(n, f, c, device, dtype, acc_policy, chunking_method, batch_chunk_size,
-                                      acc_dtype, allow_retain_graph):
+def test_resolution_agrees_with_torch(
+    n, f, c, device, dtype, acc_policy, chunking_method, batch_chunk_size, acc_dtype, allow_retain_graph
+):
     """Chunk size, acc_dtype, acc_policy and errors as PyTorch's ``_adjust``, except our CPU low-precision "auto"
     policy ("balanced" where PyTorch picks "accurate")."""
-    kwargs = dict(allow_retain_graph=allow_retain_graph, batch_chunk_size=batch_chunk_size,
-                  chunking_method=chunking_method, acc_policy=acc_policy, acc_dtype=acc_dtype)
+    kwargs = dict(
+        allow_retain_graph=allow_retain_graph,
+        batch_chunk_size=batch_chunk_size,
+        chunking_method=chunking_method,
+        acc_policy=acc_policy,
+        acc_dtype=acc_dtype,
+    )
     dev = torch.device(device)
     try:
         theirs = torch.nn.LinearCrossEntropyOptions(**kwargs)._adjust(n, f, c, dtype, dev)
@@ -371,12 +398,14 @@ def test_fused_on_cpu_falls_back_with_one_warning(seed):
     """A backend that cannot serve the call falls back with one UserWarning naming why — same results."""
     case = make_case(9, 4, 6, bias=True, seed=seed)
     with pytest.warns(UserWarning, match="fused") as record:
-        fused = forward_backward(linear_cross_entropy, case,
-                                 options=LinearCrossEntropyOptions(backend="fused", batch_chunk_size=4))
+        fused = forward_backward(
+            linear_cross_entropy, case, options=LinearCrossEntropyOptions(backend="fused", batch_chunk_size=4)
+        )
     assert len([w for w in record if issubclass(w.category, UserWarning)]) == 1
     assert "cpu" in str(record[0].message).lower()
-    chunked = forward_backward(linear_cross_entropy, case,
-                               options=LinearCrossEntropyOptions(backend="chunked", batch_chunk_size=4))
+    chunked = forward_backward(
+        linear_cross_entropy, case, options=LinearCrossEntropyOptions(backend="chunked", batch_chunk_size=4)
+    )
     assert_identical(fused, chunked)
 
 
@@ -393,5 +422,7 @@ def test_defaults_of_our_fields_change_nothing(seed):
     case = make_case(9, 4, 6, bias=True, class_weight=True, seed=seed)
     ours = LinearCrossEntropyOptions(**{name: getattr(LinearCrossEntropyOptions(), name) for name in TORCH_FIELDS})
     assert ours == LinearCrossEntropyOptions()
-    assert_identical(forward_backward(linear_cross_entropy, case, options=ours),
-                     forward_backward(linear_cross_entropy, case, options=LinearCrossEntropyOptions()))
+    assert_identical(
+        forward_backward(linear_cross_entropy, case, options=ours),
+        forward_backward(linear_cross_entropy, case, options=LinearCrossEntropyOptions()),
+    )

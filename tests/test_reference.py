@@ -57,8 +57,20 @@ def _torch(*args, **kwargs):
 def test_reference_grid(cfg, shape, reduction, device, seed):
     probs, cw, ii, ls, bias = cfg
     n, f, c, out = SHAPES[shape]
-    case = make_case(n, f, c, out, probs=probs, bias=bias, class_weight=cw, ignore_index=ii, label_smoothing=ls,
-                     reduction=reduction, device=device, seed=seed)
+    case = make_case(
+        n,
+        f,
+        c,
+        out,
+        probs=probs,
+        bias=bias,
+        class_weight=cw,
+        ignore_index=ii,
+        label_smoothing=ls,
+        reduction=reduction,
+        device=device,
+        seed=seed,
+    )
     ours = forward_backward(_ours, case)
     assert_identical(ours, forward_backward(oracle_loss, case), "vs cross_entropy(linear)")
     if HAS_TORCH_LCE:
@@ -71,12 +83,35 @@ def test_reference_grid(cfg, shape, reduction, device, seed):
 @pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
 def test_reference_noncontiguous(probs, shape, layout, device, seed):
     n, f, c, out = SHAPES[shape]
-    case = make_case(n, f, c, out, probs=probs, bias=True, class_weight=True, label_smoothing=0.1,
-                     reduction="sum", layout=layout, device=device, seed=seed)
+    case = make_case(
+        n,
+        f,
+        c,
+        out,
+        probs=probs,
+        bias=True,
+        class_weight=True,
+        label_smoothing=0.1,
+        reduction="sum",
+        layout=layout,
+        device=device,
+        seed=seed,
+    )
     assert not case.linear_weight.is_contiguous()
     assert not case.input.is_contiguous() or (layout == "transposed" and case.input.dim() == 1)
-    dense = make_case(n, f, c, out, probs=probs, bias=True, class_weight=True, label_smoothing=0.1,
-                      reduction="sum", device=device, seed=seed)
+    dense = make_case(
+        n,
+        f,
+        c,
+        out,
+        probs=probs,
+        bias=True,
+        class_weight=True,
+        label_smoothing=0.1,
+        reduction="sum",
+        device=device,
+        seed=seed,
+    )
     ours = forward_backward(_ours, case)
     assert_identical(ours, forward_backward(oracle_loss, case), "vs cross_entropy(linear)")
     # Layout changes nothing but the float summation order of the GEMMs.
@@ -91,8 +126,7 @@ def test_reference_noncontiguous(probs, shape, layout, device, seed):
 @pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
 def test_reference_low_precision_identical(dtype, probs, seed):
     """Same ops as PyTorch, so identical in every dtype, not only float64."""
-    case = make_case(8, 16, 11, probs=probs, bias=True, class_weight=True, label_smoothing=0.2, dtype=dtype,
-                     seed=seed)
+    case = make_case(8, 16, 11, probs=probs, bias=True, class_weight=True, label_smoothing=0.2, dtype=dtype, seed=seed)
     ours = forward_backward(_ours, case)
     assert ours[0].dtype == dtype and ours[1].dtype == dtype and ours[2].dtype == dtype
     assert_identical(ours, forward_backward(oracle_loss, case))

@@ -100,7 +100,9 @@ def linear_cross_entropy(
         device=x.device,
     )
     if backend == "fused":  # 2-D weight, index targets: the tensors go in as they are (no views to backprop through)
-        loss = fused.linear_cross_entropy_fused(x, linear_weight, linear_bias, target.reshape(-1).long(), weight, lp, ro)
+        loss = fused.linear_cross_entropy_fused(
+            x, linear_weight, linear_bias, target.reshape(-1).long(), weight, lp, ro
+        )
     else:  # normalised to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K)
         k = shape.positions
         w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
@@ -129,5 +131,7 @@ def _choose_backend(options: LinearCrossEntropyOptions, lp: LossParams, shape, x
     if reason is None:
         return "fused"
     if options.backend == "fused":
-        warnings.warn(f"linear_cross_entropy: backend='fused' unsupported here ({reason}); using 'chunked'.", stacklevel=3)
+        warnings.warn(
+            f"linear_cross_entropy: backend='fused' unsupported here ({reason}); using 'chunked'.", stacklevel=3
+        )
     return "chunked"

@@ -83,8 +83,7 @@ class LinearCrossEntropyOptions:
             if _aspect_ratio_factor(self.chunking_method) is None:
                 raise ValueError(f"invalid chunking_method: {self.chunking_method!r}")
         if not (
-            self.batch_chunk_size is None
-            or (isinstance(self.batch_chunk_size, int) and self.batch_chunk_size > 0)
+            self.batch_chunk_size is None or (isinstance(self.batch_chunk_size, int) and self.batch_chunk_size > 0)
         ):
             raise ValueError(f"batch_chunk_size must be positive int or None, got {self.batch_chunk_size!r}")
         if self.acc_dtype is not None and self.acc_dtype not in _ACC_DTYPES:

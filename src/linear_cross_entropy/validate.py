@@ -92,7 +92,9 @@ def check_call(
         if weight.dtype != input.dtype:
             raise RuntimeError(f"expected weight (class weights) dtype {input.dtype}, got {weight.dtype}")
         if weight.device != input.device:
-            raise RuntimeError(f"expected weight (class weights) on the device of input ({input.device}), got {weight.device}")
+            raise RuntimeError(
+                f"expected weight (class weights) on the device of input ({input.device}), got {weight.device}"
+            )
     if target.device != input.device:
         raise RuntimeError(f"expected target on the device of input ({input.device}), got {target.device}")
 
@@ -114,7 +116,9 @@ def check_call(
 def _check_index_target(target: torch.Tensor, input: torch.Tensor, out_features: tuple[int, ...]) -> None:
     expected = (*input.shape[:-1], *out_features)
     if input.dim() == 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
-        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}).")
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+        )
     # An unbatched input with a (1,) target is accepted by the reference; it is routed there.
     if tuple(target.shape) != expected and not (input.dim() == 1 and tuple(target.shape) == (1,)):
         raise RuntimeError(

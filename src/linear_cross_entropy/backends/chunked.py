@@ -170,7 +170,11 @@ def _sweep(
             for b0 in range(0, stop - start, block):
                 b1 = min(b0 + block, stop - start)
                 z_b = z[b0:b1].to(acc)  # a view when the GEMM ran in acc_dtype
-                t_b = target[start + b0 : start + b1, :, pos] if lp.target_is_probs else target[start + b0 : start + b1, pos]
+                t_b = (
+                    target[start + b0 : start + b1, :, pos]
+                    if lp.target_is_probs
+                    else target[start + b0 : start + b1, pos]
+                )
                 s_b = None if row_scale is None else row_scale[start + b0 : start + b1, pos]
                 loss_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b)
                 losses[start + b0 : start + b1, pos] = loss_b
@@ -223,7 +227,9 @@ class _ChunkedFunction(torch.autograd.Function):
             _, (gx, gw, gb) = _sweep(x, w, b, target, cw, ctx.lp, ctx.ro, row_scale, ctx.grads)
             return gx, gw, gb, None, None, None, None, None
         in_place = not ctx.ro.allow_retain_graph
-        out = tuple(None if g is None else (g.mul_(grad_out) if in_place else g * grad_out) for g in take_saved_grads(ctx))
+        out = tuple(
+            None if g is None else (g.mul_(grad_out) if in_place else g * grad_out) for g in take_saved_grads(ctx)
+        )
         return (*out, None, None, None, None, None)
 
 

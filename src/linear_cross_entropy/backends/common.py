@@ -24,7 +24,9 @@ def stat_dtype(acc_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if acc_dtype == torch.float64 else torch.float32
 
 
-def row_scale_for_reduction(target, class_weight, lp: LossParams, k: int, sdt) -> tuple[torch.Tensor, torch.Tensor | None]:
+def row_scale_for_reduction(
+    target, class_weight, lp: LossParams, k: int, sdt
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For the scalar reductions: the per-row share of an upstream gradient of 1, and the mean's denominator."""
     if lp.target_is_probs:
         n = target.shape[0]

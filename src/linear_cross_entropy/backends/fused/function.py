@@ -44,7 +44,9 @@ class _FusedFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.lp.reduction == "none":
             x, w, b, target, class_weight = ctx.saved_tensors
-            _, _, (gx, gw, gb) = fused_sweep(x, w, b, target, class_weight, ctx.lp, ctx.ro, grad_out.float(), *ctx.wants)
+            _, _, (gx, gw, gb) = fused_sweep(
+                x, w, b, target, class_weight, ctx.lp, ctx.ro, grad_out.float(), *ctx.wants
+            )
             grads = (gx, None if gw is None else gw.to(ctx.w_dtype), None if gb is None else gb.to(b.dtype))
             return (*grads, None, None, None, None, None)
         if ctx.deferred:

@@ -68,8 +68,10 @@ def input_grad_gemm(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> tor
     if len(parts) == 1:
         return torch.mm(dz, w, out=out)
     fp32_sum = out.dtype in (torch.float16, torch.bfloat16) and _has_out_dtype_mm(out.device)
-    acc = torch.mm(dz[:, parts[0]], w[parts[0]], out_dtype=torch.float32) if fp32_sum else torch.mm(
-        dz[:, parts[0]], w[parts[0]], out=out
+    acc = (
+        torch.mm(dz[:, parts[0]], w[parts[0]], out_dtype=torch.float32)
+        if fp32_sum
+        else torch.mm(dz[:, parts[0]], w[parts[0]], out=out)
     )
     for part in parts[1:]:
         if fp32_sum:
