@@ -160,8 +160,13 @@ def test_reference_signature_matches_torch():
 
     ours = inspect.signature(linear_cross_entropy)
     theirs = inspect.signature(F.linear_cross_entropy)
-    assert list(ours.parameters) == list(theirs.parameters)
-    for name, p in ours.parameters.items():
-        q = theirs.parameters[name]
+    # PyTorch's parameters first, in order; ours after them, keyword-only and off by default.
+    extras = {"z_loss": 0.0, "logit_scale": 1.0, "logit_softcap": None, "return_metrics": False}
+    assert list(ours.parameters) == list(theirs.parameters) + list(extras)
+    for name, default in extras.items():
+        assert ours.parameters[name].kind == inspect.Parameter.KEYWORD_ONLY
+        assert ours.parameters[name].default == default
+    for name, q in theirs.parameters.items():
+        p = ours.parameters[name]
         assert p.kind == q.kind, name
         assert p.default == q.default, name

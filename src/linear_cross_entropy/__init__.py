@@ -2,7 +2,15 @@
 
 from ._version import __version__
 from .functional import linear_cross_entropy
+from .metrics import LinearCrossEntropyOutput, LossMetrics
 from .module import LinearCrossEntropyLoss
 from .options import LinearCrossEntropyOptions
 
-__all__ = ["LinearCrossEntropyLoss", "LinearCrossEntropyOptions", "linear_cross_entropy", "__version__"]
+__all__ = [
+    "LinearCrossEntropyLoss",
+    "LinearCrossEntropyOptions",
+    "LinearCrossEntropyOutput",
+    "LossMetrics",
+    "linear_cross_entropy",
+    "__version__",
+]

@@ -7,14 +7,16 @@ results and errors for every argument combination.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
 from . import validate
 from .backends import chunked, fused
-from .backends.common import LossParams
-from .backends.reference import linear_cross_entropy_reference
+from .backends.common import LossParams, keep_mask, summarize_metrics
+from .backends.reference import linear_cross_entropy_reference, reference_with_extras
+from .metrics import LinearCrossEntropyOutput, LossMetrics
 from .options import LinearCrossEntropyOptions, resolve
 
 __all__ = ["linear_cross_entropy"]
@@ -31,11 +33,16 @@ def linear_cross_entropy(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     options: LinearCrossEntropyOptions | None = None,
-) -> torch.Tensor:
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    return_metrics: bool = False,
+) -> torch.Tensor | LinearCrossEntropyOutput:
     r"""Cross entropy of ``input @ linear_weight.T + linear_bias`` against ``target``, without holding the logits.
 
     Same signature, defaults, results and errors as PyTorch 2.13's ``torch.nn.functional.linear_cross_entropy``;
-    ``options=None`` is that function's reference path.
+    ``options=None`` is that function's reference path. The four keyword arguments after ``options`` are ours and
+    default to off (a call that uses none of them is exactly PyTorch's).
 
     Args:
         input: ``(F,)`` or ``(N, F)`` floating point.
@@ -49,14 +56,22 @@ def linear_cross_entropy(
             probabilities).
         label_smoothing: in ``[0, 1]``.
         options: None for the reference path; a :class:`LinearCrossEntropyOptions` for the chunked/fused paths.
+        z_loss: ``λ >= 0``: adds ``λ·lse²`` per row that takes part, reduced like the loss (the mean divides by the
+            number of such rows); gradient ``2λ·lse·softmax``.
+        logit_scale: ``a``: the loss sees ``a·(x·Wᵀ + b)`` (temperature, muP output multiplier).
+        logit_softcap: ``c > 0`` or None: the loss sees ``c·tanh(z/c)`` (Gemma 2), after the scale.
+        return_metrics: also return :class:`LossMetrics` computed in the same pass (see :mod:`.metrics`).
 
     Returns:
         A scalar for ``"mean"``/``"sum"``; ``()``, ``(N,)`` or ``(N, d1, ..., dK)`` for ``"none"``; in the dtype of
-        ``input``.
+        ``input`` (fp32 under autocast, as ``cross_entropy``; ``options.loss_dtype`` when set). With
+        ``return_metrics``, a :class:`LinearCrossEntropyOutput` ``(loss, metrics)``.
     """
     shape = validate.check_call(
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing
     )
+    validate.check_extras(z_loss, logit_scale, logit_softcap)
+    extras = bool(z_loss) or logit_scale != 1.0 or logit_softcap is not None or return_metrics
     reference_kwargs = dict(
         linear_bias=linear_bias,
         weight=weight,
@@ -64,11 +79,24 @@ def linear_cross_entropy(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
     )
-    if options is None or (not shape.batched and tuple(target.shape) == (1,)):
+    if not extras and (options is None or (not shape.batched and tuple(target.shape) == (1,))):
         # The reference's own quirk (a (1,) target for an unbatched input) is served by the reference itself.
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
 
-    if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
+    lp = LossParams(
+        reduction=reduction,
+        ignore_index=-100 if ignore_index is None else ignore_index,
+        label_smoothing=float(label_smoothing) if label_smoothing > 0 else 0.0,
+        target_is_probs=shape.target_is_probs,
+        z_loss=float(z_loss),
+        logit_scale=float(logit_scale),
+        logit_softcap=float(logit_softcap or 0.0),
+        metrics=return_metrics,
+    )
+    differentiable_target = torch.is_grad_enabled() and (
+        target.requires_grad or (weight is not None and weight.requires_grad)
+    )
+    if options is not None and differentiable_target and not extras:
         # Gradients no backend computes: the reference differentiates probability targets (and their class
         # weights) and raises for class weights that require grad with index targets. It serves the call.
         if shape.target_is_probs:
@@ -78,17 +106,49 @@ def linear_cross_entropy(
                 stacklevel=2,
             )
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
-
-    lp = LossParams(
-        reduction=reduction,
-        ignore_index=-100 if ignore_index is None else ignore_index,
-        label_smoothing=float(label_smoothing) if label_smoothing > 0 else 0.0,
-        target_is_probs=shape.target_is_probs,
-    )
-    if not shape.target_is_probs:
+    if not shape.target_is_probs and options is not None:
         validate.check_target_range(target, shape.num_classes, lp.ignore_index)
 
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if shape.target_is_probs else input.dtype
+    device_type = input.device.type
+    autocasting = options is not None and _autocast_enabled(device_type)
+    if autocasting:
+        # As cross_entropy(linear(x)) under autocast: the GEMMs in the autocast dtype, the loss and its reductions
+        # in fp32, gradients in the parameters' own dtypes (autograd casts them back through these casts).
+        cast = torch.get_autocast_dtype(device_type)
+        input, linear_weight = input.to(cast), linear_weight.to(cast)
+        linear_bias = None if linear_bias is None else linear_bias.to(cast)
+        out_dtype = torch.float32
+
     x = input if shape.batched else input.unsqueeze(0)
+    k = shape.positions
+    if shape.target_is_probs:
+        t = target.reshape(shape.num_rows, shape.num_classes, k)
+    else:
+        t = target.reshape(shape.num_rows, k).long()
+    with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
+        if options is None:  # the reference path with our additions
+            w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
+            b = None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
+            loss, lse, stats = reference_with_extras(x, w, b, t, weight, lp)
+        else:
+            loss, lse, stats = _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight)
+    if options is not None and options.loss_dtype is not None:
+        out_dtype = options.loss_dtype
+    loss = loss.to(out_dtype)
+    if reduction == "none":
+        loss = loss.reshape((*input.shape[:-1], *shape.out_features))
+    if not return_metrics:
+        return loss
+    keep = keep_mask(t, lp)
+    metrics = summarize_metrics(stats.reshape(*lse.shape, -1).float(), lse.float(), keep, lp)
+    if reduction == "none":
+        metrics = {name: value.reshape(loss.shape) for name, value in metrics.items()}
+    return LinearCrossEntropyOutput(loss, LossMetrics(**metrics))
+
+
+def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight):
+    """Resolve the options on the chosen backend and run it: ``(loss, lse (N, K), stats)``."""
     backend = _choose_backend(options, lp, shape, x)
     ro = resolve(
         options,
@@ -100,24 +160,18 @@ def linear_cross_entropy(
         device=x.device,
     )
     if backend == "fused":  # 2-D weight, index targets: the tensors go in as they are (no views to backprop through)
-        loss = fused.linear_cross_entropy_fused(
-            x, linear_weight, linear_bias, target.reshape(-1).long(), weight, lp, ro
-        )
-    else:  # normalised to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K)
-        k = shape.positions
-        w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
-        b = None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
-        if shape.target_is_probs:
-            t = target.reshape(shape.num_rows, shape.num_classes, k)
-        else:
-            t = target.reshape(shape.num_rows, k).long()
-        loss = chunked.linear_cross_entropy_chunked(x, w, b, t, weight, lp, ro)
+        return fused.linear_cross_entropy_fused(x, linear_weight, linear_bias, t[:, 0], weight, lp, ro)
+    k = shape.positions  # normalised to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K)
+    w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
+    b = None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
+    return chunked.linear_cross_entropy_chunked(x, w, b, t, weight, lp, ro)
 
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if shape.target_is_probs else input.dtype
-    loss = loss.to(options.loss_dtype or out_dtype)
-    if reduction == "none":
-        loss = loss.reshape((*input.shape[:-1], *shape.out_features))
-    return loss
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 without the device argument
+        return device_type == "cuda" and torch.is_autocast_enabled()
 
 
 def _choose_backend(options: LinearCrossEntropyOptions, lp: LossParams, shape, x: torch.Tensor) -> str:

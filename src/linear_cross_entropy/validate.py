@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["CallShape", "check_call", "check_target_range", "REDUCTIONS"]
+__all__ = ["CallShape", "check_call", "check_extras", "check_target_range", "REDUCTIONS"]
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -143,3 +143,13 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+def check_extras(z_loss: float, logit_scale: float, logit_softcap: float | None) -> None:
+    """ValueError naming the argument for a z-loss, logit scale or soft-cap outside its domain."""
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale!r}")
+    if logit_softcap is not None and not (math.isfinite(logit_softcap) and logit_softcap > 0):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")

@@ -14,8 +14,12 @@ Class probabilities ``P``, with ``P' = (1−ε)·P + ε/C`` and ``q = w ⊙ P'``
     ℓ = Σ_c q_c·(lse − z_c),     ∂ℓ/∂z = (Σ_c q_c)·p − q
 
 A row's gradient is ``s·∂ℓ/∂z`` with ``s`` the row's share of the upstream gradient (``1/Σ m·w_y`` for index
-mean, ``1/(N·K)`` for probability mean, 1 for sum, the per-row upstream value for ``none``), and then
-``grad_input = dz·W``, ``grad_weight = dzᵀ·x``, ``grad_bias = Σ_rows dz``.
+mean, ``1/(N·K)`` for probability mean, 1 for sum, the per-row upstream value for ``none``), plus the z-loss's
+``s_z·2λ·lse·p`` (``s_z = m/Σ m`` for mean), and then ``grad_input = dr·W``, ``grad_weight = drᵀ·x``,
+``grad_bias = Σ_rows dr``.
+
+Logit scale ``a`` and soft-capping ``c`` act between the GEMM's ``r = x·Wᵀ + b`` and the loss:
+``z = c·tanh(a·r/c)``, so ``dr = dz·a·(1 − tanh²(a·r/c))`` (``dr = a·dz`` without capping).
 
 For the scalar reductions the gradient is linear in the (scalar) upstream gradient, so forward computes the
 gradients for an upstream gradient of 1 in the same sweep as the loss, and backward only scales them — two GEMM
@@ -30,29 +34,44 @@ import dataclasses
 import torch
 
 from ..options import ResolvedOptions
-from .common import LossParams, reduce_total, row_scale_for_reduction, stat_dtype, take_saved_grads
+from .common import STATS, LossParams, keep_mask, reduce_total, row_scales, stat_dtype, take_saved_grads
 
 __all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad"]
 
 
 def chunk_loss_and_grad(
-    z: torch.Tensor,  # (r, C) logits in the accumulation dtype; consumed (holds softmax, then dz, afterwards)
+    raw: torch.Tensor,  # (r, C) GEMM output (x·Wᵀ + b) in the accumulation dtype; consumed (dr afterwards)
     target: torch.Tensor,  # (r,) int64 indices or (r, C) probabilities
     class_weight: torch.Tensor | None,  # (C,) in the stats dtype
     lp: LossParams,
-    row_scale: torch.Tensor | None,  # (r,) upstream share per row (stats dtype), or None for loss only
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss ``(r,)`` in the stats dtype and, when ``row_scale`` is given, ``dz`` (in ``z``'s storage).
+    ce_scale: torch.Tensor | None,  # (r,) upstream share per row (stats dtype), or None for loss only
+    z_scale: torch.Tensor | None,  # (r,) the z-loss's share per row, with ce_scale
+):
+    """Per-row cross entropy ``(r,)``, lse ``(r,)`` and statistics ``(r, len(STATS))`` (or None), in the stats
+    dtype, and, when ``ce_scale`` is given, ``dr`` in ``raw``'s storage (else None).
 
-    The softmax is formed in place (``z ← exp(z − m)``, ``m`` the row max) so a chunk needs no second ``(r, C)``
+    The softmax is formed in place (``z ← exp(z − m)``, ``m`` the row max) so a block needs no second ``(r, C)``
     temporary, and ``lse − z_y`` is taken as ``(m − z_y) + log Σ exp(z − m)``, which keeps small losses next to
     large logits exact.
     """
-    num_classes = z.shape[1]
-    sdt = stat_dtype(z.dtype)
+    num_classes = raw.shape[1]
+    sdt = stat_dtype(raw.dtype)
     eps = lp.label_smoothing if lp.label_smoothing > 0 else 0.0
+    want_grad = ce_scale is not None
+    z = raw if lp.logit_scale == 1.0 else raw.mul_(lp.logit_scale)
+    tanh = None
+    if lp.logit_softcap:
+        z = z.div_(lp.logit_softcap).tanh_()
+        tanh = z.clone() if want_grad else None  # for the chain rule: 1 − tanh²
+        z = z.mul_(lp.logit_softcap)
     m = z.amax(dim=1).to(sdt)  # (r,)
+    stats = None
+    if lp.metrics:
+        predicted = z.argmax(dim=1)
+        norm = torch.linalg.vector_norm(z, dim=1, dtype=sdt)
+
     if lp.target_is_probs:
+        keep = None
         q = target.to(sdt)
         if eps:
             q = q * (1.0 - eps) + eps / num_classes
@@ -62,39 +81,62 @@ def chunk_loss_and_grad(
         zq = (z.to(sdt) * q).sum(dim=1)  # Σ_c q_c z_c
         e = _shifted_exp(z, m)
         sum_exp = e.sum(dim=1)
-        loss = q_sum * (m + sum_exp.log()) - zq
-        if row_scale is None:
-            return loss, None
-        dz = e.div_(sum_exp[:, None])
-        dz.mul_((row_scale * q_sum)[:, None]).sub_(q * row_scale[:, None])
-        return loss, _into(z, dz)
+        lse = m + sum_exp.log()
+        loss = q_sum * lse - zq
+        coef_target = None
+        if lp.metrics:
+            correct = predicted == target.argmax(dim=1)
+            log_prob = -loss
+    else:
+        keep = target != lp.ignore_index
+        in_range = (target >= 0) & (target < num_classes)
+        y = torch.where(keep & in_range, target, 0)
+        z_y = z.gather(1, y[:, None]).squeeze(1).to(sdt)
+        if eps:  # Σ_c w_c z_c, for the smoothing term
+            z_sum = (z.to(sdt) @ class_weight) if class_weight is not None else z.sum(dim=1, dtype=sdt)
+        w_y = class_weight[y] if class_weight is not None else torch.ones_like(m)
+        w_sum = class_weight.sum() if class_weight is not None else float(num_classes)
+        e = _shifted_exp(z, m)
+        sum_exp = e.sum(dim=1)
+        log_sum_exp = sum_exp.log()
+        lse = m + log_sum_exp
+        loss = (1.0 - eps) * w_y * ((m - z_y) + log_sum_exp)
+        if eps:
+            loss = loss + (eps / num_classes) * (w_sum * lse - z_sum)
+        bad = keep & ~in_range  # reachable only off the CPU, where the range check would sync
+        loss = torch.where(keep, loss, 0.0).masked_fill_(bad, float("nan"))
+        if lp.metrics:
+            correct = predicted == target
+            log_prob = z_y - lse
+    if lp.metrics:
+        p = e / sum_exp[:, None]
+        entropy = -torch.special.xlogy(p, p).sum(dim=1, dtype=sdt)
+        stats = torch.stack([m, entropy, norm, correct.to(sdt), log_prob], dim=1)
+    if not want_grad:
+        return loss, lse, stats, None
 
-    keep = target != lp.ignore_index
-    in_range = (target >= 0) & (target < num_classes)
-    y = torch.where(keep & in_range, target, 0)
-    z_y = z.gather(1, y[:, None]).squeeze(1).to(sdt)
-    if eps:  # Σ_c w_c z_c, for the smoothing term
-        z_sum = (z.to(sdt) @ class_weight) if class_weight is not None else z.sum(dim=1, dtype=sdt)
-    w_y = class_weight[y] if class_weight is not None else torch.ones_like(m)
-    w_sum = class_weight.sum() if class_weight is not None else float(num_classes)
-    e = _shifted_exp(z, m)
-    sum_exp = e.sum(dim=1)
-    log_sum_exp = sum_exp.log()
-    loss = (1.0 - eps) * w_y * ((m - z_y) + log_sum_exp)
-    if eps:
-        loss = loss + (eps / num_classes) * (w_sum * (m + log_sum_exp) - z_sum)
-    bad = keep & ~in_range  # reachable only off the CPU, where the range check would sync
-    loss = torch.where(keep, loss, 0.0).masked_fill_(bad, float("nan"))
-    if row_scale is None:
-        return loss, None
-    s = torch.where(keep, row_scale, 0.0).masked_fill_(bad, float("nan"))
-    coef = s * ((1.0 - eps) * w_y + (eps / num_classes) * w_sum)
-    dz = e.mul_((coef / sum_exp)[:, None])  # coef · p
-    dz.scatter_add_(1, y[:, None], (-(1.0 - eps) * s * w_y)[:, None].to(dz.dtype))
-    if eps:
-        w = class_weight if class_weight is not None else torch.ones((), dtype=sdt, device=z.device)
-        dz.sub_((s * (eps / num_classes))[:, None] * w)
-    return loss, _into(z, dz)
+    if keep is None:  # probabilities: every row takes part
+        s, s_z = ce_scale, z_scale
+        coef = s * q_sum
+    else:
+        s = torch.where(keep, ce_scale, 0.0).masked_fill_(bad, float("nan"))
+        s_z = torch.where(keep, z_scale, 0.0)
+        coef = s * ((1.0 - eps) * w_y + (eps / num_classes) * w_sum)
+    if lp.z_loss:
+        coef = coef + s_z * (2.0 * lp.z_loss) * lse
+    dz = e.mul_((coef / sum_exp)[:, None])  # (s·Σq + s_z·2λ·lse) · p
+    if keep is None:
+        dz.sub_(q * s[:, None])
+    else:
+        dz.scatter_add_(1, y[:, None], (-(1.0 - eps) * s * w_y)[:, None].to(dz.dtype))
+        if eps:
+            w = class_weight if class_weight is not None else torch.ones((), dtype=sdt, device=z.device)
+            dz.sub_((s * (eps / num_classes))[:, None] * w)
+    if tanh is not None:
+        dz.mul_(tanh.square_().neg_().add_(1.0))
+    if lp.logit_scale != 1.0:
+        dz.mul_(lp.logit_scale)
+    return loss, lse, stats, _into(raw, dz)
 
 
 def _shifted_exp(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -133,10 +175,11 @@ def _sweep(
     class_weight: torch.Tensor | None,  # (C,) stats dtype
     lp: LossParams,
     ro: ResolvedOptions,
-    row_scale: torch.Tensor | None,  # (N, K) stats dtype, or None for loss only
+    scales: tuple[torch.Tensor, torch.Tensor] | None,  # (cross entropy, z-loss) shares (N, K), or None: loss only
     grads: _Grads,
 ):
-    """One pass over (position, chunk): per-row losses ``(N, K)`` and, with ``row_scale``, the three gradients."""
+    """One pass over (position, chunk): per-row losses and lse ``(N, K)``, statistics ``(N, K, len(STATS))``
+    (or None) and, with ``scales``, the three gradients."""
     n, f = x.shape
     c, k, _ = w.shape
     acc, sdt = ro.acc_dtype, stat_dtype(ro.acc_dtype)
@@ -145,7 +188,9 @@ def _sweep(
     w_gemm = w.to(gemm_dtype)  # no copy unless "accurate" upcasts
     b_gemm = None if b is None else b.to(gemm_dtype)
     losses = torch.empty((n, k), dtype=sdt, device=x.device)
-    want = row_scale is not None
+    lse = torch.empty((n, k), dtype=sdt, device=x.device)
+    stats = torch.empty((n, k, len(STATS)), dtype=sdt, device=x.device) if lp.metrics else None
+    want = scales is not None
     grad_x = torch.zeros((n, f), dtype=x.dtype, device=x.device) if want and grads.input else None  # (N, F)
     # The weight gradient accumulates across chunks: in acc_dtype (a (C, K, F) scratch) unless "compact" or the
     # dtypes agree, in which case it accumulates in place in the parameter's dtype.
@@ -175,12 +220,17 @@ def _sweep(
                     if lp.target_is_probs
                     else target[start + b0 : start + b1, pos]
                 )
-                s_b = None if row_scale is None else row_scale[start + b0 : start + b1, pos]
-                loss_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b)
-                losses[start + b0 : start + b1, pos] = loss_b
+                rows_b = slice(start + b0, start + b1)
+                s_b = None if scales is None else scales[0][rows_b, pos]
+                s_z_b = None if scales is None else scales[1][rows_b, pos]
+                loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b, s_z_b)
+                losses[rows_b, pos] = loss_b
+                lse[rows_b, pos] = lse_b
+                if stats is not None:
+                    stats[rows_b, pos] = stats_b
                 if dz_b is not None and dz_b.data_ptr() != z.data_ptr() + b0 * z.stride(0) * z.element_size():
                     z[b0:b1] = dz_b
-            if row_scale is None:
+            if not want:
                 continue
             dz = z
             if grad_b is not None:
@@ -201,30 +251,38 @@ def _sweep(
         None if grad_w is None else grad_w.to(w.dtype),
         None if grad_b is None else grad_b.to(b.dtype),
     )
-    return losses, out
+    return losses, lse, stats, out
 
 
 class _ChunkedFunction(torch.autograd.Function):
+    """Outputs: the loss (scalar, or ``(N, K)`` for ``"none"``), lse ``(N, K)`` and the statistics (or an empty
+    tensor); only the loss is differentiable."""
+
     @staticmethod
     def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: _Grads):
         sdt = stat_dtype(ro.acc_dtype)
         cw = None if class_weight is None else class_weight.to(sdt)
-        k = w.shape[1]
         ctx.lp, ctx.ro, ctx.grads = lp, ro, grads
+        keep = keep_mask(target, lp)
         if lp.reduction == "none":
-            losses, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads)
+            losses, lse, stats, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads)
             ctx.save_for_backward(x, w, b, target, cw)
-            return losses
-        scale, denom = row_scale_for_reduction(target, cw, lp, k, sdt)
-        losses, ctx.saved_grads = _sweep(x, w, b, target, cw, lp, ro, scale if grads.any else None, grads)
-        return reduce_total(losses.sum(), denom, lp)
+            loss = reduce_total(losses, lse, keep, None, lp)
+        else:
+            scales = row_scales(target, cw, lp, sdt)
+            wanted = (scales.ce, scales.z) if grads.any else None
+            losses, lse, stats, ctx.saved_grads = _sweep(x, w, b, target, cw, lp, ro, wanted, grads)
+            loss = reduce_total(losses, lse, keep, scales, lp)
+        stats = lse.new_empty(0) if stats is None else stats
+        ctx.mark_non_differentiable(lse, stats)
+        return loss, lse, stats
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse, _grad_stats):
         if ctx.lp.reduction == "none":
             x, w, b, target, cw = ctx.saved_tensors
             row_scale = grad_out.to(stat_dtype(ctx.ro.acc_dtype))
-            _, (gx, gw, gb) = _sweep(x, w, b, target, cw, ctx.lp, ctx.ro, row_scale, ctx.grads)
+            _, _, _, (gx, gw, gb) = _sweep(x, w, b, target, cw, ctx.lp, ctx.ro, (row_scale, row_scale), ctx.grads)
             return gx, gw, gb, None, None, None, None, None
         in_place = not ctx.ro.allow_retain_graph
         out = tuple(
@@ -242,7 +300,8 @@ def linear_cross_entropy_chunked(
     lp: LossParams,
     ro: ResolvedOptions,
 ) -> torch.Tensor:
-    """Loss ``(N, K)`` for ``reduction="none"``, else a scalar, in the stats dtype (the caller casts)."""
+    """``(loss, lse, stats)``: loss ``(N, K)`` for ``reduction="none"``, else a scalar; lse ``(N, K)``; statistics
+    ``(N, K, len(STATS))`` with ``lp.metrics`` (else empty); all in the stats dtype (the caller casts)."""
     grad_mode = torch.is_grad_enabled()
     grads = _Grads(
         input=grad_mode and x.requires_grad,

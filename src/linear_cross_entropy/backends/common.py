@@ -1,12 +1,35 @@
-"""What every backend shares: the loss's settings, the reduction's per-row gradient shares, saved-gradient use."""
+"""What every backend shares: the loss's settings, the reductions (loss, z-loss, metrics), saved-gradient use.
+
+Per row (one loss position) every backend produces the cross-entropy term ``ℓ``, the logsumexp ``lse`` and, with
+metrics, five statistics; everything a reduction adds on top of those is computed here, once:
+
+- loss: ``reduce(ℓ) + λ·reduce_z(lse²)`` — the z-loss ``λ·lse²`` counts the rows that take part (targets not
+  ignored), and its mean divides by their number (the cross-entropy mean divides by ``Σ w_y``);
+- the per-row shares ``s`` (cross entropy) and ``s_z`` (z-loss) of an upstream gradient of 1, which the backends
+  fold into ``dz = s·∂ℓ/∂z + s_z·2λ·lse·p``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossParams", "stat_dtype", "row_scale_for_reduction", "reduce_total", "take_saved_grads"]
+__all__ = [
+    "LossParams",
+    "RowScales",
+    "STATS",
+    "stat_dtype",
+    "keep_mask",
+    "row_scales",
+    "reduce_total",
+    "summarize_metrics",
+    "take_saved_grads",
+]
+
+# The per-row statistics a backend writes when metrics are requested, in this order.
+STATS = ("max_logit", "entropy", "logit_norm", "accuracy", "log_prob")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +40,17 @@ class LossParams:
     ignore_index: int
     label_smoothing: float  # >= 0 (negative values behave as 0, as in the reference)
     target_is_probs: bool
+    z_loss: float = 0.0  # λ of λ·lse²
+    logit_scale: float = 1.0  # z = softcap(s·(x·Wᵀ + b))
+    logit_softcap: float = 0.0  # c of c·tanh(u/c); 0 = off
+    metrics: bool = False  # write the STATS per row
+
+
+class RowScales(NamedTuple):
+    ce: torch.Tensor  # (N, K) share of the upstream gradient in the cross-entropy term
+    z: torch.Tensor  # (N, K) share in the z-loss term
+    ce_denominator: torch.Tensor  # () what the cross-entropy mean divides by
+    z_denominator: torch.Tensor  # () what the z-loss mean divides by
 
 
 def stat_dtype(acc_dtype: torch.dtype) -> torch.dtype:
@@ -24,41 +58,76 @@ def stat_dtype(acc_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if acc_dtype == torch.float64 else torch.float32
 
 
-def row_scale_for_reduction(
-    target, class_weight, lp: LossParams, k: int, sdt
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """For the scalar reductions: the per-row share of an upstream gradient of 1, and the mean's denominator."""
+def keep_mask(target: torch.Tensor, lp: LossParams) -> torch.Tensor:
+    """(N, K) bool: the rows that take part (index targets not equal to ignore_index; every probability row)."""
     if lp.target_is_probs:
-        n = target.shape[0]
-        denom = torch.tensor(float(n * k), dtype=sdt, device=target.device)
-        scale = torch.ones((n, k), dtype=sdt, device=target.device)
+        return torch.ones((target.shape[0], target.shape[-1]), dtype=torch.bool, device=target.device)
+    return target != lp.ignore_index
+
+
+def row_scales(target, class_weight, lp: LossParams, sdt) -> RowScales:
+    """For the scalar reductions: each row's share of an upstream gradient of 1, and the means' denominators.
+
+    ``target`` is ``(N, K)`` indices or ``(N, C, K)`` probabilities; ``class_weight`` ``(C,)`` in ``sdt`` or None.
+    """
+    keep = keep_mask(target, lp)
+    keep_f = keep.to(sdt)
+    if lp.target_is_probs:
+        ce_denom = torch.tensor(float(keep.numel()), dtype=sdt, device=target.device)
+        w_y = keep_f
+    elif class_weight is None:
+        w_y = keep_f
+        ce_denom = w_y.sum()
     else:
-        keep = target != lp.ignore_index
-        if class_weight is None:
-            w_y = keep.to(sdt)
-        else:
-            y = torch.where(keep & (target >= 0) & (target < class_weight.shape[0]), target, 0)
-            w_y = torch.where(keep, class_weight[y], 0.0)
-        denom = w_y.sum()
-        scale = keep.to(sdt)
+        y = torch.where(keep & (target >= 0) & (target < class_weight.shape[0]), target, 0)
+        w_y = torch.where(keep, class_weight[y], 0.0)
+        ce_denom = w_y.sum()
+    z_denom = keep_f.sum()
     if lp.reduction == "mean":
         # Rows that take part get 1/denominator (inf, hence NaN gradients, when the weights sum to 0, as in the
         # reference); ignored rows get exactly 0, so an all-ignored batch has zero gradients and a NaN loss.
-        scale = scale / denom
-    return scale, denom
+        return RowScales(keep_f / ce_denom, keep_f / z_denom, ce_denom, z_denom)
+    return RowScales(keep_f, keep_f, ce_denom, z_denom)
 
 
-def reduce_total(total: torch.Tensor, denom: torch.Tensor, lp: LossParams) -> torch.Tensor:
-    """The scalar loss from the sum of per-row losses: ``total`` for sum, ``total / denom`` for mean.
+def reduce_total(
+    losses: torch.Tensor,  # (N, K) cross-entropy term per row
+    lse: torch.Tensor,  # (N, K)
+    keep: torch.Tensor,  # (N, K) bool
+    scales: RowScales | None,  # None for reduction "none"
+    lp: LossParams,
+) -> torch.Tensor:
+    """The loss: per row for ``"none"``, else the sum or the mean, with the z-loss added when ``λ > 0``.
 
     The reference divides its NLL and smoothing terms by the denominator separately, so index targets whose class
-    weights sum to 0 give 0/0 = NaN, also where smoothing makes ``total`` non-zero (``total / 0`` would be inf).
+    weights sum to 0 give 0/0 = NaN, also where smoothing makes the total non-zero (``total / 0`` would be inf).
     """
-    if lp.reduction != "mean":
-        return total
-    if lp.target_is_probs:
-        return total / denom
-    return (total / denom).masked_fill(denom == 0, float("nan"))
+    z_rows = lp.z_loss * lse.square() * keep if lp.z_loss else None
+    if lp.reduction == "none":
+        return losses if z_rows is None else losses + z_rows
+    total = losses.sum()
+    if lp.reduction == "mean":
+        total = total / scales.ce_denominator
+        if not lp.target_is_probs:
+            total = total.masked_fill(scales.ce_denominator == 0, float("nan"))
+    if z_rows is not None:
+        z_total = z_rows.sum()
+        total = total + (z_total / scales.z_denominator if lp.reduction == "mean" else z_total)
+    return total
+
+
+def summarize_metrics(stats: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor, lp: LossParams) -> dict:
+    """The metrics as tensors: per row for ``"none"``, else means over the rows that take part.
+
+    ``stats`` is ``(N, K, len(STATS))``; the z value is the logsumexp, the z-loss term ``λ·lse²``.
+    """
+    fields = {name: stats[..., i] for i, name in enumerate(STATS)}
+    fields["lse"] = lse
+    fields["z_loss"] = lp.z_loss * lse.square()
+    if lp.reduction == "none":
+        return {k: torch.where(keep, v, 0.0) if k in ("accuracy", "log_prob", "z_loss") else v for k, v in fields.items()}
+    count = keep.sum()
+    return {k: torch.where(keep, v, 0.0).sum() / count for k, v in fields.items()}
 
 
 def take_saved_grads(ctx) -> tuple:

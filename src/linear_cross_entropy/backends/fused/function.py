@@ -13,39 +13,48 @@ from __future__ import annotations
 import torch
 
 from ...options import ResolvedOptions
-from ..common import LossParams, reduce_total, row_scale_for_reduction, take_saved_grads
+from ..common import LossParams, keep_mask, reduce_total, row_scales, take_saved_grads
 from .launch import deferred_grads, fused_sweep, scale_cast
 
 __all__ = ["linear_cross_entropy_fused"]
 
 
 class _FusedFunction(torch.autograd.Function):
+    """Outputs: the loss (scalar, or ``(N, 1)`` for ``"none"``), lse ``(N, 1)`` and the statistics ``(N, 1, 5)``
+    (or an empty tensor); only the loss is differentiable."""
+
     @staticmethod
     def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, wants: tuple):
         ctx.lp, ctx.ro, ctx.wants, ctx.w_dtype = lp, ro, wants, w.dtype
+        ctx.deferred = False
+        keep = keep_mask(target[:, None], lp)
         if lp.reduction == "none":
-            losses, _, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, *wants)
+            losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, *wants)
             ctx.save_for_backward(x, w, b, target, class_weight)
-            return losses
-        row_scale, denom = row_scale_for_reduction(
-            target[:, None], None if class_weight is None else class_weight.float(), lp, 1, torch.float32
-        )
-        ctx.deferred = ro.batch_chunk_size >= x.shape[0] and any(wants)
-        losses, _, grads = fused_sweep(
-            x, w, b, target, class_weight, lp, ro, row_scale[:, 0] if any(wants) else None, *wants, ctx.deferred
-        )
-        if ctx.deferred:  # grads is dz (N, V); x and w are needed again by backward's GEMMs
-            ctx.save_for_backward(x, w)
-            grads = (grads,)
-        ctx.saved_grads = grads
-        return reduce_total(losses.sum(), denom, lp)
+            loss = reduce_total(losses[:, None], lse[:, None], keep, None, lp)
+        else:
+            cw = None if class_weight is None else class_weight.float()
+            scales = row_scales(target[:, None], cw, lp, torch.float32)
+            ctx.deferred = ro.batch_chunk_size >= x.shape[0] and any(wants)
+            shares = (scales.ce[:, 0], scales.z[:, 0]) if any(wants) else None
+            losses, lse, stats, grads = fused_sweep(x, w, b, target, class_weight, lp, ro, shares, *wants, ctx.deferred)
+            if ctx.deferred:  # grads is dz (N, V); x and w are needed again by backward's GEMMs
+                ctx.save_for_backward(x, w)
+                grads = (grads,)
+            ctx.saved_grads = grads
+            loss = reduce_total(losses[:, None], lse[:, None], keep, scales, lp)
+        stats = lse.new_empty(0) if stats is None else stats[:, None]
+        lse = lse[:, None]
+        ctx.mark_non_differentiable(lse, stats)
+        return loss, lse, stats
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse, _grad_stats):
         if ctx.lp.reduction == "none":
             x, w, b, target, class_weight = ctx.saved_tensors
-            _, _, (gx, gw, gb) = fused_sweep(
-                x, w, b, target, class_weight, ctx.lp, ctx.ro, grad_out.float(), *ctx.wants
+            share = grad_out[:, 0].float()
+            _, _, _, (gx, gw, gb) = fused_sweep(
+                x, w, b, target, class_weight, ctx.lp, ctx.ro, (share, share), *ctx.wants
             )
             grads = (gx, None if gw is None else gw.to(ctx.w_dtype), None if gb is None else gb.to(b.dtype))
             return (*grads, None, None, None, None, None)
@@ -82,7 +91,7 @@ def linear_cross_entropy_fused(
     lp: LossParams,
     ro: ResolvedOptions,
 ) -> torch.Tensor:
-    """Loss ``(N,)`` for ``reduction="none"``, else a scalar; fp32 (the caller casts)."""
+    """``(loss, lse, stats)`` as the chunked backend returns them (K = 1); fp32 (the caller casts)."""
     grad_mode = torch.is_grad_enabled()
     wants = (
         grad_mode and x.requires_grad,

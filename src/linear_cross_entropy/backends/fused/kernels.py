@@ -5,6 +5,9 @@ Per chunk of ``r`` rows, with ``z = x_c·Wᵀ`` the chunk's logits (written by c
 
     _cross_entropy_rows_kernel:   z + b  →  lse, ℓ (per row)  and  dz = s·∂ℓ/∂z  (into the buffer, in place)
 
+(with logit scale ``a`` and soft-capping ``c`` the loss sees ``c·tanh(a·(x·Wᵀ + b)/c)`` and the written gradient
+carries the chain rule's ``a·(1 − tanh²)``; the z-loss adds ``s_z·2λ·lse·p``).
+
 then ``grad_x_c = dz·W`` and ``grad_W += dzᵀ·x_c`` read ``dz`` straight from the buffer. With ``z = x·Wᵀ + b``,
 ``lse = log Σ_c exp(z_c)``, ``p = exp(z − lse)``, label smoothing ``ε``, class weights ``w`` (``W_sum = Σ_c w_c``),
 ``m = [y ≠ ignore_index]`` and ``s`` the row's share of the upstream gradient::
@@ -24,29 +27,70 @@ import triton.language as tl
 
 
 @triton.jit
+def _tanh(u):
+    """tanh(u) = sign(u)·(1 − e^{−2|u|}) / (1 + e^{−2|u|}); its Taylor series near 0, where that form cancels."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    small = a * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0 - u2 * (17.0 / 315.0))))
+    t = tl.where(a < 0.05, small, big)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _logits(
+    raw,
+    logit_scale,
+    logit_softcap,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """z = c·tanh(a·r / c) (or a·r without capping) and tanh(a·r / c) for the chain rule."""
+    z = raw
+    if HAS_LOGIT_SCALE:
+        z = z * logit_scale
+    t = z
+    if HAS_SOFTCAP:
+        t = _tanh(z / logit_softcap)
+        z = logit_softcap * t
+    return z, t
+
+
+@triton.jit
 def _cross_entropy_rows_kernel(
     # pointers
-    logits_ptr,  # (r, C) logits without bias; read
-    grad_ptr,  # (r, C) dz; written (may alias logits_ptr)
+    logits_ptr,  # (r, C) GEMM output r = x·Wᵀ without bias; read
+    grad_ptr,  # (r, C) dr; written (may alias logits_ptr)
     bias_ptr,  # (C,)
     target_ptr,  # (r,) int64
     class_weight_ptr,  # (C,)
-    row_scale_ptr,  # (r,) or a scalar (stride 0): s per row
-    loss_ptr,  # (r,) fp32 per-row loss; written
+    row_scale_ptr,  # (r,) or a scalar (stride 0): s, the cross-entropy share of the upstream gradient per row
+    z_scale_ptr,  # (r,) or a scalar (stride 0): s_z, the z-loss share
+    loss_ptr,  # (r,) fp32 per-row cross entropy; written
     lse_ptr,  # (r,) fp32 per-row logsumexp; written
+    stats_ptr,  # (r, 5) fp32 max logit, entropy, logit norm, correct, log p_y; written with METRICS
     # dimensions
     n_classes,
     # strides
     stride_logits_row,
     stride_grad_row,
     stride_row_scale,
+    stride_z_scale,
     # scalars
     ignore_index,
     label_smoothing,
+    logit_scale,
+    logit_softcap,
+    z_loss,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    METRICS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -61,19 +105,35 @@ def _cross_entropy_rows_kernel(
     bad = keep & (in_range == 0)
     y = tl.where(keep & in_range, target, 0)
 
-    # Sweep 1: running max m and sum-exp s (scalars, rescaled per tile); Σ w_c·z_c and Σ w_c for smoothing.
+    # Sweep 1: running max m and sum-exp s (scalars, rescaled per tile); Σ w_c·z_c and Σ w_c for smoothing;
+    # for the metrics Σ exp(z − m)·z (rescaled like s), Σ z² and the first argmax.
     m = -float("inf")
     s = 0.0
     z_sum = 0.0
     w_sum = 0.0
+    pz = 0.0
+    sq = 0.0
+    best = -float("inf")
+    arg = 0
     for start in range(0, n_classes, BLOCK_C):
         cols = start + offs_c
         mask = cols < n_classes
-        z = tl.load(logits_row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        r = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        z, _ = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+        z = tl.where(mask, z, -float("inf"))
+        tile_max = tl.max(z, axis=0)
+        m_new = tl.maximum(m, tile_max)
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        s = s * rescale + tl.sum(e, axis=0)
+        if METRICS:
+            pz = pz * rescale + tl.sum(tl.where(mask, e * z, 0.0), axis=0)
+            sq += tl.sum(tl.where(mask, z * z, 0.0), axis=0)
+            tile_arg = start + tl.argmax(z, axis=0)
+            arg = tl.where(tile_max > best, tile_arg, arg)
+            best = tl.maximum(best, tile_max)
         m = m_new
         if HAS_SMOOTHING:
             if HAS_CLASS_WEIGHT:
@@ -84,17 +144,19 @@ def _cross_entropy_rows_kernel(
                 z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
     if HAS_SMOOTHING and not HAS_CLASS_WEIGHT:
         w_sum = n_classes * 1.0
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
+    lse = m + log_s
 
-    z_y = tl.load(logits_row_ptr + y).to(tl.float32)
+    r_y = tl.load(logits_row_ptr + y).to(tl.float32)
     if HAS_BIAS:
-        z_y += tl.load(bias_ptr + y).to(tl.float32)
+        r_y += tl.load(bias_ptr + y).to(tl.float32)
+    z_y, _ = _logits(r_y, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
     if HAS_CLASS_WEIGHT:
         w_y = tl.load(class_weight_ptr + y).to(tl.float32)
     else:
         w_y = 1.0
     eps = label_smoothing
-    loss = (1.0 - eps) * w_y * (lse - z_y)
+    loss = (1.0 - eps) * w_y * ((m - z_y) + log_s)
     if HAS_SMOOTHING:
         loss += (eps / n_classes) * (w_sum * lse - z_sum)
     nan = float("nan")
@@ -102,24 +164,35 @@ def _cross_entropy_rows_kernel(
     loss = tl.where(bad, nan, loss)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
+    if METRICS:
+        stats_row_ptr = stats_ptr + row * 5
+        tl.store(stats_row_ptr + 0, m)
+        tl.store(stats_row_ptr + 1, lse - pz / s)  # entropy = lse − Σ p·z
+        tl.store(stats_row_ptr + 2, tl.sqrt(sq))
+        tl.store(stats_row_ptr + 3, tl.where(arg == target, 1.0, 0.0))
+        tl.store(stats_row_ptr + 4, z_y - lse)
 
     if COMPUTE_GRAD:
-        # Sweep 2: dz = coef·p − a·e_y − b·w, written over the logits the sweep has just read.
+        # Sweep 2: dz = coef·p − a·e_y − b·w, then dr = dz·a·(1 − tanh²), written over the logits just read.
         row_scale = tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
         row_scale = tl.where(keep, row_scale, 0.0)
         row_scale = tl.where(bad, nan, row_scale)
         coef = row_scale * (1.0 - eps) * w_y
         if HAS_SMOOTHING:
             coef += row_scale * (eps / n_classes) * w_sum
+        if HAS_Z_LOSS:  # d(λ·lse²)/dz = 2λ·lse·p
+            z_scale = tl.load(z_scale_ptr + row * stride_z_scale).to(tl.float32)
+            coef += tl.where(keep, z_scale, 0.0) * 2.0 * z_loss * lse
         target_coef = row_scale * (1.0 - eps) * w_y
         smooth_coef = row_scale * (eps / n_classes)
         grad_row_ptr = grad_ptr + row * stride_grad_row
         for start in range(0, n_classes, BLOCK_C):
             cols = start + offs_c
             mask = cols < n_classes
-            z = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            z, t = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
             dz = coef * tl.exp(z - lse)
             dz -= tl.where(cols == y, target_coef, 0.0)
             if HAS_SMOOTHING:
@@ -127,6 +200,10 @@ def _cross_entropy_rows_kernel(
                     dz -= smooth_coef * tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                 else:
                     dz -= smooth_coef
+            if HAS_SOFTCAP:
+                dz *= 1.0 - t * t
+            if HAS_LOGIT_SCALE:
+                dz *= logit_scale
             tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

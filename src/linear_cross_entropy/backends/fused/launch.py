@@ -105,23 +105,24 @@ def deferred_grads(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, grad_out:
 
 def cross_entropy_rows(
     logits: torch.Tensor,  # (r, C), row stride s >= C, unit column stride
-    grad: torch.Tensor | None,  # (r, C) dz destination (may share storage with logits), or None for loss only
+    grad: torch.Tensor | None,  # (r, C) dr destination (may share storage with logits), or None for loss only
     bias: torch.Tensor | None,  # (C,)
     target: torch.Tensor,  # (r,) int64
     class_weight: torch.Tensor | None,  # (C,)
-    row_scale: torch.Tensor | None,  # (r,) or () fp32: s per row
+    scales: tuple[torch.Tensor, torch.Tensor] | None,  # (r,) fp32 cross-entropy and z-loss shares s, s_z
     loss_out: torch.Tensor,  # (r,) fp32
     lse_out: torch.Tensor,  # (r,) fp32
+    stats_out: torch.Tensor | None,  # (r, 5) fp32, with lp.metrics
     lp: LossParams,
 ) -> None:
-    """Per-row loss and logsumexp; with ``grad``, ``dz = s·∂ℓ/∂z`` (see kernels.py for the math)."""
+    """Per-row loss, logsumexp (and statistics); with ``grad``, ``dr`` (see kernels.py for the math)."""
     rows, num_classes = logits.shape
     if rows == 0:
         return
     assert logits.stride(1) == 1 and (grad is None or grad.stride(1) == 1)
+    assert stats_out is None or stats_out.stride() == (5, 1)
     block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(num_classes))
-    if row_scale is None:
-        row_scale = loss_out  # never read: COMPUTE_GRAD is off
+    row_scale, z_scale = (loss_out, loss_out) if scales is None else scales  # unread without COMPUTE_GRAD
     _cross_entropy_rows_kernel[(rows,)](
         logits,
         logits if grad is None else grad,
@@ -129,17 +130,27 @@ def cross_entropy_rows(
         target,
         logits if class_weight is None else class_weight,
         row_scale,
+        z_scale,
         loss_out,
         lse_out,
+        loss_out if stats_out is None else stats_out,
         num_classes,
         logits.stride(0),
         logits.stride(0) if grad is None else grad.stride(0),
         row_scale.stride(0) if row_scale.dim() == 1 else 0,
+        z_scale.stride(0) if z_scale.dim() == 1 else 0,
         lp.ignore_index,
         lp.label_smoothing,
+        lp.logit_scale,
+        lp.logit_softcap or 1.0,
+        lp.z_loss,
         HAS_BIAS=bias is not None,
         HAS_CLASS_WEIGHT=class_weight is not None,
         HAS_SMOOTHING=lp.label_smoothing > 0,
+        HAS_LOGIT_SCALE=lp.logit_scale != 1.0,
+        HAS_SOFTCAP=lp.logit_softcap > 0,
+        HAS_Z_LOSS=lp.z_loss > 0,
+        METRICS=stats_out is not None,
         COMPUTE_GRAD=grad is not None,
         BLOCK_C=block_c,
         num_warps=_NUM_WARPS if block_c >= 2048 else 4,
@@ -164,17 +175,17 @@ def fused_sweep(
     class_weight: torch.Tensor | None,  # (V,)
     lp: LossParams,
     ro: ResolvedOptions,
-    row_scale: torch.Tensor | None,  # (N,) fp32 share of the upstream gradient per row; None: loss only
+    scales: tuple[torch.Tensor, torch.Tensor] | None,  # (N,) fp32 shares s, s_z of the upstream gradient; None: loss only
     want_input: bool,
     want_weight: bool,
     want_bias: bool,
     defer: bool = False,
 ):
-    """Per-row losses ``(N,)`` and lse ``(N,)`` (fp32) and, with ``row_scale``, the gradients.
+    """Per-row losses ``(N,)``, lse ``(N,)`` and statistics ``(N, 5)`` (fp32) and, with ``scales``, the gradients.
 
-    Returns ``(losses, lse, (grad_x, grad_w, grad_b))``. ``grad_w`` is fp32 when the policy keeps an fp32 scratch
+    Returns ``(losses, lse, stats, (grad_x, grad_w, grad_b))`` (``stats`` None without ``lp.metrics``). ``grad_w`` is fp32 when the policy keeps an fp32 scratch
     (``"balanced"``/``"accurate"`` with low-precision weights): the caller rounds it once, when it scales it.
-    With ``defer`` (one chunk only) the gradient GEMMs are left to the caller: the third item is then ``dz``
+    With ``defer`` (one chunk only) the gradient GEMMs are left to the caller: the last item is then ``dz``
     ``(N, V)`` itself.
     """
     n, h = x.shape
@@ -182,7 +193,8 @@ def fused_sweep(
     device, dtype = x.device, x.dtype
     losses = torch.empty(n, dtype=torch.float32, device=device)
     lse = torch.empty(n, dtype=torch.float32, device=device)
-    want_grads = row_scale is not None and (want_input or want_weight or want_bias)
+    stats = torch.empty((n, 5), dtype=torch.float32, device=device) if lp.metrics else None
+    want_grads = scales is not None and (want_input or want_weight or want_bias)
     rows = max(1, min(ro.batch_chunk_size, n))
     assert not defer or rows == n, "deferred gradient GEMMs need a single chunk"
     low_precision = dtype in (torch.float16, torch.bfloat16)
@@ -218,9 +230,10 @@ def fused_sweep(
             b,
             target[start:stop],
             class_weight,
-            None if row_scale is None else row_scale[start:stop],
+            None if scales is None else (scales[0][start:stop], scales[1][start:stop]),
             losses[start:stop],
             lse[start:stop],
+            None if stats is None else stats[start:stop],
             lp,
         )
         if not want_grads:
@@ -234,8 +247,8 @@ def fused_sweep(
     if grad_w is not None and n == 0:
         grad_w.zero_()
     if want_grads and defer:
-        return losses, lse, grad_all[:n]
-    return losses, lse, (grad_x, grad_w, grad_b)
+        return losses, lse, stats, grad_all[:n]
+    return losses, lse, stats, (grad_x, grad_w, grad_b)
 
 
 def _accumulate_weight_grad(grad_w, dz_t, x_c, *, first: bool, fp32_mm: bool) -> None:

@@ -1,0 +1,94 @@
+"""The methods the benchmark compares, each a ``fn(x, W, y) -> loss`` (mean over non-ignored rows).
+
+- ``eager``: ``F.cross_entropy((x @ W.T).float(), y)``; ``torch.compile`` of it (family ``compile``).
+- ours (family ``ours``), per backend and per acc_policy spec ``"policy[:acc_dtype][@rows]"`` (e.g. ``"auto"``,
+  ``"accurate:float32"``, ``"compact@256"``): backend ``fused`` → ``ours[spec]`` (plus ``ours[auto,fp32 loss]``),
+  ``chunked`` → ``ours-chunked[spec]``, ``reference`` → ``ours[reference]`` (``options=None``: logits
+  materialised).
+- Liger-Kernel (``liger``) and cut-cross-entropy (``cut-cross-entropy``): when importable, and on CUDA only (both
+  are Triton kernels for GPUs).
+- PyTorch's built-in ``F.linear_cross_entropy`` with ``torch.nn.LinearCrossEntropyOptions()`` (``torch built-in``):
+  when the installed torch has it (>= 2.13).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import LinearCrossEntropyOptions, linear_cross_entropy
+
+FAMILIES = ("eager", "compile", "ours", "liger", "cut-cross-entropy", "torch built-in")
+BACKENDS = ("fused", "chunked", "reference")
+
+
+def eager(x, w, y):
+    return F.cross_entropy((x @ w.T).float(), y)
+
+
+def _policy_options(spec, backend):
+    """``"policy[:acc_dtype][@rows]"`` → options for ``backend``."""
+    spec_main, _, rows = spec.partition("@")
+    pol, _, acc = spec_main.partition(":")
+    return LinearCrossEntropyOptions(
+        backend=backend,
+        acc_policy=pol,
+        acc_dtype=getattr(torch, acc) if acc else None,
+        batch_chunk_size=int(rows) if rows else None,
+    )
+
+
+def methods(selected, policies, device="cuda", backends=("fused",)):
+    """({name: fn}, [notes]) of the methods of the families in ``selected`` that exist here.
+
+    ``notes`` say which selected peers are unavailable and why (for the caller to print once).
+    """
+    selected = set(selected)
+    out, family, notes = {}, {}, []
+    on_cuda = torch.device(device).type == "cuda"
+
+    def add(name, fam, fn):
+        out[name] = fn
+        family[name] = fam
+
+    add("eager", "eager", eager)
+    if "compile" in selected:
+        add("torch.compile", "compile", torch.compile(eager))
+    for backend in backends:
+        if backend == "reference":
+            add("ours[reference]", "ours", lambda x, w, y: linear_cross_entropy(x, w, y))
+            continue
+        prefix = "ours" if backend == "fused" else f"ours-{backend}"
+        for spec in policies:  # "policy[:acc_dtype][@rows]", e.g. "accurate:float32", "compact@256"
+            opts = _policy_options(spec, backend)
+            add(f"{prefix}[{spec}]", "ours", lambda x, w, y, o=opts: linear_cross_entropy(x, w, y, options=o))
+        if backend == "fused":
+            opts32 = LinearCrossEntropyOptions(backend="fused", loss_dtype=torch.float32)
+            add("ours[auto,fp32 loss]", "ours", lambda x, w, y, o=opts32: linear_cross_entropy(x, w, y, options=o))
+    if "liger" in selected:
+        if not on_cuda:
+            notes.append("liger skipped: Liger-Kernel needs CUDA")
+        else:
+            try:
+                from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+                add("liger", "liger", lambda x, w, y: liger_fused_linear_cross_entropy(x, w, y))
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"liger unavailable: {e}")
+    if "cut-cross-entropy" in selected:
+        if not on_cuda:
+            notes.append("cut-cross-entropy skipped: it needs CUDA")
+        else:
+            try:
+                from cut_cross_entropy import linear_cross_entropy as cce
+
+                add("cut-cross-entropy", "cut-cross-entropy", lambda x, w, y: cce(x, w, y))
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"cut-cross-entropy unavailable: {e}")
+    if "torch built-in" in selected:
+        if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            opts_t = torch.nn.LinearCrossEntropyOptions()
+            add("torch built-in", "torch built-in", lambda x, w, y, o=opts_t: F.linear_cross_entropy(x, w, y, options=o))
+        else:
+            notes.append(f"torch built-in unavailable: torch {torch.__version__} has no F.linear_cross_entropy")
+    return {k: v for k, v in out.items() if family[k] in selected}, notes

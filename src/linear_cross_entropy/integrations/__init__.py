@@ -1,0 +1,5 @@
+"""Integrations with training stacks. Each submodule imports its framework lazily, on import of the submodule.
+
+- :mod:`linear_cross_entropy.integrations.transformers`: ``apply(model)`` makes a Hugging Face causal LM compute its
+  training loss with :func:`~linear_cross_entropy.linear_cross_entropy`, without the logits (extra ``transformers``).
+"""
