@@ -141,7 +141,8 @@ def linear_cross_entropy(
     if not return_metrics:
         return loss
     keep = keep_mask(t, lp)
-    metrics = summarize_metrics(stats.reshape(*lse.shape, -1).float(), lse.float(), keep, lp)
+    sdt = torch.promote_types(lse.dtype, torch.float32)
+    metrics = summarize_metrics(stats.reshape(*lse.shape, -1).to(sdt), lse.to(sdt), keep, lp)
     if reduction == "none":
         metrics = {name: value.reshape(loss.shape) for name, value in metrics.items()}
     return LinearCrossEntropyOutput(loss, LossMetrics(**metrics))

@@ -14,7 +14,7 @@ class LossMetrics(NamedTuple):
 
     For ``reduction="mean"``/``"sum"`` each is the mean over the rows that take part (targets not ignored); for
     ``"none"`` each is per row, shaped like the loss (``accuracy``, ``log_prob`` and ``z_loss`` are 0 where the
-    target is ignored). All are detached fp32 tensors; reading them is the caller's only host sync.
+    target is ignored). All are detached tensors in at least fp32; reading them is the caller's only host sync.
     """
 
     lse: torch.Tensor  # the z value: logsumexp(z)

@@ -9,8 +9,8 @@ from __future__ import annotations
 __all__ = ["main"]
 
 
-def main(argv=None, **defaults) -> int:
-    """The CLI (see ``python -m linear_cross_entropy.bench --help``)."""
+def main(argv=None, prog=None, **defaults) -> int:
+    """The CLI (see ``python -m linear_cross_entropy.bench --help``); ``defaults`` override the parser's."""
     from .__main__ import main as _main
 
-    return _main(argv, **defaults)
+    return _main(argv, prog, **defaults)
