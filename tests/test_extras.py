@@ -242,3 +242,57 @@ def test_autocast_cpu_bf16_matches_reference_under_autocast(path, bias):
     torch.testing.assert_close(loss, expected, rtol=eps, atol=0)
     torch.testing.assert_close(ox, gx, rtol=2 * eps, atol=eps * gx.abs().max().item())
     torch.testing.assert_close(ow, gw, rtol=2 * eps, atol=eps * gw.abs().max().item())
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_autocast_cuda_matches_reference_under_autocast(dtype, path):
+    g = torch.Generator(device="cuda").manual_seed(17)
+    x = torch.randn(256, 64, device="cuda", generator=g, requires_grad=True)
+    w = (torch.randn(1000, 64, device="cuda", generator=g) / 8).requires_grad_()
+    t = torch.randint(0, 1000, (256,), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=dtype):
+        expected = F.cross_entropy(F.linear(x, w), t)
+        loss = linear_cross_entropy(x, w, t, options=PATHS[path])
+    gx, gw = torch.autograd.grad(expected, (x, w))
+    ox, ow = torch.autograd.grad(loss, (x, w))
+    assert loss.dtype == torch.float32 and ox.dtype == ow.dtype == torch.float32
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(loss, expected, rtol=eps, atol=0)
+    torch.testing.assert_close(ow, gw, rtol=4 * eps, atol=2 * eps * gw.abs().max().item())
+    torch.testing.assert_close(ox, gx, rtol=4 * eps, atol=2 * eps * gx.abs().max().item())
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_grad_scaler_fp16_scales_exactly_and_skips_inf_steps():
+    g = torch.Generator(device="cuda").manual_seed(19)
+    head = torch.nn.Linear(64, 3000, bias=False, device="cuda")
+    x = torch.randn(512, 64, device="cuda", generator=g)
+    t = torch.randint(0, 3000, (512,), device="cuda", generator=g)
+    opts = LinearCrossEntropyOptions(backend="fused")
+    with torch.autocast("cuda", dtype=torch.float16):
+        plain = linear_cross_entropy(x, head.weight, t, options=opts)
+    (unscaled,) = torch.autograd.grad(plain, head.weight)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = linear_cross_entropy(x, head.weight, t, options=opts)
+    scaler.scale(loss).backward()
+    assert torch.equal(head.weight.grad, unscaled * 2.0**12)  # a power of two: exact
+    optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
+    before = head.weight.detach().clone()
+    head.weight.grad = None
+    bad = x.clone()
+    bad[3, 7] = float("inf")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = linear_cross_entropy(bad, head.weight, t, options=opts)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(head.weight.detach(), before)  # the inf/NaN step was skipped
+    assert scaler.get_scale() < 2.0**12
