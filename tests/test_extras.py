@@ -278,12 +278,17 @@ def test_grad_scaler_fp16_scales_exactly_and_skips_inf_steps():
     opts = LinearCrossEntropyOptions(backend="fused")
     with torch.autocast("cuda", dtype=torch.float16):
         plain = linear_cross_entropy(x, head.weight, t, options=opts)
-    (unscaled,) = torch.autograd.grad(plain, head.weight)
+    (by_hand,) = torch.autograd.grad(plain * 2.0**12, head.weight)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
     with torch.autocast("cuda", dtype=torch.float16):
         loss = linear_cross_entropy(x, head.weight, t, options=opts)
     scaler.scale(loss).backward()
-    assert torch.equal(head.weight.grad, unscaled * 2.0**12)  # a power of two: exact
+    assert torch.equal(head.weight.grad, by_hand)  # the scaled backward is exactly the backward of the scaled loss
+    with torch.autocast("cuda", dtype=torch.float16):
+        eager = F.cross_entropy(F.linear(x, head.weight), t)
+    (eager_grad,) = torch.autograd.grad(eager * 2.0**12, head.weight)
+    eps = torch.finfo(torch.float16).eps
+    torch.testing.assert_close(by_hand, eager_grad, rtol=4 * eps, atol=2 * eps * eager_grad.abs().max().item())
     optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
     before = head.weight.detach().clone()
     head.weight.grad = None

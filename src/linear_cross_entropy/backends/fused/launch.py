@@ -199,14 +199,14 @@ def fused_sweep(
     assert not defer or rows == n, "deferred gradient GEMMs need a single chunk"
     low_precision = dtype in (torch.float16, torch.bfloat16)
     fp32_mm = low_precision and _has_out_dtype_mm(device)
-    # "accurate": logits leave the GEMM in fp32 (no rounding before the softmax); dz is written in the input dtype
-    # into the front half of each fp32 row (byte 2c ≤ 4c: a row's dz never overwrites logits not yet read).
+    # "accurate": logits leave the GEMM in fp32 (no rounding before the softmax) and dz goes to a second buffer in
+    # the input dtype (6 bytes per logit instead of 2); otherwise dz overwrites the logits in place.
     fp32_logits = ro.acc_policy == "accurate" and fp32_mm
     buf_dtype = torch.float32 if fp32_logits else dtype
-    v_pad = _padded(v, buf_dtype)
-    buffer = torch.empty((rows, v_pad), dtype=buf_dtype, device=device)
-    logits_all = buffer[:, :v]
-    grad_all = buffer.view(dtype)[:, :v] if fp32_logits else logits_all
+    logits_all = torch.empty((rows, _padded(v, buf_dtype)), dtype=buf_dtype, device=device)[:, :v]
+    grad_all = logits_all
+    if fp32_logits and want_grads:
+        grad_all = torch.empty((rows, _padded(v, dtype)), dtype=dtype, device=device)[:, :v]
 
     if want_grads and defer:
         want_input = want_weight = want_bias = False
