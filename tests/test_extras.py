@@ -107,7 +107,11 @@ def test_extras_match_float64_oracle(path, reduction, extras):
         t[[2, 5]] = -100
     ls = extras.pop("ls", 0.0)
     kw = dict(z_loss=extras.get("z_loss", 0.0), logit_scale=extras.get("scale", 1.0), logit_softcap=extras.get("cap"))
-    upstream = torch.rand(n, generator=g, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(0.8, dtype=torch.float64)
+    upstream = (
+        torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+        if reduction == "none"
+        else torch.tensor(0.8, dtype=torch.float64)
+    )
 
     xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
     bo = None if b is None else b.clone().requires_grad_()
@@ -118,8 +122,18 @@ def test_extras_match_float64_oracle(path, reduction, extras):
     xs, ws = cast(x).requires_grad_(), cast(w).requires_grad_()
     bs = None if b is None else cast(b).requires_grad_()
     tt = t.to(device) if not probs else cast(t)
-    out = linear_cross_entropy(xs, ws, tt, linear_bias=bs, weight=cast(cw), reduction=reduction,
-                               label_smoothing=ls, options=PATHS[path], return_metrics=True, **kw)
+    out = linear_cross_entropy(
+        xs,
+        ws,
+        tt,
+        linear_bias=bs,
+        weight=cast(cw),
+        reduction=reduction,
+        label_smoothing=ls,
+        options=PATHS[path],
+        return_metrics=True,
+        **kw,
+    )
     assert isinstance(out, LinearCrossEntropyOutput)
     out.loss.backward(cast(upstream))
     tol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -138,8 +152,9 @@ def test_extras_k_dimensional(path):
     x = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 7, (5, 2), generator=g)
-    out = linear_cross_entropy(x, w, t, options=PATHS[path], z_loss=0.1, logit_softcap=2.0, reduction="none",
-                               return_metrics=True)
+    out = linear_cross_entropy(
+        x, w, t, options=PATHS[path], z_loss=0.1, logit_softcap=2.0, reduction="none", return_metrics=True
+    )
     logits = torch.einsum("nf,ckf->nck", x, w)
     z = 2.0 * torch.tanh(logits / 2.0)
     lse = torch.logsumexp(z, dim=1)
@@ -160,10 +175,20 @@ def test_gradcheck_with_extras(path):
     b = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, 3, -100, 8, 2])
     for reduction in ("mean", "none"):
-        fn = lambda x, w, b: linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, z_loss=0.2,  # noqa: E731
-                                                  logit_scale=1.7, logit_softcap=1.5, label_smoothing=0.1,
-                                                  options=None if PATHS[path] is None else LinearCrossEntropyOptions(
-                                                      backend="chunked", batch_chunk_size=2, allow_retain_graph=True))
+        fn = lambda x, w, b: linear_cross_entropy(
+            x,
+            w,
+            t,
+            linear_bias=b,
+            reduction=reduction,
+            z_loss=0.2,  # noqa: E731
+            logit_scale=1.7,
+            logit_softcap=1.5,
+            label_smoothing=0.1,
+            options=None
+            if PATHS[path] is None
+            else LinearCrossEntropyOptions(backend="chunked", batch_chunk_size=2, allow_retain_graph=True),
+        )
         assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
@@ -173,8 +198,14 @@ def test_rl_per_token_log_probs_and_entropy():
     hidden = torch.randn(16, 8, generator=g, dtype=torch.float64)
     head = torch.randn(50, 8, generator=g, dtype=torch.float64)
     tokens = torch.randint(0, 50, (16,), generator=g)
-    out = linear_cross_entropy(hidden, head, tokens, reduction="none", return_metrics=True,
-                               options=LinearCrossEntropyOptions(batch_chunk_size=4))
+    out = linear_cross_entropy(
+        hidden,
+        head,
+        tokens,
+        reduction="none",
+        return_metrics=True,
+        options=LinearCrossEntropyOptions(batch_chunk_size=4),
+    )
     logp = torch.log_softmax(hidden @ head.T, dim=1)
     torch.testing.assert_close(out.metrics.log_prob, logp.gather(1, tokens[:, None])[:, 0])
     torch.testing.assert_close(out.metrics.entropy, -(logp.exp() * logp).sum(1))

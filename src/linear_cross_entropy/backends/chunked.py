@@ -29,14 +29,12 @@ backward recomputes the logits chunk by chunk.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..options import ResolvedOptions
-from .common import STATS, LossParams, keep_mask, reduce_total, row_scales, stat_dtype, take_saved_grads
+from .common import STATS, Grads, LossParams, keep_mask, reduce_total, row_scales, stat_dtype, take_saved_grads
 
-__all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad"]
+__all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad", "forward_pass", "backward_none"]
 
 
 def chunk_loss_and_grad(
@@ -153,17 +151,6 @@ def _into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return buffer.copy_(value)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Grads:
-    input: bool
-    weight: bool
-    bias: bool
-
-    @property
-    def any(self) -> bool:
-        return self.input or self.weight or self.bias
-
-
 _BLOCK_LOGITS = 1 << 20
 
 
@@ -176,7 +163,7 @@ def _sweep(
     lp: LossParams,
     ro: ResolvedOptions,
     scales: tuple[torch.Tensor, torch.Tensor] | None,  # (cross entropy, z-loss) shares (N, K), or None: loss only
-    grads: _Grads,
+    grads: Grads,
 ):
     """One pass over (position, chunk): per-row losses and lse ``(N, K)``, statistics ``(N, K, len(STATS))``
     (or None) and, with ``scales``, the three gradients."""
@@ -254,25 +241,40 @@ def _sweep(
     return losses, lse, stats, out
 
 
+def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads):
+    """``(loss, lse, stats, saved_grads)``: for the scalar reductions ``saved_grads`` are the gradients for an
+    upstream gradient of 1 (None entries where not wanted); for ``"none"`` it is None (backward recomputes)."""
+    sdt = stat_dtype(ro.acc_dtype)
+    cw = None if class_weight is None else class_weight.to(sdt)
+    keep = keep_mask(target, lp)
+    if lp.reduction == "none":
+        losses, lse, stats, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads)
+        return reduce_total(losses, lse, keep, None, lp), lse, stats, None
+    scales = row_scales(target, cw, lp, sdt)
+    wanted = (scales.ce, scales.z) if grads.any else None
+    losses, lse, stats, saved = _sweep(x, w, b, target, cw, lp, ro, wanted, grads)
+    return reduce_total(losses, lse, keep, scales, lp), lse, stats, saved
+
+
+def backward_none(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out):
+    """The gradients of ``reduction="none"``: the logits recomputed chunk by chunk, each row scaled by its
+    upstream gradient ``grad_out`` ``(N, K)``."""
+    sdt = stat_dtype(ro.acc_dtype)
+    cw = None if class_weight is None else class_weight.to(sdt)
+    share = grad_out.to(sdt)
+    return _sweep(x, w, b, target, cw, lp, ro, (share, share), grads)[3]
+
+
 class _ChunkedFunction(torch.autograd.Function):
     """Outputs: the loss (scalar, or ``(N, K)`` for ``"none"``), lse ``(N, K)`` and the statistics (or an empty
     tensor); only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: _Grads):
-        sdt = stat_dtype(ro.acc_dtype)
-        cw = None if class_weight is None else class_weight.to(sdt)
+    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads):
         ctx.lp, ctx.ro, ctx.grads = lp, ro, grads
-        keep = keep_mask(target, lp)
+        loss, lse, stats, ctx.saved_grads = forward_pass(x, w, b, target, class_weight, lp, ro, grads)
         if lp.reduction == "none":
-            losses, lse, stats, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads)
-            ctx.save_for_backward(x, w, b, target, cw)
-            loss = reduce_total(losses, lse, keep, None, lp)
-        else:
-            scales = row_scales(target, cw, lp, sdt)
-            wanted = (scales.ce, scales.z) if grads.any else None
-            losses, lse, stats, ctx.saved_grads = _sweep(x, w, b, target, cw, lp, ro, wanted, grads)
-            loss = reduce_total(losses, lse, keep, scales, lp)
+            ctx.save_for_backward(x, w, b, target, class_weight)
         stats = lse.new_empty(0) if stats is None else stats
         ctx.mark_non_differentiable(lse, stats)
         return loss, lse, stats
@@ -280,10 +282,8 @@ class _ChunkedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):
         if ctx.lp.reduction == "none":
-            x, w, b, target, cw = ctx.saved_tensors
-            row_scale = grad_out.to(stat_dtype(ctx.ro.acc_dtype))
-            _, _, _, (gx, gw, gb) = _sweep(x, w, b, target, cw, ctx.lp, ctx.ro, (row_scale, row_scale), ctx.grads)
-            return gx, gw, gb, None, None, None, None, None
+            grads = backward_none(*ctx.saved_tensors, ctx.lp, ctx.ro, ctx.grads, grad_out)
+            return (*grads, None, None, None, None, None)
         in_place = not ctx.ro.allow_retain_graph
         out = tuple(
             None if g is None else (g.mul_(grad_out) if in_place else g * grad_out) for g in take_saved_grads(ctx)
@@ -302,10 +302,5 @@ def linear_cross_entropy_chunked(
 ) -> torch.Tensor:
     """``(loss, lse, stats)``: loss ``(N, K)`` for ``reduction="none"``, else a scalar; lse ``(N, K)``; statistics
     ``(N, K, len(STATS))`` with ``lp.metrics`` (else empty); all in the stats dtype (the caller casts)."""
-    grad_mode = torch.is_grad_enabled()
-    grads = _Grads(
-        input=grad_mode and x.requires_grad,
-        weight=grad_mode and w.requires_grad,
-        bias=grad_mode and b is not None and b.requires_grad,
-    )
+    grads = Grads.of(x, w, b)
     return _ChunkedFunction.apply(x, w, b, target, class_weight, lp, ro, grads)

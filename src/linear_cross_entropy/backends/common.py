@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "Grads",
     "LossParams",
     "RowScales",
     "STATS",
@@ -30,6 +31,25 @@ __all__ = [
 
 # The per-row statistics a backend writes when metrics are requested, in this order.
 STATS = ("max_logit", "entropy", "logit_norm", "accuracy", "log_prob")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grads:
+    """Which gradients autograd will ask for."""
+
+    input: bool
+    weight: bool
+    bias: bool
+
+    @property
+    def any(self) -> bool:
+        return self.input or self.weight or self.bias
+
+    @staticmethod
+    def of(x, w, b) -> Grads:
+        """The gradients autograd will ask for (none under ``no_grad``)."""
+        on = torch.is_grad_enabled()
+        return Grads(on and x.requires_grad, on and w.requires_grad, on and b is not None and b.requires_grad)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +145,9 @@ def summarize_metrics(stats: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor
     fields["lse"] = lse
     fields["z_loss"] = lp.z_loss * lse.square()
     if lp.reduction == "none":
-        return {k: torch.where(keep, v, 0.0) if k in ("accuracy", "log_prob", "z_loss") else v for k, v in fields.items()}
+        return {
+            k: torch.where(keep, v, 0.0) if k in ("accuracy", "log_prob", "z_loss") else v for k, v in fields.items()
+        }
     count = keep.sum()
     return {k: torch.where(keep, v, 0.0).sum() / count for k, v in fields.items()}
 

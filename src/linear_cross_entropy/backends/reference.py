@@ -69,7 +69,11 @@ def reference_with_extras(
     lse = torch.logsumexp(z, dim=1)
     keep = keep_mask(target, lp)
     sdt = torch.promote_types(ce.dtype, torch.float32)
-    scales = None if lp.reduction == "none" else row_scales(target, None if class_weight is None else class_weight.to(sdt), lp, sdt)
+    scales = (
+        None
+        if lp.reduction == "none"
+        else row_scales(target, None if class_weight is None else class_weight.to(sdt), lp, sdt)
+    )
     loss = reduce_total(ce, lse, keep, scales, lp)
     stats = lse.new_empty(0)
     if lp.metrics:

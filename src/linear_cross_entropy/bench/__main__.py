@@ -96,8 +96,15 @@ def build_parser(prog=None, **defaults) -> argparse.ArgumentParser:
         help='acc_policy specs "policy[:acc_dtype][@rows]" for the fused and chunked backends, e.g. auto '
         "compact accurate:float32 compact@256 (default: by device)",
     )
-    ap.add_argument("--reps", type=int, help="timed repetitions per method; the median is reported (default: by device)")
-    ap.add_argument("--warmup", type=int, help="untimed steps before the timed ones (default: 2 on CUDA, 0 on the CPU, where each method has run three untimed steps already)")
+    ap.add_argument(
+        "--reps", type=int, help="timed repetitions per method; the median is reported (default: by device)"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed steps before the timed ones (default: 2 on CUDA, 0 on the CPU, where each method has run three untimed steps already)",
+    )
+    ap.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's own)")
     ap.add_argument("--out", default="bench_results", help="directory for the CSV and plots (default: %(default)s)")
     ap.add_argument("--tag", help="file name stem of the CSV and plots (default: the device type)")
     ap.add_argument(
@@ -114,8 +121,11 @@ def _resolve(args) -> argparse.Namespace:
     """Fill the device-dependent defaults in."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
     device = device if device is not None else torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # CUDA events and the sleep go to the current device
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -126,16 +136,22 @@ def _resolve(args) -> argparse.Namespace:
     unknown = set(args.methods) - set(peers.FAMILIES)
     if unknown:
         raise SystemExit(f"unknown --methods {sorted(unknown)}; choose among {list(peers.FAMILIES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.device = device
     args.tag = args.tag or device.type
-    args.shape_tuples = [measure.parse_shape(s) for s in args.shapes]
+    try:
+        args.shape_tuples = [measure.parse_shape(s) for s in args.shapes]
+    except ValueError as e:
+        raise SystemExit(f"--shapes: {e}") from None
     return args
 
 
 def device_description(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({os.cpu_count()} cores, {threads} thread{'s' if threads > 1 else ''})"
 
 
 def format_table(rows) -> str:

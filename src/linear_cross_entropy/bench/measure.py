@@ -328,7 +328,7 @@ def bench_shape(n, h, v, dtype, methods, reps, device="cuda", warmup=2, progress
     common = dict(dtype=dtype_name, device=device_type)
     rows = []
     progress.start(f"{n}x{h}x{v} {dtype_name}: floor")
-    floor = floor_ms(n, h, v, dtype, reps, warmup, device)
+    floor = floor_ms(n, h, v, dtype, reps, max(warmup, 1), device)  # a method's untimed steps are its warm-up
     progress.advance()
     tflops = 6 * n * h * v / floor / 1e9
     rate = f"{tflops:.0f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.0f} GFLOP/s"

@@ -88,7 +88,9 @@ def methods(selected, policies, device="cuda", backends=("fused",)):
     if "torch built-in" in selected:
         if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
             opts_t = torch.nn.LinearCrossEntropyOptions()
-            add("torch built-in", "torch built-in", lambda x, w, y, o=opts_t: F.linear_cross_entropy(x, w, y, options=o))
+            add(
+                "torch built-in", "torch built-in", lambda x, w, y, o=opts_t: F.linear_cross_entropy(x, w, y, options=o)
+            )
         else:
             notes.append(f"torch built-in unavailable: torch {torch.__version__} has no F.linear_cross_entropy")
     return {k: v for k, v in out.items() if family[k] in selected}, notes

@@ -13,8 +13,12 @@ import torch
 __all__ = ["linear_cross_entropy_fused", "unsupported_reason", "triton_available"]
 
 
+# Looked up once (without importing triton): a lookup per call would take importlib's locks inside compiled code.
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def _interpreting() -> bool:

@@ -13,10 +13,37 @@ from __future__ import annotations
 import torch
 
 from ...options import ResolvedOptions
-from ..common import LossParams, keep_mask, reduce_total, row_scales, take_saved_grads
+from ..common import Grads, LossParams, keep_mask, reduce_total, row_scales, take_saved_grads
 from .launch import deferred_grads, fused_sweep, scale_cast
 
-__all__ = ["linear_cross_entropy_fused"]
+__all__ = ["linear_cross_entropy_fused", "forward_pass", "backward_none", "blas_ready"]
+
+
+def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, defer: bool):
+    """``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``: ``saved`` is the gradients for an upstream gradient
+    of 1 (the weight gradient possibly still an fp32 scratch), ``(dz,)`` when ``defer``, None for ``"none"``."""
+    keep = keep_mask(target[:, None], lp)
+    wants = (grads.input, grads.weight, grads.bias)
+    if lp.reduction == "none":
+        losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, *wants)
+        loss, saved = reduce_total(losses[:, None], lse[:, None], keep, None, lp), None
+    else:
+        cw = None if class_weight is None else class_weight.float()
+        scales = row_scales(target[:, None], cw, lp, torch.float32)
+        shares = (scales.ce[:, 0], scales.z[:, 0]) if grads.any else None
+        losses, lse, stats, saved = fused_sweep(x, w, b, target, class_weight, lp, ro, shares, *wants, defer)
+        loss = reduce_total(losses[:, None], lse[:, None], keep, scales, lp)
+        if defer:
+            saved = (saved,)
+    return loss, lse[:, None], None if stats is None else stats[:, None], saved
+
+
+def backward_none(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out):
+    """The gradients of ``reduction="none"``, recomputed with each row's upstream gradient ``grad_out`` (N, 1)."""
+    share = grad_out[:, 0].float()
+    wants = (grads.input, grads.weight, grads.bias)
+    gx, gw, gb = fused_sweep(x, w, b, target, class_weight, lp, ro, (share, share), *wants)[3]
+    return gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
 
 
 class _FusedFunction(torch.autograd.Function):
@@ -24,39 +51,22 @@ class _FusedFunction(torch.autograd.Function):
     (or an empty tensor); only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, wants: tuple):
-        ctx.lp, ctx.ro, ctx.wants, ctx.w_dtype = lp, ro, wants, w.dtype
-        ctx.deferred = False
-        keep = keep_mask(target[:, None], lp)
+    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads):
+        ctx.lp, ctx.ro, ctx.grads, ctx.w_dtype = lp, ro, grads, w.dtype
+        ctx.deferred = lp.reduction != "none" and ro.batch_chunk_size >= x.shape[0] and grads.any
+        loss, lse, stats, ctx.saved_grads = forward_pass(x, w, b, target, class_weight, lp, ro, grads, ctx.deferred)
         if lp.reduction == "none":
-            losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, *wants)
             ctx.save_for_backward(x, w, b, target, class_weight)
-            loss = reduce_total(losses[:, None], lse[:, None], keep, None, lp)
-        else:
-            cw = None if class_weight is None else class_weight.float()
-            scales = row_scales(target[:, None], cw, lp, torch.float32)
-            ctx.deferred = ro.batch_chunk_size >= x.shape[0] and any(wants)
-            shares = (scales.ce[:, 0], scales.z[:, 0]) if any(wants) else None
-            losses, lse, stats, grads = fused_sweep(x, w, b, target, class_weight, lp, ro, shares, *wants, ctx.deferred)
-            if ctx.deferred:  # grads is dz (N, V); x and w are needed again by backward's GEMMs
-                ctx.save_for_backward(x, w)
-                grads = (grads,)
-            ctx.saved_grads = grads
-            loss = reduce_total(losses[:, None], lse[:, None], keep, scales, lp)
-        stats = lse.new_empty(0) if stats is None else stats[:, None]
-        lse = lse[:, None]
+        elif ctx.deferred:  # backward's GEMMs need x and w again
+            ctx.save_for_backward(x, w)
+        stats = lse.new_empty(0) if stats is None else stats
         ctx.mark_non_differentiable(lse, stats)
         return loss, lse, stats
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):
         if ctx.lp.reduction == "none":
-            x, w, b, target, class_weight = ctx.saved_tensors
-            share = grad_out[:, 0].float()
-            _, _, _, (gx, gw, gb) = fused_sweep(
-                x, w, b, target, class_weight, ctx.lp, ctx.ro, (share, share), *ctx.wants
-            )
-            grads = (gx, None if gw is None else gw.to(ctx.w_dtype), None if gb is None else gb.to(b.dtype))
+            grads = backward_none(*ctx.saved_tensors, ctx.lp, ctx.ro, ctx.grads, grad_out)
             return (*grads, None, None, None, None, None)
         if ctx.deferred:
             return (*_deferred_grads(ctx, grad_out), None, None, None, None, None)
@@ -78,7 +88,7 @@ def _deferred_grads(ctx, grad_out):
     """The single-chunk backward: the two gradient GEMMs on the ``dz`` forward left, scaled by ``grad_out``."""
     (dz,) = take_saved_grads(ctx)
     x, w = ctx.saved_tensors
-    gx, gw, gb = deferred_grads(dz, x, w, grad_out, ctx.wants)
+    gx, gw, gb = deferred_grads(dz, x, w, grad_out, (ctx.grads.input, ctx.grads.weight, ctx.grads.bias))
     return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
 
 
@@ -92,16 +102,10 @@ def linear_cross_entropy_fused(
     ro: ResolvedOptions,
 ) -> torch.Tensor:
     """``(loss, lse, stats)`` as the chunked backend returns them (K = 1); fp32 (the caller casts)."""
-    grad_mode = torch.is_grad_enabled()
-    wants = (
-        grad_mode and x.requires_grad,
-        grad_mode and w.requires_grad,
-        grad_mode and b is not None and b.requires_grad,
-    )
-    x, w = _blas_ready(x), _blas_ready(w)
-    return _FusedFunction.apply(x, w, b, target.contiguous(), class_weight, lp, ro, wants)
+    x, w = blas_ready(x), blas_ready(w)
+    return _FusedFunction.apply(x, w, b, target.contiguous(), class_weight, lp, ro, Grads.of(x, w, b))
 
 
-def _blas_ready(t: torch.Tensor) -> torch.Tensor:
+def blas_ready(t: torch.Tensor) -> torch.Tensor:
     """A view cuBLAS takes as it is (unit stride in one dimension), else a contiguous copy."""
     return t if (t.stride(-1) == 1 or t.stride(0) == 1) else t.contiguous()

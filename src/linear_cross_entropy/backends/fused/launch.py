@@ -175,7 +175,8 @@ def fused_sweep(
     class_weight: torch.Tensor | None,  # (V,)
     lp: LossParams,
     ro: ResolvedOptions,
-    scales: tuple[torch.Tensor, torch.Tensor] | None,  # (N,) fp32 shares s, s_z of the upstream gradient; None: loss only
+    scales: tuple[torch.Tensor, torch.Tensor]
+    | None,  # (N,) fp32 shares s, s_z of the upstream gradient; None: loss only
     want_input: bool,
     want_weight: bool,
     want_bias: bool,

@@ -1,0 +1,175 @@
+"""The backends as ``torch.library`` custom ops, for ``torch.compile``.
+
+Dynamo cannot trace the backends' chunk loops and Triton launches into one graph, and the eager autograd
+Functions keep state (the gradients forward computed) on ``ctx`` that compiled autograd does not carry. Under
+``torch.compile`` the functional form therefore calls :func:`run`: one opaque op per call
+(``linear_cross_entropy::forward``) with a fake kernel for shapes, whose outputs include the gradients for an
+upstream gradient of 1, and an autograd formula that scales them (``reduction="none"`` calls a second op,
+``linear_cross_entropy::backward_none``, which recomputes). Compiled, the gradients are always kept out of place
+(as ``allow_retain_graph=True``): compiled graphs cannot consume them in place. The settings travel as one
+string key that the ops parse back into the frozen parameter objects, so the ops' schemas stay small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from ..options import ResolvedOptions
+from .common import STATS, Grads, LossParams
+
+__all__ = ["run"]
+
+
+def _key(backend: str, lp: LossParams, ro: ResolvedOptions, grads: Grads) -> str:
+    """The settings as one string (from the fields: a dataclass ``repr`` is not traceable); :func:`_settings`
+    reads it back. Self-describing, because the fake kernel runs while Dynamo traces, before any side effect."""
+    return "|".join([backend] + [str(getattr(obj, f.name)) for obj in (lp, ro, grads) for f in dataclasses.fields(obj)])
+
+
+def _parse(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    if text.startswith("torch."):
+        return getattr(torch, text.removeprefix("torch."))
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@functools.cache
+def _settings(key: str) -> tuple[str, LossParams, ResolvedOptions, Grads]:
+    backend, *values = key.split("|")
+    objects = []
+    for cls in (LossParams, ResolvedOptions, Grads):
+        names = [f.name for f in dataclasses.fields(cls)]
+        objects.append(cls(**{name: _parse(values.pop(0)) for name in names}))
+    return (backend, *objects)
+
+
+def _backend(name: str):
+    if name == "fused":
+        from .fused import function
+
+        return function
+    from . import chunked
+
+    return chunked
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("linear_cross_entropy::forward", mutates_args=())
+def _forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    key: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend, lp, ro, grads = _settings(key)
+    module = _backend(backend)
+    if backend == "fused":
+        loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, False)
+    else:
+        loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads)
+    gx, gw, gb = saved if saved is not None else (None, None, None)
+    return (
+        loss,
+        lse,
+        _empty(lse) if stats is None else stats,
+        _empty(x) if gx is None else gx,
+        _empty(w) if gw is None else gw.to(w.dtype),
+        _empty(lse) if gb is None else gb.to(b.dtype),
+    )
+
+
+@_forward.register_fake
+def _(x, w, b, target, class_weight, key):
+    backend, lp, ro, grads = _settings(key)
+    n = x.shape[0]
+    k = 1 if backend == "fused" else w.shape[1]
+    sdt = torch.float64 if ro.acc_dtype == torch.float64 else torch.float32
+    scalar_grads = lp.reduction != "none" and grads.any
+    loss = x.new_empty((n, k) if lp.reduction == "none" else (), dtype=sdt)
+    lse = x.new_empty((n, k), dtype=sdt)
+    stats = x.new_empty((n, k, len(STATS)), dtype=sdt) if lp.metrics else x.new_empty(0, dtype=sdt)
+    gx = torch.empty_like(x) if scalar_grads and grads.input else x.new_empty(0)
+    gw = torch.empty_like(w) if scalar_grads and grads.weight else w.new_empty(0)
+    gb = torch.empty_like(b) if scalar_grads and grads.bias else x.new_empty(0, dtype=sdt)
+    return loss, lse, stats, gx, gw, gb
+
+
+@torch.library.custom_op("linear_cross_entropy::backward_none", mutates_args=())
+def _backward_none(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    key: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend, lp, ro, grads = _settings(key)
+    gx, gw, gb = _backend(backend).backward_none(x, w, b, target, class_weight, lp, ro, grads, grad_out)
+    return (
+        _empty(x) if gx is None else gx,
+        _empty(w) if gw is None else gw.to(w.dtype),
+        _empty(x) if gb is None else gb.to(b.dtype),
+    )
+
+
+@_backward_none.register_fake
+def _(x, w, b, target, class_weight, grad_out, key):
+    _, _, _, grads = _settings(key)
+    return (
+        torch.empty_like(x) if grads.input else x.new_empty(0),
+        torch.empty_like(w) if grads.weight else w.new_empty(0),
+        torch.empty_like(b) if grads.bias else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, target, class_weight, key = inputs
+    _, _, _, gx, gw, gb = output
+    ctx.key = key
+    ctx.save_for_backward(x, w, b, target, class_weight, gx, gw, gb)
+
+
+def _backward(ctx, grad_loss, _grad_lse, _grad_stats, _gx, _gw, _gb):
+    x, w, b, target, class_weight, gx, gw, gb = ctx.saved_tensors
+    _, lp, _, grads = _settings(ctx.key)
+    if lp.reduction == "none":
+        gx, gw, gb = _backward_none(x, w, b, target, class_weight, grad_loss, ctx.key)
+    else:
+        gx, gw, gb = gx * grad_loss, gw * grad_loss, gb * grad_loss
+    return (
+        gx if grads.input else None,
+        gw if grads.weight else None,
+        gb if grads.bias else None,
+        None,
+        None,
+        None,
+    )
+
+
+_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(backend: str, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions) -> tuple:
+    """``(loss, lse, stats)`` through the custom ops (the same values as the eager backends)."""
+    if backend == "fused":
+        from .fused.function import blas_ready
+
+        x, w, target = blas_ready(x), blas_ready(w), target.contiguous()
+    key = _key(backend, lp, ro, Grads.of(x, w, b))
+    loss, lse, stats = _forward(x, w, b, target, class_weight, key)[:3]
+    return loss, lse, stats
