@@ -174,21 +174,27 @@ def test_gradcheck_with_extras(path):
     w = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, 3, -100, 8, 2])
+    options = (
+        None
+        if PATHS[path] is None
+        else LinearCrossEntropyOptions(backend="chunked", batch_chunk_size=2, allow_retain_graph=True)
+    )
     for reduction in ("mean", "none"):
-        fn = lambda x, w, b: linear_cross_entropy(
-            x,
-            w,
-            t,
-            linear_bias=b,
-            reduction=reduction,
-            z_loss=0.2,  # noqa: E731
-            logit_scale=1.7,
-            logit_softcap=1.5,
-            label_smoothing=0.1,
-            options=None
-            if PATHS[path] is None
-            else LinearCrossEntropyOptions(backend="chunked", batch_chunk_size=2, allow_retain_graph=True),
-        )
+
+        def fn(x, w, b, reduction=reduction):
+            return linear_cross_entropy(
+                x,
+                w,
+                t,
+                linear_bias=b,
+                reduction=reduction,
+                z_loss=0.2,
+                logit_scale=1.7,
+                logit_softcap=1.5,
+                label_smoothing=0.1,
+                options=options,
+            )
+
         assert torch.autograd.gradcheck(fn, (x, w, b))
 
 

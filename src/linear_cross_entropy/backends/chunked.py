@@ -81,7 +81,6 @@ def chunk_loss_and_grad(
         sum_exp = e.sum(dim=1)
         lse = m + sum_exp.log()
         loss = q_sum * lse - zq
-        coef_target = None
         if lp.metrics:
             correct = predicted == target.argmax(dim=1)
             log_prob = -loss
