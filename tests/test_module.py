@@ -128,10 +128,12 @@ def test_forward_equals_functional(cfg, probs, device, seed):
     x, target = x.to(device), target.to(device)
     w = m.linear.weight.reshape(c, *out, f)
     b = None if m.linear.bias is None else m.linear.bias.reshape(c, *out)
+    # Bitwise on the CPU; on CUDA the K-dimensional cross_entropy kernels reduce with atomics (last-bit noise).
+    tol = 0 if device == "cpu" else 1e-6
     expected = linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.2)
-    torch.testing.assert_close(m(x, target), expected, rtol=0, atol=0)
+    torch.testing.assert_close(m(x, target), expected, rtol=tol, atol=tol)
     expected = oracle_loss(x, w, target, linear_bias=b, label_smoothing=0.2)
-    torch.testing.assert_close(m(x, target), expected, rtol=0, atol=0)
+    torch.testing.assert_close(m(x, target), expected, rtol=tol, atol=tol)
 
 
 def test_class_weight_is_a_buffer(seed):
