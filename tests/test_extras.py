@@ -338,3 +338,31 @@ def test_grad_scaler_fp16_scales_exactly_and_skips_inf_steps():
     scaler.update()
     assert torch.equal(head.weight.detach(), before)  # the inf/NaN step was skipped
     assert scaler.get_scale() < 2.0**12
+
+
+def test_module_extras_and_monitoring():
+    from linear_cross_entropy import LinearCrossEntropyLoss
+
+    torch.manual_seed(23)
+    head = LinearCrossEntropyLoss(
+        8,
+        30,
+        bias=True,
+        z_loss=1e-2,
+        logit_softcap=4.0,
+        monitoring=True,
+        options=LinearCrossEntropyOptions(batch_chunk_size=5),
+    )
+    x, t = torch.randn(12, 8), torch.randint(0, 30, (12,))
+    loss = head(x, t)
+    expected = linear_cross_entropy(
+        x, head.linear.weight, t, linear_bias=head.linear.bias, z_loss=1e-2, logit_softcap=4.0, return_metrics=True
+    )
+    torch.testing.assert_close(loss, expected.loss)
+    for got, want in zip(head.metrics, expected.metrics):
+        torch.testing.assert_close(got, want)
+    assert "z_loss=0.01" in repr(head) and "monitoring=True" in repr(head)
+    plain = LinearCrossEntropyLoss(8, 30)
+    assert plain.metrics is None and "z_loss" not in repr(plain)
+    plain(x, t)
+    assert plain.metrics is None  # monitoring off: nothing collected

@@ -111,10 +111,15 @@ def test_parity_with_torch_module(cfg, class_weight, seed):
 def test_constructor_signature_matches_torch():
     ours = inspect.signature(LinearCrossEntropyLoss.__init__)
     theirs = inspect.signature(torch.nn.LinearCrossEntropyLoss.__init__)
-    assert list(ours.parameters) == list(theirs.parameters)
-    for name, p in ours.parameters.items():
-        assert p.kind == theirs.parameters[name].kind, name
-        assert p.default == theirs.parameters[name].default, name
+    # PyTorch's parameters first, in order; ours after them, keyword-only and off by default.
+    extras = {"z_loss": 0.0, "logit_scale": 1.0, "logit_softcap": None, "monitoring": False}
+    assert list(ours.parameters) == list(theirs.parameters) + list(extras)
+    for name, default in extras.items():
+        assert ours.parameters[name].kind == inspect.Parameter.KEYWORD_ONLY
+        assert ours.parameters[name].default == default
+    for name, q in theirs.parameters.items():
+        assert ours.parameters[name].kind == q.kind, name
+        assert ours.parameters[name].default == q.default, name
 
 
 @pytest.mark.parametrize("device", DEVICES)

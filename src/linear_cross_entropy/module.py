@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.loss import _WeightedLoss
 
 from .functional import linear_cross_entropy
+from .metrics import LossMetrics
 from .options import LinearCrossEntropyOptions
 
 __all__ = ["LinearCrossEntropyLoss"]
@@ -41,6 +42,10 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         ignore_index: int | None = None,
         label_smoothing: float = 0.0,
         options: LinearCrossEntropyOptions | None = None,
+        z_loss: float = 0.0,
+        logit_scale: float = 1.0,
+        logit_softcap: float | None = None,
+        monitoring: bool = False,
     ) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
@@ -55,6 +60,13 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             in_features, math.prod(out_features, start=num_classes), bias=bias, device=device, dtype=dtype
         )
         self.options = options
+        # Ours (off by default): see linear_cross_entropy. With monitoring on, forward stores the in-pass
+        # LossMetrics of its last call in self.metrics (tensors; reading them is the caller's host sync).
+        self.z_loss = z_loss
+        self.logit_scale = logit_scale
+        self.logit_softcap = logit_softcap
+        self.monitoring = monitoring
+        self.metrics: LossMetrics | None = None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``input`` ``(F,)``/``(N, F)`` against ``target``; see the class docstring for shapes."""
@@ -62,6 +74,21 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         linear_bias = (
             self.linear.bias.reshape((self.num_classes, *self.out_features)) if self.linear.bias is not None else None
         )
+        if self.monitoring:
+            loss, self.metrics = linear_cross_entropy(
+                input,
+                linear_weight,
+                target,
+                linear_bias=linear_bias,
+                weight=self.weight,
+                reduction=self.reduction,
+                ignore_index=self.ignore_index,
+                label_smoothing=self.label_smoothing,
+                options=self.options,
+                return_metrics=True,
+                **self._extras(),
+            )
+            return loss
         return linear_cross_entropy(
             input,
             linear_weight,
@@ -72,7 +99,19 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
             options=self.options,
+            **self._extras(),
         )
+
+    def _extras(self) -> dict:
+        """Our keyword arguments, only those switched on (a module that uses none calls PyTorch's signature)."""
+        extras = {}
+        if self.z_loss:
+            extras["z_loss"] = self.z_loss
+        if self.logit_scale != 1.0:
+            extras["logit_scale"] = self.logit_scale
+        if self.logit_softcap is not None:
+            extras["logit_softcap"] = self.logit_softcap
+        return extras
 
     def extra_repr(self) -> str:
         return (
@@ -84,4 +123,6 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             f" ignore_index={self.ignore_index},"
             f" label_smoothing={self.label_smoothing},"
             f" options={self.options}"
+            + "".join(f", {k}={v}" for k, v in self._extras().items())
+            + (", monitoring=True" if self.monitoring else "")
         )

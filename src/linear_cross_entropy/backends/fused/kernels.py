@@ -28,14 +28,10 @@ import triton.language as tl
 
 @triton.jit
 def _tanh(u):
-    """tanh(u) = sign(u)·(1 − e^{−2|u|}) / (1 + e^{−2|u|}); its Taylor series near 0, where that form cancels."""
-    a = tl.abs(u)
-    e = tl.exp(-2.0 * a)
-    big = tl.fdiv(1.0 - e, 1.0 + e)  # approximate division (~2 ulp): the kernel is otherwise bandwidth-bound
-    u2 = u * u
-    small = a * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0 - u2 * (17.0 / 315.0))))
-    t = tl.where(a < 0.05, small, big)
-    return tl.where(u < 0, -t, t)
+    """tanh(u) = 1 − 2/(1 + e^{2u}): one exp and one approximate division (the kernel is bandwidth-bound, so every
+    instruction per logit shows). Saturates correctly at ±inf; near 0 its absolute error is ~1e-7, which the
+    soft-cap c multiplies into an absolute logit error of ~c·1e-7."""
+    return 1.0 - tl.fdiv(2.0, 1.0 + tl.exp(2.0 * u))
 
 
 @triton.jit
