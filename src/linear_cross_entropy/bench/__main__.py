@@ -58,9 +58,14 @@ DTYPES = ("bfloat16", "float16", "float32")
 _METHOD_ALIASES = {"torch-built-in": "torch built-in", "builtin": "torch built-in", "torch.compile": "compile"}
 
 
+def _default_prog() -> str:
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return script if script.startswith("linear-cross-entropy-bench") else "python -m linear_cross_entropy.bench"
+
+
 def build_parser(prog=None, **defaults) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog=prog or "python -m linear_cross_entropy.bench",
+        prog=prog or _default_prog(),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
