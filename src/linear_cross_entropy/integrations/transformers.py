@@ -11,11 +11,12 @@ materialising the ``(batch · sequence, vocabulary)`` logits (the output's ``log
     model = lce_hf.apply(AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B"))
     loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss   # logits never held
 
-How: the instance's ``forward`` is replaced (only on that instance, ``functools.wraps`` keeps the original signature
-for ``Trainer`` and ``generate``) by a function that runs the base model (``model.base_model``: ``model.model``, or
-``model.transformer`` for GPT-2) exactly as the original ``forward`` does, takes ``last_hidden_state`` and calls
-``linear_cross_entropy(hidden, model.get_output_embeddings().weight, shifted_labels, linear_bias=...)``. This is the
-same computation as the original's ``lm_head`` → (soft-cap) → ``ForCausalLMLoss``:
+How: the instance's ``forward`` is replaced (only on that instance; ``functools.wraps`` keeps the original signature
+for ``Trainer`` and ``generate``) by a function that, given ``labels``, runs the base model (``model.model``, or
+``model.transformer`` for GPT-2) with the arguments the original ``forward`` passes it, takes its
+``last_hidden_state`` and calls ``linear_cross_entropy(hidden, model.get_output_embeddings().weight, shifted_labels,
+linear_bias=...)``: the computation of the original's ``lm_head`` → (soft-cap) → ``ForCausalLMLoss``, without the
+logits. Transformers' internals are not touched. In detail:
 
 - label shift: labels are padded with ``ignore_index`` on the right and shifted left by one, as transformers does
   (position ``t`` predicts token ``t + 1``; the last position is ignored); a ``shift_labels=`` keyword (already
@@ -30,7 +31,7 @@ same computation as the original's ``lm_head`` → (soft-cap) → ``ForCausalLML
   raise ``NotImplementedError`` instead of computing an uncapped loss.
 
 Supported (each one's ``forward`` is "base model → ``last_hidden_state`` → ``lm_head`` → [soft-cap] →
-``ForCausalLMLoss``" in transformers 5.x; every one is tested against the model's own loss and gradients):
+``ForCausalLMLoss``" in transformers 4.57 and 5.x; each is tested against the model's own loss and gradients):
 ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``GemmaForCausalLM``,
 ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``, ``Phi3ForCausalLM``, ``GPT2LMHeadModel``. Other classes are refused
 (``ValueError``): a family that scales its logits (Cohere, Granite, ...) or has a custom loss would silently get a
@@ -41,9 +42,11 @@ transformers' own ``ForCausalLMLoss`` returns (it upcasts the logits with ``.flo
 float64 model's loss to fp32; pass ``options=LinearCrossEntropyOptions()`` to keep the input's dtype).
 
 Limitations: the ``lm_head`` module's own ``forward`` is not called on the training path, so hooks on it, tensor
-parallel plans for ``lm_head`` and FSDP wrapping of ``lm_head`` alone are bypassed; a labelled call with
-``logits_to_keep != 0`` is handed to the original ``forward``; evaluation that needs logits (``compute_metrics``)
-must call without ``labels``.
+parallel plans for ``lm_head`` and FSDP wrapping of ``lm_head`` alone are bypassed. ``apply`` refuses a model whose
+``forward`` was already replaced on the instance (e.g. ``model.forward = torch.compile(model.forward)``, or
+accelerate's hooks on a model dispatched with a ``device_map``): apply it first. A labelled call with
+``logits_to_keep != 0`` is handed to the original ``forward``. Evaluation that needs logits (``compute_metrics``)
+must call without ``labels``. Tested with transformers 4.57.6 and 5.23.0 on the CPU.
 """
 
 from __future__ import annotations
@@ -61,17 +64,17 @@ from ..options import LinearCrossEntropyOptions
 
 __all__ = ["SUPPORTED_CLASSES", "apply", "is_applied", "remove"]
 
-# Class name -> the output class its forward returns.
-SUPPORTED_CLASSES: dict[str, type] = {
-    "LlamaForCausalLM": CausalLMOutputWithPast,
-    "MistralForCausalLM": CausalLMOutputWithPast,
-    "Qwen2ForCausalLM": CausalLMOutputWithPast,
-    "Qwen3ForCausalLM": CausalLMOutputWithPast,
-    "GemmaForCausalLM": CausalLMOutputWithPast,
-    "Gemma2ForCausalLM": CausalLMOutputWithPast,
-    "Gemma3ForCausalLM": CausalLMOutputWithPast,
-    "Phi3ForCausalLM": CausalLMOutputWithPast,
-    "GPT2LMHeadModel": CausalLMOutputWithCrossAttentions,
+# Class name -> (attribute holding the base model whose ``last_hidden_state`` feeds ``lm_head``, output class).
+SUPPORTED_CLASSES: dict[str, tuple[str, type]] = {
+    "LlamaForCausalLM": ("model", CausalLMOutputWithPast),
+    "MistralForCausalLM": ("model", CausalLMOutputWithPast),
+    "Qwen2ForCausalLM": ("model", CausalLMOutputWithPast),
+    "Qwen3ForCausalLM": ("model", CausalLMOutputWithPast),
+    "GemmaForCausalLM": ("model", CausalLMOutputWithPast),
+    "Gemma2ForCausalLM": ("model", CausalLMOutputWithPast),
+    "Gemma3ForCausalLM": ("model", CausalLMOutputWithPast),
+    "Phi3ForCausalLM": ("model", CausalLMOutputWithPast),
+    "GPT2LMHeadModel": ("transformer", CausalLMOutputWithCrossAttentions),
 }
 
 # Keywords of the original forward that belong to the head and the loss, not to the base model.
@@ -106,9 +109,17 @@ def apply(model: torch.nn.Module, *, options: LinearCrossEntropyOptions | None =
             f"{name} has a custom loss (loss_function / loss_type); apply() would replace it with plain causal "
             "LM cross entropy."
         )
+    base = getattr(model, SUPPORTED_CLASSES[name][0], None)
+    if not isinstance(base, torch.nn.Module) or base is model:
+        raise ValueError(f"{name} has no base model at .{SUPPORTED_CLASSES[name][0]}; unknown transformers layout.")
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"{name}'s output embedding is {type(head).__name__}, expected torch.nn.Linear.")
+    if "forward" in vars(model) and not is_applied(model):
+        raise ValueError(
+            f"This {name}'s forward was already replaced on the instance (accelerate's device-map hooks, "
+            "torch.compile(model.forward), another patch); apply() must come first, on the plain model."
+        )
     _softcap_kwargs(model.config)  # fail now, not at the first training step
 
     setattr(model, _OPTIONS, options if options is not None else LinearCrossEntropyOptions(loss_dtype=torch.float32))
@@ -118,13 +129,16 @@ def apply(model: torch.nn.Module, *, options: LinearCrossEntropyOptions | None =
         def forward(self, *args, **kwargs):
             return _forward(self, *args, **kwargs)
 
+        forward._linear_cross_entropy = True
+
         model.forward = types.MethodType(forward, model)  # this instance only; copy.deepcopy rebinds it
     return model
 
 
 def is_applied(model: torch.nn.Module) -> bool:
     """Whether :func:`apply` patched ``model``."""
-    return "forward" in vars(model) and _OPTIONS in vars(model)
+    forward = vars(model).get("forward")
+    return getattr(getattr(forward, "__func__", None), "_linear_cross_entropy", False)
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
@@ -139,10 +153,9 @@ def _forward(self, *args, **kwargs):
     """The patched forward: the original without ``labels``, the base model + :func:`linear_cross_entropy` with."""
     original = type(self).forward.__get__(self)
     call = _bind(type(self), args, kwargs)
-    labels, shift_labels = call.get("labels"), call.get("shift_labels")
-    logits_to_keep = call.get("logits_to_keep", 0)
-    if (labels is None and shift_labels is None) or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-        return original(*args, **kwargs)
+    labels, logits_to_keep = call.get("labels"), call.get("logits_to_keep", 0)
+    if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return original(*args, **kwargs)  # no loss (inference, generate) or a labelled logits_to_keep: unchanged
 
     head = {key: call.pop(key, None) for key in _HEAD_KEYWORDS}
     ignore_index = -100 if head["ignore_index"] is None else head["ignore_index"]
@@ -150,11 +163,13 @@ def _forward(self, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
 
-    outputs = self.base_model(**call)  # the arguments the original passes on to it
+    base_attribute, output_class = SUPPORTED_CLASSES[type(self).__name__]
+    outputs = getattr(self, base_attribute)(**call, return_dict=True)  # what the original passes on to it
     hidden = outputs.last_hidden_state
     lm_head = self.get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
 
+    shift_labels = head["shift_labels"]
     if shift_labels is None:  # as transformers' ForCausalLMLoss: position t predicts token t + 1
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     num_items = head["num_items_in_batch"]
@@ -171,7 +186,6 @@ def _forward(self, *args, **kwargs):
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
 
-    output_class = SUPPORTED_CLASSES[type(self).__name__]
     fields = {k: v for k, v in outputs.items() if k in output_class.__dataclass_fields__}
     output = output_class(loss=loss, logits=None, **fields)
     return output if return_dict else output.to_tuple()
