@@ -74,22 +74,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         linear_bias = (
             self.linear.bias.reshape((self.num_classes, *self.out_features)) if self.linear.bias is not None else None
         )
-        if self.monitoring:
-            loss, self.metrics = linear_cross_entropy(
-                input,
-                linear_weight,
-                target,
-                linear_bias=linear_bias,
-                weight=self.weight,
-                reduction=self.reduction,
-                ignore_index=self.ignore_index,
-                label_smoothing=self.label_smoothing,
-                options=self.options,
-                return_metrics=True,
-                **self._extras(),
-            )
-            return loss
-        return linear_cross_entropy(
+        out = linear_cross_entropy(
             input,
             linear_weight,
             target,
@@ -100,7 +85,11 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             label_smoothing=self.label_smoothing,
             options=self.options,
             **self._extras(),
+            **({"return_metrics": True} if self.monitoring else {}),
         )
+        if self.monitoring:
+            out, self.metrics = out
+        return out
 
     def _extras(self) -> dict:
         """Our keyword arguments, only those switched on (a module that uses none calls PyTorch's signature)."""
