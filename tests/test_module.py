@@ -112,7 +112,14 @@ def test_constructor_signature_matches_torch():
     ours = inspect.signature(LinearCrossEntropyLoss.__init__)
     theirs = inspect.signature(torch.nn.LinearCrossEntropyLoss.__init__)
     # PyTorch's parameters first, in order; ours after them, keyword-only and off by default.
-    extras = {"z_loss": 0.0, "logit_scale": 1.0, "logit_softcap": None, "monitoring": False}
+    extras = {
+        "z_loss": 0.0,
+        "logit_scale": 1.0,
+        "logit_softcap": None,
+        "monitoring": False,
+        "process_group": None,
+        "input_grad_all_reduce": True,
+    }
     assert list(ours.parameters) == list(theirs.parameters) + list(extras)
     for name, default in extras.items():
         assert ours.parameters[name].kind == inspect.Parameter.KEYWORD_ONLY

@@ -161,7 +161,14 @@ def test_reference_signature_matches_torch():
     ours = inspect.signature(linear_cross_entropy)
     theirs = inspect.signature(F.linear_cross_entropy)
     # PyTorch's parameters first, in order; ours after them, keyword-only and off by default.
-    extras = {"z_loss": 0.0, "logit_scale": 1.0, "logit_softcap": None, "return_metrics": False}
+    extras = {
+        "z_loss": 0.0,
+        "logit_scale": 1.0,
+        "logit_softcap": None,
+        "return_metrics": False,
+        "process_group": None,
+        "input_grad_all_reduce": True,
+    }
     assert list(ours.parameters) == list(theirs.parameters) + list(extras)
     for name, default in extras.items():
         assert ours.parameters[name].kind == inspect.Parameter.KEYWORD_ONLY

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import validate
+from . import distributed, validate
 from .backends import chunked, compiled, fused
 from .backends.common import LossParams, keep_mask, summarize_metrics
 from .backends.reference import linear_cross_entropy_reference, reference_with_extras
@@ -37,11 +37,13 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     return_metrics: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    input_grad_all_reduce: bool = True,
 ) -> torch.Tensor | LinearCrossEntropyOutput:
     r"""Cross entropy of ``input @ linear_weight.T + linear_bias`` against ``target``, without holding the logits.
 
     Same signature, defaults, results and errors as PyTorch 2.13's ``torch.nn.functional.linear_cross_entropy``;
-    ``options=None`` is that function's reference path. The four keyword arguments after ``options`` are ours and
+    ``options=None`` is that function's reference path. The keyword arguments after ``options`` are ours and
     default to off (a call that uses none of them is exactly PyTorch's).
 
     Args:
@@ -61,6 +63,17 @@ def linear_cross_entropy(
         logit_scale: ``a``: the loss sees ``a·(x·Wᵀ + b)`` (temperature, muP output multiplier).
         logit_softcap: ``c > 0`` or None: the loss sees ``c·tanh(z/c)`` (Gemma 2), after the scale.
         return_metrics: also return :class:`LossMetrics` computed in the same pass (see :mod:`.metrics`).
+        process_group: vocabulary parallel (see :mod:`.distributed`): rank ``r`` of this
+            ``torch.distributed.ProcessGroup`` holds the ``r``-th contiguous slice of the vocabulary (in rank order;
+            uneven slices allowed) — its rows of ``linear_weight``, of ``linear_bias`` and of ``weight`` (class
+            weights, shape ``(local_C,)``) — while ``input`` and ``target`` (global class indices in
+            ``[0, Σ local_C)``) are the same on every rank. Every rank returns the loss (and metrics) of the whole
+            vocabulary and its own slices of the weight and bias gradients. Runs the chunked path (also on CUDA and
+            with ``options=None``, for now); index targets and a 2-D ``linear_weight`` only (NotImplementedError
+            otherwise). None: not sharded.
+        input_grad_all_reduce: with ``process_group``, all-reduce (SUM) ``grad_input`` over the group so every rank
+            gets the full input gradient (default). Megatron-style callers that all-reduce the input gradient of
+            the tensor-parallel region themselves pass False and get this rank's partial sum.
 
     Returns:
         A scalar for ``"mean"``/``"sum"``; ``()``, ``(N,)`` or ``(N, d1, ..., dK)`` for ``"none"``; in the dtype of
@@ -71,6 +84,13 @@ def linear_cross_entropy(
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing
     )
     validate.check_extras(z_loss, logit_scale, logit_softcap)
+    shard = None
+    if process_group is not None:
+        shard = _vocab_shard(
+            process_group, input_grad_all_reduce, shape, input, linear_weight, target, linear_bias, weight
+        )
+        if options is None:  # the reference path cannot shard: the chunked path serves the call
+            options = LinearCrossEntropyOptions(backend="chunked")
     extras = bool(z_loss) or logit_scale != 1.0 or logit_softcap is not None or return_metrics
     reference_kwargs = dict(
         linear_bias=linear_bias,
@@ -79,7 +99,7 @@ def linear_cross_entropy(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
     )
-    if not extras and (options is None or (not shape.batched and tuple(target.shape) == (1,))):
+    if shard is None and not extras and (options is None or (not shape.batched and tuple(target.shape) == (1,))):
         # The reference's own quirk (a (1,) target for an unbatched input) is served by the reference itself.
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
 
@@ -107,7 +127,8 @@ def linear_cross_entropy(
             )
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
     if not shape.target_is_probs and options is not None:
-        validate.check_target_range(target, shape.num_classes, lp.ignore_index)
+        num_classes = shape.num_classes if shard is None else shard.num_classes
+        validate.check_target_range(target, num_classes, lp.ignore_index)
 
     out_dtype = torch.promote_types(input.dtype, target.dtype) if shape.target_is_probs else input.dtype
     device_type = input.device.type
@@ -132,7 +153,7 @@ def linear_cross_entropy(
             b = None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
             loss, lse, stats = reference_with_extras(x, w, b, t, weight, lp)
         else:
-            loss, lse, stats = _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight)
+            loss, lse, stats = _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, shard)
     if options is not None and options.loss_dtype is not None:
         out_dtype = options.loss_dtype
     loss = loss.to(out_dtype)
@@ -148,9 +169,28 @@ def linear_cross_entropy(
     return LinearCrossEntropyOutput(loss, LossMetrics(**metrics))
 
 
-def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight):
+def _vocab_shard(process_group, input_grad_all_reduce, shape, input, linear_weight, target, linear_bias, weight):
+    """This rank's :class:`.distributed.VocabShard`, after the checks that need no communication."""
+    if shape.target_is_probs:
+        raise NotImplementedError("linear_cross_entropy: process_group with class-probability targets (target)")
+    if shape.out_features:
+        raise NotImplementedError(
+            "linear_cross_entropy: process_group with a K-dimensional loss (linear_weight of dimension "
+            f"{linear_weight.dim()}); only a 2-D linear_weight is supported"
+        )
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("linear_cross_entropy: process_group with weight (class weights) requiring grad")
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("linear_cross_entropy: process_group under torch.compile")
+    return distributed.make_shard(
+        process_group, input, linear_weight, target, linear_bias, weight, input_grad_all_reduce
+    )
+
+
+def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, shard=None):
     """Resolve the options on the chosen backend and run it: ``(loss, lse (N, K), stats)``."""
-    backend = _choose_backend(options, lp, shape, x)
+    # Vocabulary parallel runs the chunked path (the fused path does not shard yet).
+    backend = "chunked" if shard is not None else _choose_backend(options, lp, shape, x)
     ro = resolve(
         options,
         backend=backend,
@@ -170,6 +210,8 @@ def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight):
         run = chunked.linear_cross_entropy_chunked
     if torch.compiler.is_compiling():  # one opaque custom op with a fake kernel (backends/compiled.py)
         return compiled.run(backend, x, w, b, t, weight, lp, ro)
+    if shard is not None:
+        return run(x, w, b, t, weight, lp, ro, shard)
     return run(x, w, b, t, weight, lp, ro)
 
 

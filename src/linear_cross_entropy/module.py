@@ -46,6 +46,8 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         logit_scale: float = 1.0,
         logit_softcap: float | None = None,
         monitoring: bool = False,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        input_grad_all_reduce: bool = True,
     ) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
@@ -66,6 +68,10 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         self.logit_scale = logit_scale
         self.logit_softcap = logit_softcap
         self.monitoring = monitoring
+        # Vocabulary parallel (see linear_cross_entropy): num_classes, the parameters and weight are this rank's
+        # slice; plain attributes, passed through only when set.
+        self.process_group = process_group
+        self.input_grad_all_reduce = input_grad_all_reduce
         self.metrics: LossMetrics | None = None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -100,6 +106,9 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             extras["logit_scale"] = self.logit_scale
         if self.logit_softcap is not None:
             extras["logit_softcap"] = self.logit_softcap
+        if self.process_group is not None:
+            extras["process_group"] = self.process_group
+            extras["input_grad_all_reduce"] = self.input_grad_all_reduce
         return extras
 
     def extra_repr(self) -> str:
@@ -112,6 +121,6 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             f" ignore_index={self.ignore_index},"
             f" label_smoothing={self.label_smoothing},"
             f" options={self.options}"
-            + "".join(f", {k}={v}" for k, v in self._extras().items())
+            + "".join(f", {k}={v}" for k, v in self._extras().items() if k != "process_group")
             + (", monitoring=True" if self.monitoring else "")
         )

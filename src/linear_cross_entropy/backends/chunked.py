@@ -29,10 +29,15 @@ backward recomputes the logits chunk by chunk.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..options import ResolvedOptions
 from .common import STATS, Grads, LossParams, keep_mask, reduce_total, row_scales, stat_dtype, take_saved_grads
+
+if TYPE_CHECKING:
+    from ..distributed import VocabShard
 
 __all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad", "forward_pass", "backward_none"]
 
@@ -44,6 +49,7 @@ def chunk_loss_and_grad(
     lp: LossParams,
     ce_scale: torch.Tensor | None,  # (r,) upstream share per row (stats dtype), or None for loss only
     z_scale: torch.Tensor | None,  # (r,) the z-loss's share per row, with ce_scale
+    shard: VocabShard | None = None,  # vocabulary parallel: raw holds this rank's columns (index targets only)
 ):
     """Per-row cross entropy ``(r,)``, lse ``(r,)`` and statistics ``(r, len(STATS))`` (or None), in the stats
     dtype, and, when ``ce_scale`` is given, ``dr`` in ``raw``'s storage (else None).
@@ -51,8 +57,15 @@ def chunk_loss_and_grad(
     The softmax is formed in place (``z ← exp(z − m)``, ``m`` the row max) so a block needs no second ``(r, C)``
     temporary, and ``lse − z_y`` is taken as ``(m − z_y) + log Σ exp(z − m)``, which keeps small losses next to
     large logits exact.
+
+    With a ``shard`` (:mod:`..distributed`), ``raw`` holds the columns ``[offset, offset + C_local)`` of a
+    ``shard.num_classes`` vocabulary and ``class_weight`` their weights: every per-row statistic is first formed
+    over the local columns (the max, then ``Σ exp(z − m)``, ``z_y``, ``w_y``, ``Σ w_c z_c``, ``Σ e·log e``,
+    ``Σ z²``, each a sum over classes) and combined across the group by ``shard``'s all-reduces before the loss and
+    ``dz`` use them; ``dz`` is then this rank's columns of the global gradient. Without a shard the combine steps
+    are skipped and the arithmetic is the same.
     """
-    num_classes = raw.shape[1]
+    num_classes = raw.shape[1] if shard is None else shard.num_classes
     sdt = stat_dtype(raw.dtype)
     eps = lp.label_smoothing if lp.label_smoothing > 0 else 0.0
     want_grad = ce_scale is not None
@@ -66,7 +79,11 @@ def chunk_loss_and_grad(
     stats = None
     if lp.metrics:
         predicted = z.argmax(dim=1)
-        norm = torch.linalg.vector_norm(z, dim=1, dtype=sdt)
+        if shard is None:
+            norm = torch.linalg.vector_norm(z, dim=1, dtype=sdt)
+        else:
+            norm_sq = z.square().sum(dim=1, dtype=sdt)  # combined across ranks below, then its square root
+            local_max = m.clone()
 
     if lp.target_is_probs:
         keep = None
@@ -79,6 +96,8 @@ def chunk_loss_and_grad(
         zq = (z.to(sdt) * q).sum(dim=1)  # Σ_c q_c z_c
         e = _shifted_exp(z, m)
         sum_exp = e.sum(dim=1)
+        if lp.metrics:
+            e_log_e = torch.special.xlogy(e, e).sum(dim=1, dtype=sdt)
         lse = m + sum_exp.log()
         loss = q_sum * lse - zq
         if lp.metrics:
@@ -87,14 +106,44 @@ def chunk_loss_and_grad(
     else:
         keep = target != lp.ignore_index
         in_range = (target >= 0) & (target < num_classes)
-        y = torch.where(keep & in_range, target, 0)
+        if shard is None:
+            in_slice = keep & in_range
+            y = torch.where(in_slice, target, 0)
+        else:  # the target's column when this rank holds it
+            in_slice, y = shard.local_index(target)
+            in_slice = in_slice & keep
         z_y = z.gather(1, y[:, None]).squeeze(1).to(sdt)
         if eps:  # Σ_c w_c z_c, for the smoothing term
             z_sum = (z.to(sdt) @ class_weight) if class_weight is not None else z.sum(dim=1, dtype=sdt)
         w_y = class_weight[y] if class_weight is not None else torch.ones_like(m)
-        w_sum = class_weight.sum() if class_weight is not None else float(num_classes)
+        if shard is None:
+            w_sum = class_weight.sum() if class_weight is not None else float(num_classes)
+        else:
+            w_sum = shard.class_weight_sum.to(sdt) if class_weight is not None else float(num_classes)
+            z_y = torch.where(in_slice, z_y, 0.0)
+            if class_weight is not None:
+                w_y = torch.where(in_slice, w_y, 0.0)
+            m = shard.max_(m)  # the global row max, before the shifted exponentials
         e = _shifted_exp(z, m)
         sum_exp = e.sum(dim=1)
+        if lp.metrics:
+            e_log_e = torch.special.xlogy(e, e).sum(dim=1, dtype=sdt)
+        if shard is not None:  # one all-reduce of every per-row sum over classes
+            parts = [sum_exp, z_y]
+            parts += [w_y] if class_weight is not None else []
+            parts += [z_sum] if eps else []
+            parts += [e_log_e, norm_sq] if lp.metrics else []
+            combined = shard.sum_(torch.stack(parts, dim=1)).unbind(1)
+            sum_exp, z_y, combined = combined[0], combined[1], combined[2:]
+            if class_weight is not None:
+                w_y, combined = combined[0], combined[1:]
+            if eps:
+                z_sum, combined = combined[0], combined[1:]
+            if lp.metrics:
+                e_log_e, norm = combined[0], combined[1].sqrt()
+                # the first maximal class: the lowest global index among the ranks holding the global max
+                candidate = torch.where(local_max == m, predicted + shard.offset, torch.iinfo(torch.int64).max)
+                predicted = shard.min_(candidate)
         log_sum_exp = sum_exp.log()
         lse = m + log_sum_exp
         loss = (1.0 - eps) * w_y * ((m - z_y) + log_sum_exp)
@@ -106,8 +155,7 @@ def chunk_loss_and_grad(
             correct = predicted == target
             log_prob = z_y - lse
     if lp.metrics:
-        p = e / sum_exp[:, None]
-        entropy = -torch.special.xlogy(p, p).sum(dim=1, dtype=sdt)
+        entropy = sum_exp.log() - e_log_e / sum_exp  # −Σ p log p with p = e/Σe
         stats = torch.stack([m, entropy, norm, correct.to(sdt), log_prob], dim=1)
     if not want_grad:
         return loss, lse, stats, None
@@ -125,7 +173,8 @@ def chunk_loss_and_grad(
     if keep is None:
         dz.sub_(q * s[:, None])
     else:
-        dz.scatter_add_(1, y[:, None], (-(1.0 - eps) * s * w_y)[:, None].to(dz.dtype))
+        on_target = torch.where(in_slice, -(1.0 - eps) * s * w_y, 0.0)
+        dz.scatter_add_(1, y[:, None], on_target[:, None].to(dz.dtype))
         if eps:
             w = class_weight if class_weight is not None else torch.ones((), dtype=sdt, device=z.device)
             dz.sub_((s * (eps / num_classes))[:, None] * w)
@@ -163,6 +212,7 @@ def _sweep(
     ro: ResolvedOptions,
     scales: tuple[torch.Tensor, torch.Tensor] | None,  # (cross entropy, z-loss) shares (N, K), or None: loss only
     grads: Grads,
+    shard: VocabShard | None = None,
 ):
     """One pass over (position, chunk): per-row losses and lse ``(N, K)``, statistics ``(N, K, len(STATS))``
     (or None) and, with ``scales``, the three gradients."""
@@ -209,7 +259,7 @@ def _sweep(
                 rows_b = slice(start + b0, start + b1)
                 s_b = None if scales is None else scales[0][rows_b, pos]
                 s_z_b = None if scales is None else scales[1][rows_b, pos]
-                loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b, s_z_b)
+                loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b, s_z_b, shard)
                 losses[rows_b, pos] = loss_b
                 lse[rows_b, pos] = lse_b
                 if stats is not None:
@@ -232,6 +282,8 @@ def _sweep(
                 else:  # low-precision product into the acc_dtype scratch, a cache-sized block of classes at a time
                     for c0 in range(0, c, block):
                         grad_w[c0 : c0 + block, pos] += dz[:, c0 : c0 + block].T @ x_c
+    if grad_x is not None and shard is not None and shard.input_grad_all_reduce:
+        shard.sum_(grad_x)  # each rank's grad_x covers its classes only
     out = (
         grad_x,
         None if grad_w is None else grad_w.to(w.dtype),
@@ -240,28 +292,30 @@ def _sweep(
     return losses, lse, stats, out
 
 
-def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads):
+def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):
     """``(loss, lse, stats, saved_grads)``: for the scalar reductions ``saved_grads`` are the gradients for an
     upstream gradient of 1 (None entries where not wanted); for ``"none"`` it is None (backward recomputes)."""
     sdt = stat_dtype(ro.acc_dtype)
     cw = None if class_weight is None else class_weight.to(sdt)
     keep = keep_mask(target, lp)
     if lp.reduction == "none":
-        losses, lse, stats, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads)
+        losses, lse, stats, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads, shard)
         return reduce_total(losses, lse, keep, None, lp), lse, stats, None
-    scales = row_scales(target, cw, lp, sdt)
+    scales = row_scales(target, cw, lp, sdt, shard)
     wanted = (scales.ce, scales.z) if grads.any else None
-    losses, lse, stats, saved = _sweep(x, w, b, target, cw, lp, ro, wanted, grads)
+    losses, lse, stats, saved = _sweep(x, w, b, target, cw, lp, ro, wanted, grads, shard)
     return reduce_total(losses, lse, keep, scales, lp), lse, stats, saved
 
 
-def backward_none(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out):
+def backward_none(
+    x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out, shard=None
+):
     """The gradients of ``reduction="none"``: the logits recomputed chunk by chunk, each row scaled by its
     upstream gradient ``grad_out`` ``(N, K)``."""
     sdt = stat_dtype(ro.acc_dtype)
     cw = None if class_weight is None else class_weight.to(sdt)
     share = grad_out.to(sdt)
-    return _sweep(x, w, b, target, cw, lp, ro, (share, share), grads)[3]
+    return _sweep(x, w, b, target, cw, lp, ro, (share, share), grads, shard)[3]
 
 
 class _ChunkedFunction(torch.autograd.Function):
@@ -269,9 +323,9 @@ class _ChunkedFunction(torch.autograd.Function):
     tensor); only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads):
-        ctx.lp, ctx.ro, ctx.grads = lp, ro, grads
-        loss, lse, stats, ctx.saved_grads = forward_pass(x, w, b, target, class_weight, lp, ro, grads)
+    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):
+        ctx.lp, ctx.ro, ctx.grads, ctx.shard = lp, ro, grads, shard
+        loss, lse, stats, ctx.saved_grads = forward_pass(x, w, b, target, class_weight, lp, ro, grads, shard)
         if lp.reduction == "none":
             ctx.save_for_backward(x, w, b, target, class_weight)
         stats = lse.new_empty(0) if stats is None else stats
@@ -281,13 +335,13 @@ class _ChunkedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):
         if ctx.lp.reduction == "none":
-            grads = backward_none(*ctx.saved_tensors, ctx.lp, ctx.ro, ctx.grads, grad_out)
-            return (*grads, None, None, None, None, None)
+            grads = backward_none(*ctx.saved_tensors, ctx.lp, ctx.ro, ctx.grads, grad_out, ctx.shard)
+            return (*grads, None, None, None, None, None, None)
         in_place = not ctx.ro.allow_retain_graph
         out = tuple(
             None if g is None else (g.mul_(grad_out) if in_place else g * grad_out) for g in take_saved_grads(ctx)
         )
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def linear_cross_entropy_chunked(
@@ -298,8 +352,13 @@ def linear_cross_entropy_chunked(
     class_weight: torch.Tensor | None,  # (C,)
     lp: LossParams,
     ro: ResolvedOptions,
+    shard: VocabShard | None = None,
 ) -> torch.Tensor:
     """``(loss, lse, stats)``: loss ``(N, K)`` for ``reduction="none"``, else a scalar; lse ``(N, K)``; statistics
-    ``(N, K, len(STATS))`` with ``lp.metrics`` (else empty); all in the stats dtype (the caller casts)."""
+    ``(N, K, len(STATS))`` with ``lp.metrics`` (else empty); all in the stats dtype (the caller casts).
+
+    With a ``shard`` (vocabulary parallel, :mod:`..distributed`): ``w``, ``b`` and ``class_weight`` are this
+    rank's slices, the loss, lse and statistics those of the whole vocabulary, ``grad_input`` all-reduced over the
+    group unless ``shard.input_grad_all_reduce`` is off."""
     grads = Grads.of(x, w, b)
-    return _ChunkedFunction.apply(x, w, b, target, class_weight, lp, ro, grads)
+    return _ChunkedFunction.apply(x, w, b, target, class_weight, lp, ro, grads, shard)

@@ -85,10 +85,11 @@ def keep_mask(target: torch.Tensor, lp: LossParams) -> torch.Tensor:
     return target != lp.ignore_index
 
 
-def row_scales(target, class_weight, lp: LossParams, sdt) -> RowScales:
+def row_scales(target, class_weight, lp: LossParams, sdt, shard=None) -> RowScales:
     """For the scalar reductions: each row's share of an upstream gradient of 1, and the means' denominators.
 
-    ``target`` is ``(N, K)`` indices or ``(N, C, K)`` probabilities; ``class_weight`` ``(C,)`` in ``sdt`` or None.
+    ``target`` is ``(N, K)`` indices or ``(N, C, K)`` probabilities; ``class_weight`` ``(C,)`` in ``sdt`` or None
+    (with a vocabulary ``shard``, this rank's slice: ``w_y`` is then all-reduced over the group).
     """
     keep = keep_mask(target, lp)
     keep_f = keep.to(sdt)
@@ -98,9 +99,13 @@ def row_scales(target, class_weight, lp: LossParams, sdt) -> RowScales:
     elif class_weight is None:
         w_y = keep_f
         ce_denom = w_y.sum()
-    else:
+    elif shard is None:
         y = torch.where(keep & (target >= 0) & (target < class_weight.shape[0]), target, 0)
         w_y = torch.where(keep, class_weight[y], 0.0)
+        ce_denom = w_y.sum()
+    else:
+        in_slice, y = shard.local_index(target)
+        w_y = shard.sum_(torch.where(keep & in_slice, class_weight[y], 0.0))
         ce_denom = w_y.sum()
     z_denom = keep_f.sum()
     if lp.reduction == "mean":
