@@ -308,3 +308,18 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 except ImportError:  # hypothesis-based tests skip themselves
     pass
+
+
+def assert_signature_extends(ours, theirs, extras: dict) -> None:
+    """PyTorch's parameters first, in order, kinds and defaults; ours after them, keyword-only, with ``extras``
+    (name → default, the value that switches the addition off)."""
+    import inspect
+
+    ours, theirs = inspect.signature(ours), inspect.signature(theirs)
+    assert list(ours.parameters) == list(theirs.parameters) + list(extras)
+    for name, default in extras.items():
+        assert ours.parameters[name].kind == inspect.Parameter.KEYWORD_ONLY, name
+        assert ours.parameters[name].default == default, name
+    for name, q in theirs.parameters.items():
+        assert ours.parameters[name].kind == q.kind, name
+        assert ours.parameters[name].default == q.default, name
