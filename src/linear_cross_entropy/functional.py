@@ -149,9 +149,9 @@ def linear_cross_entropy(
         t = target.reshape(shape.num_rows, k).long()
     with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
         if options is None:  # the reference path with our additions
-            w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
-            b = None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
-            loss, lse, stats = reference_with_extras(x, w, b, t, weight, lp)
+            loss, lse, stats = reference_with_extras(
+                x, *_per_position(shape, linear_weight, linear_bias), t, weight, lp
+            )
         else:
             loss, lse, stats = _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, shard)
     if options is not None and options.loss_dtype is not None:
@@ -204,15 +204,20 @@ def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, s
         w, b, t = linear_weight, linear_bias, t[:, 0]
         run = fused.linear_cross_entropy_fused
     else:  # normalised to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K)
-        k = shape.positions
-        w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
-        b = None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
+        w, b = _per_position(shape, linear_weight, linear_bias)
         run = chunked.linear_cross_entropy_chunked
     if torch.compiler.is_compiling():  # one opaque custom op with a fake kernel (backends/compiled.py)
         return compiled.run(backend, x, w, b, t, weight, lp, ro)
     if shard is not None:
         return run(x, w, b, t, weight, lp, ro, shard)
     return run(x, w, b, t, weight, lp, ro)
+
+
+def _per_position(shape, linear_weight, linear_bias):
+    """``linear_weight`` as ``(C, K, F)`` and ``linear_bias`` as ``(C, K)``, K = prod(out_features) (views)."""
+    k = shape.positions
+    w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
+    return w, None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
 
 
 def _autocast_enabled(device_type: str) -> bool:

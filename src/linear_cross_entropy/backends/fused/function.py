@@ -23,15 +23,14 @@ def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOpti
     """``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``: ``saved`` is the gradients for an upstream gradient
     of 1 (the weight gradient possibly still an fp32 scratch), ``(dz,)`` when ``defer``, None for ``"none"``."""
     keep = keep_mask(target[:, None], lp)
-    wants = (grads.input, grads.weight, grads.bias)
     if lp.reduction == "none":
-        losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, *wants)
+        losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, grads)
         loss, saved = reduce_total(losses[:, None], lse[:, None], keep, None, lp), None
     else:
         cw = None if class_weight is None else class_weight.float()
         scales = row_scales(target[:, None], cw, lp, torch.float32)
         shares = (scales.ce[:, 0], scales.z[:, 0]) if grads.any else None
-        losses, lse, stats, saved = fused_sweep(x, w, b, target, class_weight, lp, ro, shares, *wants, defer)
+        losses, lse, stats, saved = fused_sweep(x, w, b, target, class_weight, lp, ro, shares, grads, defer)
         loss = reduce_total(losses[:, None], lse[:, None], keep, scales, lp)
         if defer:
             saved = (saved,)
@@ -41,8 +40,7 @@ def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOpti
 def backward_none(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out):
     """The gradients of ``reduction="none"``, recomputed with each row's upstream gradient ``grad_out`` (N, 1)."""
     share = grad_out[:, 0].float()
-    wants = (grads.input, grads.weight, grads.bias)
-    gx, gw, gb = fused_sweep(x, w, b, target, class_weight, lp, ro, (share, share), *wants)[3]
+    gx, gw, gb = fused_sweep(x, w, b, target, class_weight, lp, ro, (share, share), grads)[3]
     return gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
 
 
@@ -88,7 +86,7 @@ def _deferred_grads(ctx, grad_out):
     """The single-chunk backward: the two gradient GEMMs on the ``dz`` forward left, scaled by ``grad_out``."""
     (dz,) = take_saved_grads(ctx)
     x, w = ctx.saved_tensors
-    gx, gw, gb = deferred_grads(dz, x, w, grad_out, (ctx.grads.input, ctx.grads.weight, ctx.grads.bias))
+    gx, gw, gb = deferred_grads(dz, x, w, grad_out, ctx.grads)
     return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
 
 

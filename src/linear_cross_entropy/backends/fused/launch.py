@@ -11,7 +11,7 @@ import torch
 import triton
 
 from ...options import ResolvedOptions
-from ..common import LossParams
+from ..common import Grads, LossParams
 from .kernels import _cross_entropy_rows_kernel, _scale_cast_kernel
 
 __all__ = ["fused_sweep", "deferred_grads", "cross_entropy_rows", "scale_cast"]
@@ -88,17 +88,16 @@ def weight_grad_gemm(grad_w: torch.Tensor, dz: torch.Tensor, x_c: torch.Tensor, 
         _accumulate_weight_grad(grad_w[part], dz[:, part].T, x_c, first=first, fp32_mm=fp32_mm)
 
 
-def deferred_grads(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, grad_out: torch.Tensor, wants) -> tuple:
+def deferred_grads(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, grad_out: torch.Tensor, grads: Grads) -> tuple:
     """The gradients of a single-chunk call from its ``dz`` ``(N, V)``, with the upstream gradient folded into the
     small operands: ``grad_W = dzᵀ·(g·x)``, ``grad_x = (dz·W)·g``, ``grad_b = g·Σ_rows dz``."""
-    want_input, want_weight, want_bias = wants
     gw = gx = gb = None
-    if want_weight:  # first: its (N, H) temporary g·x is gone before grad_x is allocated
+    if grads.weight:  # first: its (N, H) temporary g·x is gone before grad_x is allocated
         gw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         weight_grad_gemm(gw, dz, x * grad_out, first=True)
-    if want_input:
+    if grads.input:
         gx = input_grad_gemm(dz, w, torch.empty(x.shape, dtype=x.dtype, device=x.device)).mul_(grad_out)
-    if want_bias:
+    if grads.bias:
         gb = dz.sum(dim=0, dtype=torch.float32).mul_(grad_out)
     return gx, gw, gb
 
@@ -177,9 +176,7 @@ def fused_sweep(
     ro: ResolvedOptions,
     scales: tuple[torch.Tensor, torch.Tensor]
     | None,  # (N,) fp32 shares s, s_z of the upstream gradient; None: loss only
-    want_input: bool,
-    want_weight: bool,
-    want_bias: bool,
+    grads: Grads,  # which gradients to compute (with scales)
     defer: bool = False,
 ):
     """Per-row losses ``(N,)``, lse ``(N,)`` and statistics ``(N, 5)`` (fp32) and, with ``scales``, the gradients.
@@ -195,7 +192,7 @@ def fused_sweep(
     losses = torch.empty(n, dtype=torch.float32, device=device)
     lse = torch.empty(n, dtype=torch.float32, device=device)
     stats = torch.empty((n, 5), dtype=torch.float32, device=device) if lp.metrics else None
-    want_grads = scales is not None and (want_input or want_weight or want_bias)
+    want_grads = scales is not None and grads.any
     rows = max(1, min(ro.batch_chunk_size, n))
     assert not defer or rows == n, "deferred gradient GEMMs need a single chunk"
     low_precision = dtype in (torch.float16, torch.bfloat16)
@@ -210,13 +207,13 @@ def fused_sweep(
         grad_all = torch.empty((rows, _padded(v, dtype)), dtype=dtype, device=device)[:, :v]
 
     if want_grads and defer:
-        want_input = want_weight = want_bias = False
-    grad_x = torch.empty((n, h), dtype=dtype, device=device) if want_grads and want_input else None
+        grads = Grads(False, False, False)  # the caller runs the gradient GEMMs on dz
+    grad_x = torch.empty((n, h), dtype=dtype, device=device) if want_grads and grads.input else None
     scratch = ro.acc_policy != "compact" and ro.acc_dtype == torch.float32 and low_precision
     grad_w = None
-    if want_grads and want_weight:
+    if want_grads and grads.weight:
         grad_w = torch.empty((v, h), dtype=torch.float32 if scratch else w.dtype, device=device)
-    grad_b = torch.zeros(v, dtype=torch.float32, device=device) if want_grads and want_bias else None
+    grad_b = torch.zeros(v, dtype=torch.float32, device=device) if want_grads and grads.bias else None
 
     for start in range(0, n, rows):
         stop = min(start + rows, n)
