@@ -2,116 +2,276 @@
 
     NCCL_NVLS_ENABLE=0 python benchmarks/vocab_parallel_nccl.py
 
-Each rank holds a contiguous, uneven slice of the head. Correctness: float64, every rank's loss, weight/bias
-gradient slices and the full input gradient against the single-process computation of the whole head. Timing
-(bf16, 8192×4096×128256, CUDA events, median): two ranks each with half the vocabulary vs one rank with all of it.
-With a process group the fused path is not implemented yet, so the sharded runs use the chunked path; the
-single-rank fused time is printed for comparison.
+Each rank holds a contiguous, uneven slice of the head. Correctness, every rank's loss, metrics, weight/bias
+gradient slices and full input gradient against the single-process computation of the whole head in float64:
+
+- the fused path in fp32 (TF32 off; the fused kernels have no fp64), held to twice plain PyTorch's own fp32 error
+  plus 1e-6 (relative norm errors, as tests/test_distributed.py), in one chunk and in several, with every loss
+  option; the script checks that the fused vocabulary-parallel sweep actually ran;
+- the chunked path in float64 (max relative error printed; ~1e-15 expected).
+
+Timing (bf16, N×H×V = 8192×4096×128256, forward + backward, CUDA events, median of 10 after 2 warm-ups; the
+slowest rank's median for the 2-rank runs): 2 ranks fused (V/2 each), 2 ranks chunked (V/2 each, 2048-row chunks),
+1 rank fused and 1 rank chunked with the whole head. Exits non-zero when a correctness check fails.
+
+``--cpu``: the same logic on 2 CPU processes with gloo and the fused kernels in Triton's interpreter, at small
+shapes (a dry run of this script without GPUs; its timings mean nothing).
 """
 
+import argparse
 import os
 import socket
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
+from linear_cross_entropy.backends import fused as fused_backend  # noqa: E402
+
+SLACK, FLOOR = 2.0, 1e-6
+METRICS = ("lse", "z_loss", "max_logit", "entropy", "logit_norm", "accuracy", "log_prob")
 
 
-def _time(step, reps=5):
-    step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")  # one write per line: the ranks' lines do not interleave
+    sys.stdout.flush()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _timer(dev):
+    if dev.type == "cuda":
+
+        def run(step):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b)
+
+        return run
+
+    def run(step):
+        t0 = time.perf_counter()
         step()
-        b.record()
+        return 1e3 * (time.perf_counter() - t0)
+
+    return run
+
+
+def _time(step, dev, reps=10, warmup=2):
+    """Median milliseconds of ``step`` (warm-ups first: Triton compiles, cuBLAS picks its kernels)."""
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    timer = _timer(dev)
+    return statistics.median(timer(step) for _ in range(reps))
 
 
-def worker(rank, world, port):
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    dev = torch.device("cuda", rank)
-    # correctness, float64, uneven slices
-    g = torch.Generator(device=dev).manual_seed(0)
-    n, h, v = 96, 32, 1001
-    bounds = [0, 450, v]
-    x = torch.randn(n, h, device=dev, dtype=torch.float64, generator=g)
-    w = torch.randn(v, h, device=dev, dtype=torch.float64, generator=g)
-    b = torch.randn(v, device=dev, dtype=torch.float64, generator=g)
-    y = torch.randint(0, v, (n,), device=dev, generator=g)
-    y[::9] = -100
-    ref_x, ref_w, ref_b = (t.clone().requires_grad_() for t in (x, w, b))
-    ref = F.cross_entropy(F.linear(ref_x, ref_w, ref_b), y, label_smoothing=0.1)
-    ref.backward()
-    lo, hi = bounds[rank], bounds[rank + 1]
+def _single(x, w, b, cw, y, kw, upstream):
+    """Loss, metrics and gradients of the whole head in one process (our reference path: plain PyTorch ops)."""
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    out = linear_cross_entropy(xr, wr, y, linear_bias=br, weight=cw, return_metrics=True, **kw)
+    loss = out.loss
+    (loss if loss.dim() == 0 else (loss * upstream.to(loss.dtype)).sum()).backward()
+    return loss.detach(), out.metrics, xr.grad, wr.grad, br.grad
+
+
+def _sharded(x, w, b, cw, y, kw, upstream, lo, hi, options):
     xs, ws, bs = x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
-    loss = linear_cross_entropy(
+    out = linear_cross_entropy(
         xs,
         ws,
         y,
         linear_bias=bs,
-        label_smoothing=0.1,
-        options=LinearCrossEntropyOptions(),
+        weight=cw[lo:hi],
+        options=options,
         process_group=dist.group.WORLD,
+        return_metrics=True,
+        **kw,
     )
-    loss.backward()
-    errs = [
-        ((a - r).abs().max() / r.abs().max()).item()
-        for a, r in ((loss, ref), (xs.grad, ref_x.grad), (ws.grad, ref_w.grad[lo:hi]), (bs.grad, ref_b.grad[lo:hi]))
+    loss = out.loss
+    (loss if loss.dim() == 0 else (loss * upstream.to(loss.dtype)).sum()).backward()
+    return loss.detach(), out.metrics, xs.grad, ws.grad, bs.grad
+
+
+def _fields(result, lo, hi):
+    loss, metrics, gx, gw, gb = result
+    out = {"loss": loss, "grad_input": gx, "grad_weight": gw, "grad_bias": gb}
+    if lo is not None:
+        out["grad_weight"], out["grad_bias"] = gw[lo:hi], gb[lo:hi]
+    out.update({f"metric {f}": getattr(metrics, f) for f in METRICS})
+    return out
+
+
+def check(rank, dev, cpu):
+    """Correctness on uneven slices; returns the number of failed comparisons on this rank."""
+    g = torch.Generator().manual_seed(0)  # on the CPU: the same data on every rank
+    n, h, v = (45, 16, 301) if cpu else (96, 64, 1001)
+    bounds = [0, 130 if cpu else 450, v]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    x = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * (2 / h**0.5)
+    b = torch.randn(v, generator=g, dtype=torch.float64)
+    cw = torch.rand(v, generator=g, dtype=torch.float64) + 0.2
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::9] = -100
+    upstream = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    x, w, b, cw, y, upstream = (t.to(dev) for t in (x, w, b, cw, y, upstream))
+    cases = [
+        ("mean smoothing", {"label_smoothing": 0.1}, None),
+        ("sum extras", {"reduction": "sum", "z_loss": 1e-3, "logit_scale": 0.8, "logit_softcap": 5.0}, None),
+        ("none smoothing z-loss", {"reduction": "none", "label_smoothing": 0.2, "z_loss": 1e-3}, None),
+        ("mean 4 chunks", {"label_smoothing": 0.1, "logit_softcap": 5.0}, -(-n // 4)),
     ]
-    print(
-        f"rank {rank}: float64 max rel err loss {errs[0]:.1e} grad_input {errs[1]:.1e} "
-        f"grad_weight slice {errs[2]:.1e} grad_bias slice {errs[3]:.1e}",
-        flush=True,
+    failures = 0
+    # the fused path, fp32, against float64 within twice plain PyTorch's fp32 error
+    from linear_cross_entropy.backends.fused import launch
+
+    ran = [0]
+    original = launch._sharded_rows
+
+    def counting(*args, **kwargs):
+        ran[0] += 1
+        return original(*args, **kwargs)
+
+    launch._sharded_rows = counting
+    f32 = [t.float() if t.is_floating_point() else t for t in (x, w, b, cw)]
+    for name, kw, rows in cases:
+        options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=rows, chunking_method=None)
+        ref = _fields(_single(x, w, b, cw, y, kw, upstream), lo, hi)
+        plain = _fields(_single(*f32, y, kw, upstream), lo, hi)
+        before = ran[0]
+        ours = _fields(_sharded(*f32, y, kw, upstream, lo, hi, options), None, None)
+        worst, worst_field = 0.0, ""
+        bad = []
+        for field, r in ref.items():
+            err, bound = _rel(ours[field], r), SLACK * _rel(plain[field], r) + FLOOR
+            if err / bound > worst:
+                worst, worst_field = err / bound, field
+            if not err <= bound:
+                bad.append(f"{field} {err:.1e} > {bound:.1e}")
+        if ran[0] == before:
+            bad.append("the fused vocabulary-parallel path did not run")
+        failures += len(bad)
+        status = "ok" if not bad else "FAIL: " + "; ".join(bad)
+        _say(f"rank {rank} fused fp32 [{name}]: worst error/bound {worst:.2f} ({worst_field}) {status}")
+    launch._sharded_rows = original
+    # the chunked path, float64
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    ref = _fields(_single(x, w, b, cw, y, kw, upstream), lo, hi)
+    ours = _fields(
+        _sharded(x, w, b, cw, y, kw, upstream, lo, hi, LinearCrossEntropyOptions(backend="chunked")), None, None
     )
-    # timing, bf16
-    n, h, v = 8192, 4096, 128256
-    x = torch.randn(n, h, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
-    w_full = (torch.randn(v, h, device=dev, generator=g) * (2 / h**0.5)).bfloat16()
+    worst = max(_rel(ours[f], r) for f, r in ref.items())
+    failures += worst > 1e-12
+    _say(f"rank {rank} chunked float64: max relative error {worst:.1e} {'ok' if worst <= 1e-12 else 'FAIL'}")
+    return failures
+
+
+def timing(rank, world, dev, cpu):
+    n, h, v = (64, 32, 1000) if cpu else (8192, 4096, 128256)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(n, h, device=dev, dtype=dtype, generator=g)
     y = torch.randint(0, v, (n,), device=dev, generator=g)
-    half = v // 2
-    w = w_full[rank * half : (rank + 1) * half].clone().requires_grad_()
-    opts = LinearCrossEntropyOptions(batch_chunk_size=2048)
+    dist.broadcast(x, 0)  # every rank the same input and targets
+    dist.broadcast(y, 0)
+    x.requires_grad_()
+    w_full = (torch.randn(v, h, device=dev, generator=g) * (2 / h**0.5)).to(dtype)
+    dist.broadcast(w_full, 0)
+    half = v // world
+    lo, hi = rank * half, (v if rank == world - 1 else (rank + 1) * half)
+    w = w_full[lo:hi].clone().requires_grad_()
+    rows = {} if cpu else {"batch_chunk_size": 2048}
 
-    def sharded():
-        x.grad = w.grad = None
-        linear_cross_entropy(x, w, y, options=opts, process_group=dist.group.WORLD).backward()
+    def sharded(backend, **opts):
+        def step():
+            x.grad = w.grad = None
+            options = LinearCrossEntropyOptions(backend=backend, **opts)
+            linear_cross_entropy(x, w, y, options=options, process_group=dist.group.WORLD).backward()
 
-    ms = _time(sharded)
+        return step
+
+    results = {}
+    for label, step in (
+        ("2 ranks fused (V/2 each)", sharded("fused")),
+        ("2 ranks chunked (V/2 each)", sharded("chunked", **rows)),
+    ):
+        dist.barrier()
+        ms = torch.tensor([_time(step, dev)], dtype=torch.float64, device=dev)
+        dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank's median
+        results[label] = ms.item()
+    dist.barrier()
     if rank == 0:
         wf = w_full.requires_grad_()
 
-        def whole(backend):
+        def whole(backend, **opts):
             def step():
                 x.grad = wf.grad = None
-                linear_cross_entropy(x, wf, y, options=LinearCrossEntropyOptions(backend=backend)).backward()
+                linear_cross_entropy(x, wf, y, options=LinearCrossEntropyOptions(backend=backend, **opts)).backward()
 
             return step
 
-        one_chunked = _time(whole("chunked"))
-        one_fused = _time(whole("fused"))
-        print(
-            f"8192x4096x128256 bf16: 2 ranks (chunked, V/2 each) {ms:.1f} ms; 1 rank chunked {one_chunked:.1f} ms; "
-            f"1 rank fused {one_fused:.1f} ms",
-            flush=True,
-        )
+        results["1 rank fused (whole V)"] = _time(whole("fused"), dev)
+        results["1 rank chunked (whole V)"] = _time(whole("chunked", **rows), dev)
+        print(f"\n{n}x{h}x{v} {str(dtype).removeprefix('torch.')}, forward + backward, median ms:", flush=True)
+        for label, ms in results.items():
+            print(f"  {label:<28} {ms:8.2f}", flush=True)
     dist.barrier()
-    dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def worker(rank, world, port, cpu, status_dir):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if cpu:
+        dev = torch.device("cpu")
+        backend = "gloo"
+    else:
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+        backend = "nccl"
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 check compares with plain fp32, not TF32
+        torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        failures = check(rank, dev, cpu)
+        timing(rank, world, dev, cpu)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(status_dir, f"rank{rank}"), "w") as f:
+        f.write(str(failures))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="dry run: gloo, CPU, Triton interpreter, small shapes")
+    args = parser.parse_args()
+    if args.cpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # inherited by the workers before they import triton
+    elif torch.cuda.device_count() < 2:
+        sys.exit("needs 2 GPUs (or --cpu for a dry run)")
+    if not fused_backend.triton_available():
+        sys.exit("needs triton (the fused backend)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port), nprocs=2, join=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as status_dir:
+        mp.spawn(worker, args=(2, port, args.cpu, status_dir), nprocs=2, join=True)
+        failures = sum(int(open(os.path.join(status_dir, f"rank{r}")).read()) for r in range(2))
+    print(f"\ncorrectness: {'all checks passed' if not failures else f'{failures} FAILED'}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

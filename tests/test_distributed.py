@@ -3,6 +3,12 @@
 One ``torch.multiprocessing.spawn`` per world size runs every case (spawning is the slow part); the workers collect
 mismatches instead of raising at the first one, so no rank leaves the others waiting in a collective. A wall-clock
 limit (and the process group's own timeout) turns a hang into a failure.
+
+The chunked path runs in float64 (tolerance 1e-9). Under ``TRITON_INTERPRET=1`` the same workers also run the fused
+path (``backend="fused"``, its Triton kernels in the interpreter) in float32, each result held to the float64 one
+within twice the error of plain PyTorch in float32 (plus a floor), with a small column block so that a row spans
+several tiles. The slices are sized so that the ranks' own vocabulary sizes would give them different chunks and
+softmax blocks: the chunking must follow the global vocabulary or the collectives would not match.
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from linear_cross_entropy import LinearCrossEntropyLoss, LinearCrossEntropyOptions, linear_cross_entropy
-from linear_cross_entropy.distributed import check_backend
+from linear_cross_entropy.backends import chunked
+from linear_cross_entropy.backends.common import Grads, LossParams
+from linear_cross_entropy.distributed import VocabShard, check_backend
+from linear_cross_entropy.options import ResolvedOptions
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 N, H, V = 13, 8, 37
-WALL_LIMIT_S = 120.0
+WALL_LIMIT_S = 150.0
 METRICS = ("lse", "z_loss", "max_logit", "entropy", "logit_norm", "accuracy", "log_prob")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# fused (fp32) against float64: within _SLACK × plain PyTorch's fp32 error + _FLOOR (relative norm errors)
+_SLACK, _FLOOR = 2.0, 1e-6
 
 
 def _free_port() -> int:
@@ -71,6 +83,43 @@ def _cases():
         ]
     cases.append(("mean-small-chunks", {"options": LinearCrossEntropyOptions(batch_chunk_size=4)}, True, True))
     cases.append(("mean-options-none", {"options": None}, True, False))
+    # chunk rows from the aspect ratio and small softmax blocks: both must follow the global V on every rank
+    aspect = LinearCrossEntropyOptions(chunking_method="aspect_ratio")
+    cases.append(("sum-aspect-ratio", {"options": aspect, "reduction": "sum", "label_smoothing": 0.1}, True, True))
+    cases.append(("none-small-blocks", {"reduction": "none", "small_blocks": True, "return_metrics": True}, True, True))
+    return cases
+
+
+def _fused_cases():
+    """Cases for the fused path (fp32, TRITON_INTERPRET): every reduction and loss option, one chunk (the deferred
+    backward) and several."""
+    fused = LinearCrossEntropyOptions(backend="fused")
+    cases = []
+    for reduction in ("mean", "sum", "none"):
+        base = {"reduction": reduction, "options": fused}
+        cases += [
+            (f"fused-{reduction}-bias", base, True, False),
+            (
+                f"fused-{reduction}-weight-smooth-ignore5",
+                {**base, "label_smoothing": 0.2, "ignore_index": 5},
+                True,
+                True,
+            ),
+            (
+                f"fused-{reduction}-extras",
+                {**base, "z_loss": 0.01, "logit_scale": 0.8, "logit_softcap": 3.0, "label_smoothing": 0.1},
+                True,
+                True,
+            ),
+            (f"fused-{reduction}-metrics", {**base, "return_metrics": True, "z_loss": 0.1}, True, False),
+        ]
+    chunks = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=4)
+    aspect = LinearCrossEntropyOptions(backend="fused", chunking_method="aspect_ratio")
+    cases += [
+        ("fused-mean-chunks-of-4", {"options": chunks, "label_smoothing": 0.1, "return_metrics": True}, True, True),
+        ("fused-sum-aspect-ratio", {"options": aspect, "reduction": "sum", "z_loss": 0.01}, False, True),
+        ("fused-mean-plain", {"options": fused}, False, False),
+    ]
     return cases
 
 
@@ -81,6 +130,31 @@ def _check(errors, name, actual, expected):
         errors.append(f"{name}: {e}")
 
 
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _compare(errors, name, actual, plain, expected):
+    """``actual`` (fp32) within _SLACK × plain PyTorch's fp32 error of the float64 ``expected``, plus _FLOOR."""
+    bound = _SLACK * _rel(plain, expected) + _FLOOR
+    err = _rel(actual, expected)
+    if not err <= bound:  # NaN fails too
+        errors.append(f"{name}: relative error {err:.2e} > bound {bound:.2e} (plain fp32 {_rel(plain, expected):.2e})")
+
+
+def _single_process(x, w, b, cw, t, kwargs, extras, upstream):
+    """The unsharded loss and gradients in the inputs' dtype: plain PyTorch, or our reference path with extras."""
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    br = None if b is None else b.clone().requires_grad_()
+    if extras:
+        out = linear_cross_entropy(xr, wr, t, linear_bias=br, weight=cw, **kwargs, **extras)
+    else:
+        out = F.cross_entropy(F.linear(xr, wr, br), t, weight=cw, **kwargs)
+    loss = out.loss if extras.get("return_metrics") else out
+    (loss if loss.dim() == 0 else (loss * upstream.to(loss.dtype)).sum()).backward()
+    return out, loss.detach(), xr.grad, wr.grad, None if br is None else br.grad
+
+
 def _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors, grad_all_reduce=True):
     x, w, b, cw, t, upstream = _data()
     start, end = bounds[rank], bounds[rank + 1]
@@ -88,54 +162,66 @@ def _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors, grad_
     if "ignore_index" in kwargs:
         t = torch.where(t == -100, kwargs["ignore_index"], t)
     options = kwargs.pop("options", LinearCrossEntropyOptions())
+    small_blocks = kwargs.pop("small_blocks", False)
+    fused = options is not None and options.backend == "fused"
     metrics = kwargs.get("return_metrics", False)
     extras = {k: kwargs.pop(k) for k in ("z_loss", "logit_scale", "logit_softcap", "return_metrics") if k in kwargs}
+    b = b if use_bias else None
+    cw = cw if use_cw else None
 
-    def finish(out):
-        loss = out.loss if metrics else out
-        return loss, (loss if loss.dim() == 0 else (loss * upstream).sum())
-
-    # single-process reference, float64
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    br = b.clone().requires_grad_() if use_bias else None
-    ref_kw = dict(linear_bias=br, weight=cw if use_cw else None, **kwargs)
-    if extras:
-        ref_out = linear_cross_entropy(xr, wr, t, **ref_kw, **extras)
-    else:
-        ref_out = F.cross_entropy(F.linear(xr, wr, br), t, **{k: v for k, v in ref_kw.items() if k != "linear_bias"})
-    ref_loss, ref_scalar = finish(ref_out)
-    ref_scalar.backward()
+    ref = _single_process(x, w, b, cw, t, kwargs, extras, upstream)  # float64
+    if fused:  # the fused path runs fp32 (no fp64 kernels); plain PyTorch's own fp32 error sets the tolerance
+        x, w, b, cw = (None if v is None else v.float() for v in (x, w, b, cw))
+        plain = _single_process(x, w, b, cw, t, kwargs, extras, upstream)
 
     # this rank's slice
     xs = x.clone().requires_grad_()
     ws = w[start:end].clone().requires_grad_()
     bs = b[start:end].clone().requires_grad_() if use_bias else None
-    out = linear_cross_entropy(
-        xs,
-        ws,
-        t,
-        linear_bias=bs,
-        weight=cw[start:end] if use_cw else None,
-        options=options,
-        process_group=group,
-        input_grad_all_reduce=grad_all_reduce,
-        **kwargs,
-        **extras,
-    )
-    loss, scalar = finish(out)
-    scalar.backward()
+    before = _SHARDED_FUSED_CHUNKS[0]
+    saved_block = chunked._BLOCK_LOGITS
+    if small_blocks:  # softmax blocks of a few rows: one combine per block
+        chunked._BLOCK_LOGITS = 2 * V
+    try:
+        out = linear_cross_entropy(
+            xs,
+            ws,
+            t,
+            linear_bias=bs,
+            weight=cw[start:end] if use_cw else None,
+            options=options,
+            process_group=group,
+            input_grad_all_reduce=grad_all_reduce,
+            **kwargs,
+            **extras,
+        )
+    finally:
+        chunked._BLOCK_LOGITS = saved_block
+    if fused and _SHARDED_FUSED_CHUNKS[0] == before:
+        errors.append(f"{name}: the fused vocabulary-parallel path did not run")
+    loss = out.loss if metrics else out
+    (loss if loss.dim() == 0 else (loss * upstream.to(loss.dtype)).sum()).backward()
     grad_x = xs.grad
     if not grad_all_reduce:
         grad_x = grad_x.clone()
         dist.all_reduce(grad_x, group=group)
-    _check(errors, f"{name} loss", loss, ref_loss.detach())
-    _check(errors, f"{name} grad_input", grad_x, xr.grad)
-    _check(errors, f"{name} grad_weight", ws.grad, wr.grad[start:end])
+    actual = [("loss", loss.detach()), ("grad_input", grad_x), ("grad_weight", ws.grad)]
+    expected = [ref[1], ref[2], ref[3][start:end]]
+    approx = [plain[1], plain[2], plain[3][start:end]] if fused else [None] * 3
     if use_bias:
-        _check(errors, f"{name} grad_bias", bs.grad, br.grad[start:end])
+        actual.append(("grad_bias", bs.grad))
+        expected.append(ref[4][start:end])
+        approx.append(plain[4][start:end] if fused else None)
     if metrics:
         for field in METRICS:
-            _check(errors, f"{name} metric {field}", getattr(out.metrics, field), getattr(ref_out.metrics, field))
+            actual.append((f"metric {field}", getattr(out.metrics, field)))
+            expected.append(getattr(ref[0].metrics, field))
+            approx.append(getattr(plain[0].metrics, field) if fused else None)
+    for (what, a), e, p in zip(actual, expected, approx):
+        if fused:
+            _compare(errors, f"{name} {what}", a, p, e)
+        else:
+            _check(errors, f"{name} {what}", a, e)
 
 
 def _expect_error(errors, name, exc_type, match, fn):
@@ -188,7 +274,7 @@ def _error_cases(rank, group, bounds, errors):
     _run_case(rank, group, bounds, "after-errors", {"reduction": "mean"}, True, True, errors)
 
 
-def _tie_case(rank, group, bounds, errors):
+def _tie_case(rank, group, bounds, errors, fused=False):
     """Classes 2 and 30 (on different ranks) have equal logits and are every row's argmax: accuracy counts the
     first maximal class, as argmax does."""
     # small integers: every GEMM (whatever its blocking on each rank) is exact, so the tie is exact everywhere
@@ -202,18 +288,29 @@ def _tie_case(rank, group, bounds, errors):
     t[::3] = 2
     start, end = bounds[rank], bounds[rank + 1]
     ref = linear_cross_entropy(x, w, t, linear_bias=b, return_metrics=True)
+    if fused:  # integers are exact in fp32 too
+        x, w, b = x.float(), w.float(), b.float()
+        plain = linear_cross_entropy(x, w, t, linear_bias=b, return_metrics=True)
     out = linear_cross_entropy(
         x,
         w[start:end],
         t,
         linear_bias=b[start:end],
-        options=LinearCrossEntropyOptions(),
+        options=LinearCrossEntropyOptions(backend="fused" if fused else "auto"),
         process_group=group,
         return_metrics=True,
     )
     assert 0 < float(ref.metrics.accuracy) < 1
     for field in METRICS:
-        _check(errors, f"ties metric {field}", getattr(out.metrics, field), getattr(ref.metrics, field))
+        name = f"{'fused ' if fused else ''}ties metric {field}"
+        if fused:
+            _compare(
+                errors, name, getattr(out.metrics, field), getattr(plain.metrics, field), getattr(ref.metrics, field)
+            )
+        else:
+            _check(errors, name, getattr(out.metrics, field), getattr(ref.metrics, field))
+    if fused:  # the tied rows' accuracy is exact: the same fp32 mean as plain PyTorch's
+        _check(errors, "fused ties accuracy", out.metrics.accuracy, plain.metrics.accuracy)
 
 
 def _module_case(rank, group, bounds, errors):
@@ -225,6 +322,27 @@ def _module_case(rank, group, bounds, errors):
         m.linear.bias.copy_(b[start:end])
     _check(errors, "module loss", m(x, t), F.cross_entropy(F.linear(x, w, b), t))
     assert m.process_group is group
+
+
+_SHARDED_FUSED_CHUNKS = [0]  # chunks the fused vocabulary-parallel path ran in this process
+
+
+def _fused_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _count_sharded_fused_chunks(launch) -> None:
+    original = launch._sharded_rows
+
+    def counting(*args, **kwargs):
+        _SHARDED_FUSED_CHUNKS[0] += 1
+        return original(*args, **kwargs)
+
+    launch._sharded_rows = counting
 
 
 def _worker(rank, world, port, sizes, out_dir):
@@ -247,6 +365,18 @@ def _worker(rank, world, port, sizes, out_dir):
         _run_case(rank, group, bounds, "no-grad-all-reduce", {"reduction": "sum"}, True, True, errors, False)
         _module_case(rank, group, bounds, errors)
         _tie_case(rank, group, bounds, errors)
+        if INTERPRET and _fused_available():
+            from linear_cross_entropy.backends.fused import launch
+
+            launch._MAX_BLOCK_C = 8  # several column tiles per row (slices of 7 to 25 classes)
+            _count_sharded_fused_chunks(launch)
+            for name, kwargs, use_bias, use_cw in _fused_cases():
+                _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
+            fused = {"options": LinearCrossEntropyOptions(backend="fused"), "label_smoothing": 0.1}
+            _run_case(rank, group, bounds, "fused-no-grad-all-reduce", fused, True, True, errors, False)
+            chunks = {"options": LinearCrossEntropyOptions(backend="fused", batch_chunk_size=5)}
+            _run_case(rank, group, bounds, "fused-chunks-no-grad-all-reduce", chunks, True, False, errors, False)
+            _tie_case(rank, group, bounds, errors, fused=True)
         _error_cases(rank, group, bounds, errors)
     except Exception:  # noqa: BLE001
         errors.append(traceback.format_exc())
@@ -257,7 +387,9 @@ def _worker(rank, world, port, sizes, out_dir):
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [(20, 17), (10, 13, 14)], ids=["2ranks-20-17", "3ranks-10-13-14"])
+# Uneven slices whose own sizes would give the ranks different aspect-ratio chunks (12 vs 25 classes: 8 vs 4 rows;
+# 7 vs 13: 13 vs 8 rows) and different softmax blocks.
+@pytest.mark.parametrize("sizes", [(25, 12), (7, 13, 17)], ids=["2ranks-25-12", "3ranks-7-13-17"])
 def test_vocab_parallel_matches_single_process(sizes, tmp_path):
     world = len(sizes)
     ctx = mp.spawn(_worker, args=(world, _free_port(), sizes, str(tmp_path)), nprocs=world, join=False)
@@ -289,3 +421,51 @@ def test_unsupported_and_uninitialised_without_spawning():
         linear_cross_entropy(x, w, torch.softmax(torch.randn(4, 5), 1), process_group=object())
     with pytest.raises(ValueError, match="process_group"):
         linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.int64), process_group=object())
+
+
+class _Alone(VocabShard):
+    """A one-rank group without torch.distributed: the collectives are identities."""
+
+    def max_(self, t):
+        return t
+
+    def sum_(self, t):
+        return t
+
+    def min_(self, t):
+        return t
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (CPU runs)")
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fused_two_phases_match_the_single_launch(reduction, monkeypatch):
+    """The sharded sweep on a one-rank "group" (sweep 1 → host combine → sweep 2, two launches) against the
+    single-launch kernel: same loss, lse, statistics and gradients up to fp32 rounding, over several column tiles."""
+    pytest.importorskip("triton")
+    from linear_cross_entropy.backends.fused import launch
+
+    monkeypatch.setattr(launch, "_MAX_BLOCK_C", 8)
+    g = torch.Generator().manual_seed(3)
+    n, h, v = 11, 8, 29
+    x, w, b = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g), torch.randn(v, generator=g)
+    cw = torch.rand(v, generator=g) + 0.2
+    t = torch.randint(0, v, (n,), generator=g)
+    t[2] = -100
+    lp = LossParams(reduction, -100, 0.2, False, z_loss=0.01, logit_scale=0.7, logit_softcap=3.0, metrics=True)
+    ro = ResolvedOptions("fused", "balanced", torch.float32, 4, False)
+    shares = (torch.rand(n, generator=g), torch.rand(n, generator=g))
+    grads = Grads(True, True, True)
+    shard = _Alone(group=None, offset=0, local_classes=v, num_classes=v, class_weight_sum=cw.double().sum())
+    one = launch.fused_sweep(x, w, b, t, cw, lp, ro, shares, grads)
+    two = launch.fused_sweep(x, w, b, t, cw, lp, ro, shares, grads, shard=shard)
+    assert one[2] is not None
+    keep = (t != -100)[:, None]
+    # the correct/log p_y statistics of an ignored row are unused (summarize_metrics masks them)
+    one_stats, two_stats = torch.where(keep, one[2], 0.0), torch.where(keep, two[2], 0.0)
+    for name, a, e in zip(
+        ["loss", "lse", "stats", "grad_x", "grad_w", "grad_b"],
+        [*two[:2], two_stats, *two[3]],
+        [*one[:2], one_stats, *one[3]],
+    ):
+        torch.testing.assert_close(a, e, rtol=2e-6, atol=2e-6, msg=name)

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from . import distributed, validate
-from .backends import chunked, compiled, fused
+from .backends import chunked, compiled, fused, tiled
 from .backends.common import LossParams, keep_mask, summarize_metrics
 from .backends.reference import linear_cross_entropy_reference, reference_with_extras
 from .metrics import LinearCrossEntropyOutput, LossMetrics
@@ -68,9 +68,10 @@ def linear_cross_entropy(
             uneven slices allowed) — its rows of ``linear_weight``, of ``linear_bias`` and of ``weight`` (class
             weights, shape ``(local_C,)``) — while ``input`` and ``target`` (global class indices in
             ``[0, Σ local_C)``) are the same on every rank. Every rank returns the loss (and metrics) of the whole
-            vocabulary and its own slices of the weight and bias gradients. Runs the chunked path (also on CUDA and
-            with ``options=None``, for now); index targets and a 2-D ``linear_weight`` only (NotImplementedError
-            otherwise). None: not sharded.
+            vocabulary and its own slices of the weight and bias gradients. The backend is chosen as without a
+            group (the fused path on CUDA for fp16/bf16/fp32, else the chunked path); ``options=None`` runs as
+            ``LinearCrossEntropyOptions()`` (the reference path cannot shard). Index targets and a 2-D
+            ``linear_weight`` only (NotImplementedError otherwise). None: not sharded.
         input_grad_all_reduce: with ``process_group``, all-reduce (SUM) ``grad_input`` over the group so every rank
             gets the full input gradient (default). Megatron-style callers that all-reduce the input gradient of
             the tensor-parallel region themselves pass False and get this rank's partial sum.
@@ -89,8 +90,8 @@ def linear_cross_entropy(
         shard = _vocab_shard(
             process_group, input_grad_all_reduce, shape, input, linear_weight, target, linear_bias, weight
         )
-        if options is None:  # the reference path cannot shard: the chunked path serves the call
-            options = LinearCrossEntropyOptions(backend="chunked")
+        if options is None:  # the reference path cannot shard: the fused (CUDA) or chunked path serves the call
+            options = LinearCrossEntropyOptions()
     extras = bool(z_loss) or logit_scale != 1.0 or logit_softcap is not None or return_metrics
     reference_kwargs = dict(
         linear_bias=linear_bias,
@@ -189,20 +190,22 @@ def _vocab_shard(process_group, input_grad_all_reduce, shape, input, linear_weig
 
 def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, shard=None):
     """Resolve the options on the chosen backend and run it: ``(loss, lse (N, K), stats)``."""
-    # Vocabulary parallel runs the chunked path (the fused path does not shard yet).
-    backend = "chunked" if shard is not None else _choose_backend(options, lp, shape, x)
+    backend = _choose_backend(options, lp, shape, x)
+    if shard is not None and backend not in ("fused", "chunked"):
+        backend = "fused"  # vocabulary parallel: the fused path shards; it serves the same calls as the others
     ro = resolve(
         options,
         backend=backend,
         num_rows=shape.num_rows,
         in_features=shape.in_features,
-        num_classes=shape.num_classes,
+        # vocabulary parallel: chunk sizes from the global V, so that every rank runs the same chunks (collectives)
+        num_classes=shape.num_classes if shard is None else shard.num_classes,
         dtype=x.dtype,
         device=x.device,
     )
-    if backend == "fused":  # 2-D weight, index targets: the tensors go in as they are (no views to backprop through)
+    if backend in ("fused", "tiled"):  # 2-D weight, index targets: the tensors go in as they are
         w, b, t = linear_weight, linear_bias, t[:, 0]
-        run = fused.linear_cross_entropy_fused
+        run = fused.linear_cross_entropy_fused if backend == "fused" else tiled.linear_cross_entropy_tiled
     else:  # normalised to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K)
         w, b = _per_position(shape, linear_weight, linear_bias)
         run = chunked.linear_cross_entropy_chunked
@@ -228,17 +231,19 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _choose_backend(options: LinearCrossEntropyOptions, lp: LossParams, shape, x: torch.Tensor) -> str:
-    """``"fused"`` when asked for (or ``"auto"``) and it supports the call, else ``"chunked"``.
+    """``"fused"`` for ``"auto"`` or ``"fused"``, ``"tiled"`` for ``"tiled"``, when it supports the call (both
+    serve the same calls), else ``"chunked"``.
 
-    An explicit ``backend="fused"`` that cannot serve the call warns once per call site with the reason.
+    An explicit ``backend="fused"``/``"tiled"`` that cannot serve the call warns once per call site with the reason.
     """
     if options.backend == "chunked":
         return "chunked"
-    reason = fused.unsupported_reason(x, lp, shape, explicit=options.backend == "fused")
+    reason = fused.unsupported_reason(x, lp, shape, explicit=options.backend in ("fused", "tiled"))
     if reason is None:
-        return "fused"
-    if options.backend == "fused":
+        return "fused" if options.backend == "auto" else options.backend
+    if options.backend != "auto":
         warnings.warn(
-            f"linear_cross_entropy: backend='fused' unsupported here ({reason}); using 'chunked'.", stacklevel=3
+            f"linear_cross_entropy: backend={options.backend!r} unsupported here ({reason}); using 'chunked'.",
+            stacklevel=3,
         )
     return "chunked"

@@ -15,7 +15,7 @@ import torch
 __all__ = ["LinearCrossEntropyOptions", "ResolvedOptions", "resolve"]
 
 ACC_POLICIES = ("accurate", "balanced", "compact", "auto")
-BACKENDS = ("auto", "chunked", "fused")
+BACKENDS = ("auto", "chunked", "fused", "tiled")
 _ACC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -42,6 +42,9 @@ _AUTO_DEFAULTS: dict[tuple[str, str, torch.dtype], _AutoDefault] = {
 }
 _AUTO_FALLBACK = _AutoDefault("compact", "aspect_ratio:2")
 _FUSED_AUTO = _AutoDefault("balanced", "memory")
+# - tiled: the backend exists for memory, so "auto" keeps no accumulator beyond the gradients themselves; it has no
+#   chunks (None: every row in one launch).
+_TILED_AUTO = _AutoDefault("compact", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +65,16 @@ class LinearCrossEntropyOptions:
       of fp16, bf16, fp32, fp64.
 
     Ours: ``backend`` is ``"auto"`` (the fused GPU path when it supports the call, else the chunked path),
-    ``"chunked"`` (pure PyTorch, any device) or ``"fused"`` (Triton kernels between cuBLAS GEMMs; needs CUDA and
-    ``triton``, else falls back to ``"chunked"`` with a warning). ``loss_dtype``: None returns the loss in the
+    ``"chunked"`` (pure PyTorch, any device), ``"fused"`` (Triton kernels between cuBLAS GEMMs; needs CUDA and
+    ``triton``, else falls back to ``"chunked"`` with a warning) or ``"tiled"`` (memory-minimal: Triton kernels that
+    hold logits only as register tiles and add gradients with atomics; never picked by ``"auto"``). On
+    ``"tiled"``, ``acc_policy`` picks the gradient accumulators: ``"compact"`` (the ``"auto"`` pick) adds into the
+    gradients themselves, ``"balanced"`` keeps an fp32 ``(N, F)`` input-gradient accumulator and ``"accurate"``
+    also an fp32 ``(C, F)`` weight-gradient one (each only with ``acc_dtype`` fp32 and fp16/bf16 inputs);
+    ``batch_chunk_size`` does not apply (no chunks). ``sparse_backward_eps`` (``"tiled"`` only; 0 = exact, the
+    default): skip the backward products of a logit tile whose probabilities are all below it and that holds no
+    row's target (a gradient error of at most ``eps`` per skipped logit and row share; off with label
+    smoothing). ``loss_dtype``: None returns the loss in the
     input's dtype, as PyTorch does (one rounding of an fp32-accumulated value); ``torch.float32`` returns the fp32
     value itself (what trainers log).
     """
@@ -73,8 +84,9 @@ class LinearCrossEntropyOptions:
     chunking_method: str | None = "auto"
     acc_policy: Literal["accurate", "balanced", "compact", "auto"] = "auto"
     acc_dtype: torch.dtype | None = None
-    backend: Literal["auto", "chunked", "fused"] = "auto"
+    backend: Literal["auto", "chunked", "fused", "tiled"] = "auto"
     loss_dtype: torch.dtype | None = None
+    sparse_backward_eps: float = 0.0
 
     def __post_init__(self):
         if self.acc_policy not in ACC_POLICIES:
@@ -95,17 +107,26 @@ class LinearCrossEntropyOptions:
             raise ValueError(f"loss_dtype must be None or a floating dtype in {_ACC_DTYPES}, got {self.loss_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"invalid backend: {self.backend!r}; expected one of {BACKENDS}")
+        eps = self.sparse_backward_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < 1.0:
+            raise ValueError(f"sparse_backward_eps must be a float in [0, 1), got {eps!r}")
+        if eps and self.backend != "tiled":
+            raise ValueError(
+                f"sparse_backward_eps applies to backend='tiled' only (got backend={self.backend!r}); the other "
+                "backends compute exact gradients"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedOptions:
     """Concrete settings for one call: what a backend receives."""
 
-    backend: str  # "chunked" or "fused"
+    backend: str  # "chunked", "fused" or "tiled"
     acc_policy: str  # "accurate" | "balanced" | "compact"
     acc_dtype: torch.dtype
     batch_chunk_size: int  # rows per chunk, >= 1
     allow_retain_graph: bool
+    sparse_backward_eps: float = 0.0
 
 
 def _aspect_ratio_factor(method: str) -> int | None:
@@ -184,6 +205,8 @@ def resolve(
     if acc_policy == "auto" or chunking_method == "auto":
         if backend == "fused":
             auto = _FUSED_AUTO
+        elif backend == "tiled":
+            auto = _TILED_AUTO
         else:
             auto = _AUTO_DEFAULTS.get((backend, device.type, dtype), _AUTO_FALLBACK)
         acc_policy = auto.acc_policy if acc_policy == "auto" else acc_policy
@@ -220,4 +243,5 @@ def resolve(
         acc_dtype=acc_dtype,
         batch_chunk_size=max(1, rows),
         allow_retain_graph=options.allow_retain_graph,
+        sparse_backward_eps=float(options.sparse_backward_eps),
     )

@@ -34,7 +34,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..options import ResolvedOptions
-from .common import STATS, Grads, LossParams, keep_mask, reduce_total, row_scales, stat_dtype, take_saved_grads
+from .common import (
+    STATS,
+    Grads,
+    IndexRowSums,
+    LossParams,
+    index_rows,
+    keep_mask,
+    reduce_total,
+    row_scales,
+    row_stats,
+    stat_dtype,
+    take_saved_grads,
+)
 
 if TYPE_CHECKING:
     from ..distributed import VocabShard
@@ -76,7 +88,6 @@ def chunk_loss_and_grad(
         tanh = z.clone() if want_grad else None  # for the chain rule: 1 − tanh²
         z = z.mul_(lp.logit_softcap)
     m = z.amax(dim=1).to(sdt)  # (r,)
-    stats = None
     if lp.metrics:
         predicted = z.argmax(dim=1)
         if shard is None:
@@ -86,7 +97,6 @@ def chunk_loss_and_grad(
             local_max = m.clone()
 
     if lp.target_is_probs:
-        keep = None
         q = target.to(sdt)
         if eps:
             q = q * (1.0 - eps) + eps / num_classes
@@ -96,93 +106,73 @@ def chunk_loss_and_grad(
         zq = (z.to(sdt) * q).sum(dim=1)  # Σ_c q_c z_c
         e = _shifted_exp(z, m)
         sum_exp = e.sum(dim=1)
-        if lp.metrics:
-            e_log_e = torch.special.xlogy(e, e).sum(dim=1, dtype=sdt)
         lse = m + sum_exp.log()
         loss = q_sum * lse - zq
-        if lp.metrics:
-            correct = predicted == target.argmax(dim=1)
-            log_prob = -loss
-    else:
-        keep = target != lp.ignore_index
-        in_range = (target >= 0) & (target < num_classes)
-        if shard is None:
-            in_slice = keep & in_range
-            y = torch.where(in_slice, target, 0)
-        else:  # the target's column when this rank holds it
-            in_slice, y = shard.local_index(target)
-            in_slice = in_slice & keep
-        z_y = z.gather(1, y[:, None]).squeeze(1).to(sdt)
-        if eps:  # Σ_c w_c z_c, for the smoothing term
-            z_sum = (z.to(sdt) @ class_weight) if class_weight is not None else z.sum(dim=1, dtype=sdt)
-        w_y = class_weight[y] if class_weight is not None else torch.ones_like(m)
-        if shard is None:
-            w_sum = class_weight.sum() if class_weight is not None else float(num_classes)
-        else:
-            w_sum = shard.class_weight_sum.to(sdt) if class_weight is not None else float(num_classes)
-            z_y = torch.where(in_slice, z_y, 0.0)
-            if class_weight is not None:
-                w_y = torch.where(in_slice, w_y, 0.0)
-            m = shard.max_(m)  # the global row max, before the shifted exponentials
-        e = _shifted_exp(z, m)
-        sum_exp = e.sum(dim=1)
+        stats = None
         if lp.metrics:
             e_log_e = torch.special.xlogy(e, e).sum(dim=1, dtype=sdt)
-        if shard is not None:  # one all-reduce of every per-row sum over classes
-            parts = [sum_exp, z_y]
-            parts += [w_y] if class_weight is not None else []
-            parts += [z_sum] if eps else []
-            parts += [e_log_e, norm_sq] if lp.metrics else []
-            combined = shard.sum_(torch.stack(parts, dim=1)).unbind(1)
-            sum_exp, z_y, combined = combined[0], combined[1], combined[2:]
-            if class_weight is not None:
-                w_y, combined = combined[0], combined[1:]
-            if eps:
-                z_sum, combined = combined[0], combined[1:]
-            if lp.metrics:
-                e_log_e, norm = combined[0], combined[1].sqrt()
-                # the first maximal class: the lowest global index among the ranks holding the global max
-                candidate = torch.where(local_max == m, predicted + shard.offset, torch.iinfo(torch.int64).max)
-                predicted = shard.min_(candidate)
-        log_sum_exp = sum_exp.log()
-        lse = m + log_sum_exp
-        loss = (1.0 - eps) * w_y * ((m - z_y) + log_sum_exp)
-        if eps:
-            loss = loss + (eps / num_classes) * (w_sum * lse - z_sum)
-        bad = keep & ~in_range  # reachable only off the CPU, where the range check would sync
-        loss = torch.where(keep, loss, 0.0).masked_fill_(bad, float("nan"))
+            stats = row_stats(m, sum_exp, e_log_e, norm, predicted == target.argmax(dim=1), -loss)
+        if not want_grad:
+            return loss, lse, stats, None
+        coef = ce_scale * q_sum
+        if lp.z_loss:
+            coef = coef + z_scale * (2.0 * lp.z_loss) * lse
+        dz = e.mul_((coef / sum_exp)[:, None]).sub_(q * ce_scale[:, None])  # (Σq·s + s_z·2λ·lse)·p − s·q
+        return loss, lse, stats, _into(raw, _chain_rule(dz, tanh, lp))
+
+    keep = target != lp.ignore_index
+    if shard is None:
+        in_slice = keep & (target >= 0) & (target < num_classes)
+        y = torch.where(in_slice, target, 0)
+    else:  # the target's column when this rank holds it
+        in_slice, y = shard.local_index(target)
+        in_slice = in_slice & keep
+    z_y = z.gather(1, y[:, None]).squeeze(1).to(sdt)
+    z_sum = None
+    if eps:  # Σ_c w_c z_c, for the smoothing term
+        z_sum = (z.to(sdt) @ class_weight) if class_weight is not None else z.sum(dim=1, dtype=sdt)
+    w_y = class_weight[y] if class_weight is not None else 1.0
+    if shard is None:
+        w_sum = class_weight.sum() if class_weight is not None else float(num_classes)
+    else:
+        w_sum = shard.class_weight_sum.to(sdt) if class_weight is not None else float(num_classes)
+        z_y = torch.where(in_slice, z_y, 0.0)
+        if class_weight is not None:
+            w_y = torch.where(in_slice, w_y, 0.0)
+        m = shard.max_(m)  # the global row max, before the shifted exponentials
+    e = _shifted_exp(z, m)
+    sum_exp = e.sum(dim=1)
+    e_log_e = torch.special.xlogy(e, e).sum(dim=1, dtype=sdt) if lp.metrics else None
+    if shard is not None:  # one all-reduce of every per-row sum over classes
+        sum_exp, z_y, w_y_sum, z_sum, e_log_e, norm_sq = shard.sum_rows_(
+            [sum_exp, z_y, w_y if class_weight is not None else None, z_sum, e_log_e, norm_sq if lp.metrics else None]
+        )
+        w_y = w_y if class_weight is None else w_y_sum
         if lp.metrics:
-            correct = predicted == target
-            log_prob = z_y - lse
-    if lp.metrics:
-        entropy = sum_exp.log() - e_log_e / sum_exp  # −Σ p log p with p = e/Σe
-        stats = torch.stack([m, entropy, norm, correct.to(sdt), log_prob], dim=1)
+            norm = norm_sq.sqrt()
+            predicted = shard.first_argmax_(predicted + shard.offset, local_max, m)
+    sums = IndexRowSums(
+        m, sum_exp, z_y, w_y, z_sum, e_log_e, norm if lp.metrics else None, predicted if lp.metrics else None
+    )
+    loss, lse, stats, coefs = index_rows(sums, target, w_sum, lp, num_classes, ce_scale, z_scale)
     if not want_grad:
         return loss, lse, stats, None
+    dz = e.mul_((coefs.coef / sum_exp)[:, None])  # coef·p
+    on_target = torch.where(in_slice, -coefs.target, 0.0)
+    dz.scatter_add_(1, y[:, None], on_target[:, None].to(dz.dtype))
+    if eps:
+        w = class_weight if class_weight is not None else torch.ones((), dtype=sdt, device=z.device)
+        dz.sub_(coefs.smooth[:, None] * w)
+    return loss, lse, stats, _into(raw, _chain_rule(dz, tanh, lp))
 
-    if keep is None:  # probabilities: every row takes part
-        s, s_z = ce_scale, z_scale
-        coef = s * q_sum
-    else:
-        s = torch.where(keep, ce_scale, 0.0).masked_fill_(bad, float("nan"))
-        s_z = torch.where(keep, z_scale, 0.0)
-        coef = s * ((1.0 - eps) * w_y + (eps / num_classes) * w_sum)
-    if lp.z_loss:
-        coef = coef + s_z * (2.0 * lp.z_loss) * lse
-    dz = e.mul_((coef / sum_exp)[:, None])  # (s·Σq + s_z·2λ·lse) · p
-    if keep is None:
-        dz.sub_(q * s[:, None])
-    else:
-        on_target = torch.where(in_slice, -(1.0 - eps) * s * w_y, 0.0)
-        dz.scatter_add_(1, y[:, None], on_target[:, None].to(dz.dtype))
-        if eps:
-            w = class_weight if class_weight is not None else torch.ones((), dtype=sdt, device=z.device)
-            dz.sub_((s * (eps / num_classes))[:, None] * w)
+
+def _chain_rule(dz: torch.Tensor, tanh: torch.Tensor | None, lp: LossParams) -> torch.Tensor:
+    """``dr = dz·a·(1 − tanh²)`` in place (the factors that are on)."""
     if tanh is not None:
         dz.mul_(tanh.square_().neg_().add_(1.0))
     if lp.logit_scale != 1.0:
         dz.mul_(lp.logit_scale)
-    return loss, lse, stats, _into(raw, dz)
+    return dz
 
 
 def _shifted_exp(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -240,7 +230,9 @@ def _sweep(
     # The softmax arithmetic walks a chunk in blocks of logits: on the CPU ~2^20, so that its fp32 temporaries stay
     # in cache; on a GPU ~2^26, where smaller blocks make it launch-bound (8-row blocks at V = 128k ran 12x slower
     # than the fused path on an H200). Either way a low-precision chunk never has a chunk-sized fp32 twin beyond it.
-    block = max(1, (_BLOCK_LOGITS if x.device.type == "cpu" else _BLOCK_LOGITS_GPU) // max(c, 1))
+    # Vocabulary parallel: sized by the global V, so that every rank's blocks (and collectives) are the same rows.
+    block_classes = c if shard is None else shard.num_classes
+    block = max(1, (_BLOCK_LOGITS if x.device.type == "cpu" else _BLOCK_LOGITS_GPU) // max(block_classes, 1))
     for pos in range(k):
         w_k = w_gemm[:, pos, :]  # (C, F), strided view for K > 1
         for start in range(0, n, rows):

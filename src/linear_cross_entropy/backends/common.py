@@ -25,6 +25,10 @@ __all__ = [
     "keep_mask",
     "row_scales",
     "reduce_total",
+    "IndexRowSums",
+    "GradCoefs",
+    "index_rows",
+    "row_stats",
     "summarize_metrics",
     "take_saved_grads",
 ]
@@ -139,6 +143,78 @@ def reduce_total(
         z_total = z_rows.sum()
         total = total + (z_total / scales.z_denominator if lp.reduction == "mean" else z_total)
     return total
+
+
+class IndexRowSums(NamedTuple):
+    """Per-row sums over the whole vocabulary for class-index targets, ``(rows,)`` each in the stats dtype: what
+    the loss, its gradient coefficients and the metrics of a row need (see :func:`index_rows`). The chunked path
+    forms them from a block of logits; vocabulary-parallel paths combine them over the ranks first
+    (:mod:`..distributed`)."""
+
+    m: torch.Tensor  # the row max
+    sum_exp: torch.Tensor  # Σ_c exp(z_c − m)
+    z_y: torch.Tensor  # the target logit (any finite value on ignored rows)
+    w_y: torch.Tensor | float  # the target's class weight (1.0 without class weights)
+    z_sum: torch.Tensor | None  # Σ_c w_c·z_c, with label smoothing
+    e_log_e: torch.Tensor | None  # Σ_c e_c·log e_c with e = exp(z − m), with metrics
+    norm: torch.Tensor | None  # ‖z‖₂, with metrics
+    predicted: torch.Tensor | None  # int64 index of the first maximal class, with metrics
+
+
+class GradCoefs(NamedTuple):
+    """A row's ``dz = coef·p − target·e_y − smooth·w`` (``(rows,)`` each; ``w`` the class weights, ones without)."""
+
+    coef: torch.Tensor  # s·((1−ε)·w_y + (ε/C)·W_sum) + s_z·2λ·lse
+    target: torch.Tensor  # (1−ε)·s·w_y
+    smooth: torch.Tensor  # s·ε/C
+
+
+def index_rows(
+    sums: IndexRowSums,
+    target: torch.Tensor,  # (rows,) int64 global class indices
+    w_sum: torch.Tensor | float,  # W_sum = Σ_c w_c over the whole vocabulary (C without class weights)
+    lp: LossParams,
+    num_classes: int,  # C, the whole vocabulary
+    ce_scale: torch.Tensor | None = None,  # (rows,) s, or None: no gradient coefficients
+    z_scale: torch.Tensor | None = None,  # (rows,) s_z, with ce_scale
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, GradCoefs | None]:
+    """``(loss, lse, stats, coefs)`` of class-index rows from their sums over the vocabulary::
+
+        lse = m + log Σ exp(z − m)
+        ℓ   = keep·[(1−ε)·w_y·((m − z_y) + log Σ exp(z − m)) + (ε/C)·(W_sum·lse − Σ_c w_c z_c)]
+
+    (``lse − z_y`` taken as ``(m − z_y) + log Σ exp(z − m)`` keeps small losses next to large logits exact). Rows
+    whose target is outside ``[0, C)`` and not ignored get NaN loss and NaN coefficients (no host check). ``stats``
+    (with ``lp.metrics``) as :func:`row_stats`; ``coefs`` (with ``ce_scale``) as :class:`GradCoefs`, ``s`` and
+    ``s_z`` zeroed on ignored rows.
+    """
+    eps = lp.label_smoothing if lp.label_smoothing > 0 else 0.0
+    keep = target != lp.ignore_index
+    bad = keep & ~((target >= 0) & (target < num_classes))  # reachable only where the range check would sync
+    m, sum_exp, z_y, w_y = sums.m, sums.sum_exp, sums.z_y, sums.w_y
+    log_sum_exp = sum_exp.log()
+    lse = m + log_sum_exp
+    loss = (1.0 - eps) * w_y * ((m - z_y) + log_sum_exp)
+    if eps:
+        loss = loss + (eps / num_classes) * (w_sum * lse - sums.z_sum)
+    loss = torch.where(keep, loss, 0.0).masked_fill_(bad, float("nan"))
+    stats = None
+    if lp.metrics:
+        stats = row_stats(m, sum_exp, sums.e_log_e, sums.norm, sums.predicted == target, z_y - lse)
+    if ce_scale is None:
+        return loss, lse, stats, None
+    s = torch.where(keep, ce_scale, 0.0).masked_fill_(bad, float("nan"))
+    coef = s * ((1.0 - eps) * w_y + (eps / num_classes) * w_sum)
+    if lp.z_loss:  # d(λ·lse²)/dz = 2λ·lse·p
+        coef = coef + torch.where(keep, z_scale, 0.0) * (2.0 * lp.z_loss) * lse
+    return loss, lse, stats, GradCoefs(coef, (1.0 - eps) * s * w_y, s * (eps / num_classes))
+
+
+def row_stats(m, sum_exp, e_log_e, norm, correct, log_prob) -> torch.Tensor:
+    """``(rows, len(STATS))``: the max logit, the entropy ``−Σ p log p = log Σe − Σ e·log e / Σe`` (``p = e/Σe``,
+    ``e = exp(z − m)``), the logit norm, whether the argmax is the target, and ``log p_y``."""
+    entropy = sum_exp.log() - e_log_e / sum_exp
+    return torch.stack([m, entropy, norm, correct.to(m.dtype), log_prob], dim=1)
 
 
 def summarize_metrics(stats: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor, lp: LossParams) -> dict:

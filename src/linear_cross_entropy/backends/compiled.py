@@ -57,6 +57,10 @@ def _backend(name: str):
         from .fused import function
 
         return function
+    if name == "tiled":
+        from .tiled import function
+
+        return function
     from . import chunked
 
     return chunked
@@ -96,7 +100,7 @@ def _forward(
 def _(x, w, b, target, class_weight, key):
     backend, lp, ro, grads = _settings(key)
     n = x.shape[0]
-    k = 1 if backend == "fused" else w.shape[1]
+    k = w.shape[1] if backend == "chunked" else 1
     sdt = torch.float64 if ro.acc_dtype == torch.float64 else torch.float32
     scalar_grads = lp.reduction != "none" and grads.any
     loss = x.new_empty((n, k) if lp.reduction == "none" else (), dtype=sdt)
@@ -170,6 +174,8 @@ def run(backend: str, x, w, b, target, class_weight, lp: LossParams, ro: Resolve
         from .fused.function import blas_ready
 
         x, w, target = blas_ready(x), blas_ready(w), target.contiguous()
+    elif backend == "tiled":
+        target = target.contiguous()
     key = _key(backend, lp, ro, Grads.of(x, w, b))
     loss, lse, stats = _forward(x, w, b, target, class_weight, key)[:3]
     return loss, lse, stats

@@ -92,7 +92,8 @@ def build_parser(prog=None, **defaults) -> argparse.ArgumentParser:
         nargs="+",
         choices=peers.BACKENDS,
         metavar="BACKEND",
-        help="our backends: fused (CUDA), chunked, reference (options=None) (default: by device)",
+        help="our backends: fused (CUDA), tiled (CUDA, memory-minimal), chunked, reference (options=None) "
+        "(default: by device)",
     )
     ap.add_argument(
         "--policies",

@@ -3,7 +3,8 @@
 - ``eager``: ``F.cross_entropy((x @ W.T).float(), y)``; ``torch.compile`` of it (family ``compile``).
 - ours (family ``ours``), per backend and per acc_policy spec ``"policy[:acc_dtype][@rows]"`` (e.g. ``"auto"``,
   ``"accurate:float32"``, ``"compact@256"``): backend ``fused`` → ``ours[spec]`` (plus ``ours[auto,fp32 loss]``),
-  ``chunked`` → ``ours-chunked[spec]``, ``reference`` → ``ours[reference]`` (``options=None``: logits
+  ``tiled`` → ``ours-tiled[spec]`` (the memory-minimal backend: ``auto`` = no accumulator, ``balanced:float32`` =
+  fp32 input-gradient accumulator), ``chunked`` → ``ours-chunked[spec]``, ``reference`` → ``ours[reference]`` (``options=None``: logits
   materialised).
 - Liger-Kernel (``liger``) and cut-cross-entropy (``cut-cross-entropy``): when importable, and on CUDA only (both
   are Triton kernels for GPUs).
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from .. import LinearCrossEntropyOptions, linear_cross_entropy
 
 FAMILIES = ("eager", "compile", "ours", "liger", "cut-cross-entropy", "torch built-in")
-BACKENDS = ("fused", "chunked", "reference")
+BACKENDS = ("fused", "tiled", "chunked", "reference")
 
 
 def eager(x, w, y):

@@ -6,9 +6,15 @@ pass). When the whole batch is one chunk, forward stops at ``dz`` and backward r
 upstream gradient ``g`` folded into the small operands (``grad_x = (dz·W)·g``, ``grad_W = dzᵀ·(g·x)``): no pass
 over a ``(V, H)`` gradient to scale it. ``reduction="none"`` recomputes in backward with the per-row upstream
 gradient.
+
+Vocabulary parallel (a ``shard``, :mod:`...distributed`): the same, with the sweep combining per-row statistics over
+the group; ``grad_input`` is all-reduced where it is formed (in forward, or in backward for a single chunk and for
+``"none"``).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,31 +22,38 @@ from ...options import ResolvedOptions
 from ..common import Grads, LossParams, keep_mask, reduce_total, row_scales, take_saved_grads
 from .launch import deferred_grads, fused_sweep, scale_cast
 
+if TYPE_CHECKING:
+    from ...distributed import VocabShard
+
 __all__ = ["linear_cross_entropy_fused", "forward_pass", "backward_none", "blas_ready"]
 
 
-def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, defer: bool):
+def forward_pass(
+    x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, defer: bool, shard=None
+):
     """``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``: ``saved`` is the gradients for an upstream gradient
     of 1 (the weight gradient possibly still an fp32 scratch), ``(dz,)`` when ``defer``, None for ``"none"``."""
     keep = keep_mask(target[:, None], lp)
     if lp.reduction == "none":
-        losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, grads)
+        losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, grads, shard=shard)
         loss, saved = reduce_total(losses[:, None], lse[:, None], keep, None, lp), None
     else:
         cw = None if class_weight is None else class_weight.float()
-        scales = row_scales(target[:, None], cw, lp, torch.float32)
+        scales = row_scales(target[:, None], cw, lp, torch.float32, shard)
         shares = (scales.ce[:, 0], scales.z[:, 0]) if grads.any else None
-        losses, lse, stats, saved = fused_sweep(x, w, b, target, class_weight, lp, ro, shares, grads, defer)
+        losses, lse, stats, saved = fused_sweep(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard)
         loss = reduce_total(losses[:, None], lse[:, None], keep, scales, lp)
         if defer:
             saved = (saved,)
     return loss, lse[:, None], None if stats is None else stats[:, None], saved
 
 
-def backward_none(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out):
+def backward_none(
+    x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out, shard=None
+):
     """The gradients of ``reduction="none"``, recomputed with each row's upstream gradient ``grad_out`` (N, 1)."""
     share = grad_out[:, 0].float()
-    gx, gw, gb = fused_sweep(x, w, b, target, class_weight, lp, ro, (share, share), grads)[3]
+    gx, gw, gb = fused_sweep(x, w, b, target, class_weight, lp, ro, (share, share), grads, shard=shard)[3]
     return gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
 
 
@@ -49,10 +62,12 @@ class _FusedFunction(torch.autograd.Function):
     (or an empty tensor); only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads):
-        ctx.lp, ctx.ro, ctx.grads, ctx.w_dtype = lp, ro, grads, w.dtype
+    def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):
+        ctx.lp, ctx.ro, ctx.grads, ctx.w_dtype, ctx.shard = lp, ro, grads, w.dtype, shard
         ctx.deferred = lp.reduction != "none" and ro.batch_chunk_size >= x.shape[0] and grads.any
-        loss, lse, stats, ctx.saved_grads = forward_pass(x, w, b, target, class_weight, lp, ro, grads, ctx.deferred)
+        loss, lse, stats, ctx.saved_grads = forward_pass(
+            x, w, b, target, class_weight, lp, ro, grads, ctx.deferred, shard
+        )
         if lp.reduction == "none":
             ctx.save_for_backward(x, w, b, target, class_weight)
         elif ctx.deferred:  # backward's GEMMs need x and w again
@@ -64,10 +79,10 @@ class _FusedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):
         if ctx.lp.reduction == "none":
-            grads = backward_none(*ctx.saved_tensors, ctx.lp, ctx.ro, ctx.grads, grad_out)
-            return (*grads, None, None, None, None, None)
+            grads = backward_none(*ctx.saved_tensors, ctx.lp, ctx.ro, ctx.grads, grad_out, ctx.shard)
+            return (*grads, None, None, None, None, None, None)
         if ctx.deferred:
-            return (*_deferred_grads(ctx, grad_out), None, None, None, None, None)
+            return (*_deferred_grads(ctx, grad_out), None, None, None, None, None, None)
         gx, gw, gb = take_saved_grads(ctx)
         in_place = not ctx.ro.allow_retain_graph
         if gx is not None:
@@ -79,14 +94,17 @@ class _FusedFunction(torch.autograd.Function):
                 gw = gw.mul_(grad_out) if in_place else gw * grad_out
         if gb is not None:
             gb = gb * grad_out
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def _deferred_grads(ctx, grad_out):
-    """The single-chunk backward: the two gradient GEMMs on the ``dz`` forward left, scaled by ``grad_out``."""
+    """The single-chunk backward: the two gradient GEMMs on the ``dz`` forward left, scaled by ``grad_out``
+    (``grad_x`` then all-reduced over a vocabulary-parallel group)."""
     (dz,) = take_saved_grads(ctx)
     x, w = ctx.saved_tensors
     gx, gw, gb = deferred_grads(dz, x, w, grad_out, ctx.grads)
+    if gx is not None and ctx.shard is not None and ctx.shard.input_grad_all_reduce:
+        ctx.shard.sum_(gx)
     return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
 
 
@@ -98,10 +116,15 @@ def linear_cross_entropy_fused(
     class_weight: torch.Tensor | None,  # (V,)
     lp: LossParams,
     ro: ResolvedOptions,
+    shard: VocabShard | None = None,
 ) -> torch.Tensor:
-    """``(loss, lse, stats)`` as the chunked backend returns them (K = 1); fp32 (the caller casts)."""
+    """``(loss, lse, stats)`` as the chunked backend returns them (K = 1); fp32 (the caller casts).
+
+    With a ``shard`` (vocabulary parallel): ``w``, ``b`` and ``class_weight`` are this rank's slices; the loss, lse
+    and statistics are the whole vocabulary's, ``grad_input`` is all-reduced over the group unless
+    ``shard.input_grad_all_reduce`` is off."""
     x, w = blas_ready(x), blas_ready(w)
-    return _FusedFunction.apply(x, w, b, target.contiguous(), class_weight, lp, ro, Grads.of(x, w, b))
+    return _FusedFunction.apply(x, w, b, target.contiguous(), class_weight, lp, ro, Grads.of(x, w, b), shard)
 
 
 def blas_ready(t: torch.Tensor) -> torch.Tensor:

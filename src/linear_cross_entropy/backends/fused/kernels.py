@@ -20,6 +20,10 @@ smoothing, the weighted logit sum), then a sweep that writes ``dz``. Measured on
 program per row runs at ~2.7 TB/s counting both reads; a persistent grid sized to keep the rows in flight inside
 L2 (so that the second read would hit it) ran 1.1–1.9× slower: too few loads in flight.
 Rows whose target is outside ``[0, C)`` (and not ignored) get a NaN loss and NaN gradients instead of a host check.
+
+Vocabulary parallel (a rank holds the columns ``[class_offset, class_offset + C_local)`` of a ``C``-class head): the
+same kernel runs its two sweeps as two launches (``PHASE`` 1 and 2) with the ranks' per-row partial sums combined
+between them on the host (``launch.fused_sweep``); the unsharded call is ``class_offset = 0``, ``C_local = C``.
 """
 
 import triton
@@ -59,21 +63,26 @@ def _cross_entropy_rows_kernel(
     logits_ptr,  # (r, C) GEMM output r = x·Wᵀ without bias; read
     grad_ptr,  # (r, C) dr; written (may alias logits_ptr)
     bias_ptr,  # (C,)
-    target_ptr,  # (r,) int64
+    target_ptr,  # (r,) int64, global class indices
     class_weight_ptr,  # (C,)
     row_scale_ptr,  # (r,) or a scalar (stride 0): s, the cross-entropy share of the upstream gradient per row
     z_scale_ptr,  # (r,) or a scalar (stride 0): s_z, the z-loss share
     loss_ptr,  # (r,) fp32 per-row cross entropy; written
-    lse_ptr,  # (r,) fp32 per-row logsumexp; written
+    lse_ptr,  # (r,) fp32 per-row logsumexp; written (PHASE 0), read (PHASE 2)
     stats_ptr,  # (r, 5) fp32 max logit, entropy, logit norm, correct, log p_y; written with METRICS
+    partial_ptr,  # (r, 7) fp32 per-row partial sums over this slice's columns; written (PHASE 1)
+    argmax_ptr,  # (r,) int64 global index of the slice's first maximal class; written (PHASE 1 with METRICS)
+    coef_ptr,  # (r, 3) fp32 coef, target_coef, smooth_coef of dz; read (PHASE 2)
     # dimensions
-    n_classes,
+    n_classes,  # C_local: the columns of logits this launch sees
+    total_classes,  # C: the whole vocabulary (n_classes when not sharded)
     # strides
     stride_logits_row,
     stride_grad_row,
     stride_row_scale,
     stride_z_scale,
     # scalars
+    class_offset,  # the global index of column 0 (0 when not sharded)
     ignore_index,
     label_smoothing,
     logit_scale,
@@ -87,9 +96,22 @@ def _cross_entropy_rows_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
     METRICS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,  # sweep 2 runs (always with PHASE 2, never with PHASE 1)
+    PHASE: tl.constexpr,  # 0: both sweeps; 1: sweep 1 → partials; 2: sweep 2 from the global statistics
     BLOCK_C: tl.constexpr,
 ):
+    """``PHASE`` 0 (unsharded): both sweeps in one launch, as the module docstring says. A vocabulary-parallel
+    call splits them around the host's combine over the ranks (see ``launch.fused_sweep``):
+
+    - ``PHASE`` 1: sweep 1 over this slice's columns only, and its per-row partials (``m_r`` the slice's max)::
+
+          [m_r, Σ exp(z − m_r), z_y, w_y, Σ w_c·z_c, Σ exp(z − m_r)·z, Σ z²]
+
+      with ``z_y``, ``w_y`` 0 where the target is not in ``[class_offset, class_offset + C_local)``; with METRICS
+      also the slice's first argmax as a global index.
+    - ``PHASE`` 2: sweep 2 only, given the row's global ``lse`` and ``dz = coef·p − target_coef·e_y −
+      smooth_coef·w`` (``p = exp(z − lse)``), the target column tested on the local index ``y − class_offset``.
+    """
     # One program per row; the row index is int64 because row · stride overflows int32 past 2^31 logits.
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
@@ -97,90 +119,115 @@ def _cross_entropy_rows_kernel(
 
     target = tl.load(target_ptr + row)
     keep = target != ignore_index
-    in_range = (target >= 0) & (target < n_classes)
+    in_range = (target >= 0) & (target < total_classes)
     bad = keep & (in_range == 0)
-    y = tl.where(keep & in_range, target, 0)
-
-    # Sweep 1: running max m and sum-exp s (scalars, rescaled per tile); Σ w_c·z_c and Σ w_c for smoothing;
-    # for the metrics Σ exp(z − m)·z (rescaled like s), Σ z² and the first argmax.
-    m = -float("inf")
-    s = 0.0
-    z_sum = 0.0
-    w_sum = 0.0
-    pz = 0.0
-    sq = 0.0
-    best = -float("inf")
-    arg = 0
-    for start in range(0, n_classes, BLOCK_C):
-        cols = start + offs_c
-        mask = cols < n_classes
-        r = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        z, _ = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
-        z = tl.where(mask, z, -float("inf"))
-        tile_max = tl.max(z, axis=0)
-        m_new = tl.maximum(m, tile_max)
-        rescale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        s = s * rescale + tl.sum(e, axis=0)
-        if METRICS:
-            pz = pz * rescale + tl.sum(tl.where(mask, e * z, 0.0), axis=0)
-            sq += tl.sum(tl.where(mask, z * z, 0.0), axis=0)
-            tile_arg = start + tl.argmax(z, axis=0)
-            arg = tl.where(tile_max > best, tile_arg, arg)
-            best = tl.maximum(best, tile_max)
-        m = m_new
-        if HAS_SMOOTHING:
-            if HAS_CLASS_WEIGHT:
-                w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                z_sum += tl.sum(tl.where(mask, w * z, 0.0), axis=0)
-                w_sum += tl.sum(w, axis=0)
-            else:
-                z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-    if HAS_SMOOTHING and not HAS_CLASS_WEIGHT:
-        w_sum = n_classes * 1.0
-    log_s = tl.log(s)
-    lse = m + log_s
-
-    r_y = tl.load(logits_row_ptr + y).to(tl.float32)
-    if HAS_BIAS:
-        r_y += tl.load(bias_ptr + y).to(tl.float32)
-    z_y, _ = _logits(r_y, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
-    if HAS_CLASS_WEIGHT:
-        w_y = tl.load(class_weight_ptr + y).to(tl.float32)
-    else:
-        w_y = 1.0
+    y = target - class_offset  # the target's local column
+    in_slice = keep & (y >= 0) & (y < n_classes)
+    y = tl.where(in_slice, y, 0)
     eps = label_smoothing
-    loss = (1.0 - eps) * w_y * ((m - z_y) + log_s)
-    if HAS_SMOOTHING:
-        loss += (eps / n_classes) * (w_sum * lse - z_sum)
     nan = float("nan")
-    loss = tl.where(keep, loss, 0.0)
-    loss = tl.where(bad, nan, loss)
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
-    if METRICS:
-        stats_row_ptr = stats_ptr + row * 5
-        tl.store(stats_row_ptr + 0, m)
-        tl.store(stats_row_ptr + 1, lse - pz / s)  # entropy = lse − Σ p·z
-        tl.store(stats_row_ptr + 2, tl.sqrt(sq))
-        tl.store(stats_row_ptr + 3, tl.where(arg == target, 1.0, 0.0))
-        tl.store(stats_row_ptr + 4, z_y - lse)
 
-    if COMPUTE_GRAD:
-        # Sweep 2: dz = coef·p − a·e_y − b·w, then dr = dz·a·(1 − tanh²), written over the logits just read.
-        row_scale = tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
-        row_scale = tl.where(keep, row_scale, 0.0)
-        row_scale = tl.where(bad, nan, row_scale)
-        coef = row_scale * (1.0 - eps) * w_y
-        if HAS_SMOOTHING:
-            coef += row_scale * (eps / n_classes) * w_sum
-        if HAS_Z_LOSS:  # d(λ·lse²)/dz = 2λ·lse·p
-            z_scale = tl.load(z_scale_ptr + row * stride_z_scale).to(tl.float32)
-            coef += tl.where(keep, z_scale, 0.0) * 2.0 * z_loss * lse
-        target_coef = row_scale * (1.0 - eps) * w_y
-        smooth_coef = row_scale * (eps / n_classes)
+    if PHASE != 2:
+        # Sweep 1: running max m and sum-exp s (scalars, rescaled per tile); Σ w_c·z_c and Σ w_c for smoothing;
+        # for the metrics Σ exp(z − m)·z (rescaled like s), Σ z² and the first argmax.
+        m = -float("inf")
+        s = 0.0
+        z_sum = 0.0
+        w_sum = 0.0
+        pz = 0.0
+        sq = 0.0
+        best = -float("inf")
+        arg = 0
+        for start in range(0, n_classes, BLOCK_C):
+            cols = start + offs_c
+            mask = cols < n_classes
+            r = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            z, _ = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+            z = tl.where(mask, z, -float("inf"))
+            tile_max = tl.max(z, axis=0)
+            m_new = tl.maximum(m, tile_max)
+            rescale = tl.exp(m - m_new)
+            e = tl.exp(z - m_new)
+            s = s * rescale + tl.sum(e, axis=0)
+            if METRICS:
+                pz = pz * rescale + tl.sum(tl.where(mask, e * z, 0.0), axis=0)
+                sq += tl.sum(tl.where(mask, z * z, 0.0), axis=0)
+                tile_arg = start + tl.argmax(z, axis=0)
+                arg = tl.where(tile_max > best, tile_arg, arg)
+                best = tl.maximum(best, tile_max)
+            m = m_new
+            if HAS_SMOOTHING:
+                if HAS_CLASS_WEIGHT:
+                    w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                    z_sum += tl.sum(tl.where(mask, w * z, 0.0), axis=0)
+                    w_sum += tl.sum(w, axis=0)
+                else:
+                    z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        if HAS_SMOOTHING and not HAS_CLASS_WEIGHT:
+            w_sum = total_classes * 1.0
+
+        r_y = tl.load(logits_row_ptr + y).to(tl.float32)
+        if HAS_BIAS:
+            r_y += tl.load(bias_ptr + y).to(tl.float32)
+        z_y, _ = _logits(r_y, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+        if HAS_CLASS_WEIGHT:
+            w_y = tl.load(class_weight_ptr + y).to(tl.float32)
+        else:
+            w_y = 1.0
+
+        if PHASE == 1:
+            partial_row_ptr = partial_ptr + row * 7
+            tl.store(partial_row_ptr + 0, m)
+            tl.store(partial_row_ptr + 1, s)
+            tl.store(partial_row_ptr + 2, tl.where(in_slice, z_y, 0.0))
+            tl.store(partial_row_ptr + 3, tl.where(in_slice, w_y, 0.0))
+            tl.store(partial_row_ptr + 4, z_sum)
+            tl.store(partial_row_ptr + 5, pz)
+            tl.store(partial_row_ptr + 6, sq)
+            if METRICS:
+                tl.store(argmax_ptr + row, arg.to(tl.int64) + class_offset)
+        else:
+            log_s = tl.log(s)
+            lse = m + log_s
+            loss = (1.0 - eps) * w_y * ((m - z_y) + log_s)
+            if HAS_SMOOTHING:
+                loss += (eps / total_classes) * (w_sum * lse - z_sum)
+            loss = tl.where(keep, loss, 0.0)
+            loss = tl.where(bad, nan, loss)
+            tl.store(loss_ptr + row, loss)
+            tl.store(lse_ptr + row, lse)
+            if METRICS:
+                stats_row_ptr = stats_ptr + row * 5
+                tl.store(stats_row_ptr + 0, m)
+                tl.store(stats_row_ptr + 1, lse - pz / s)  # entropy = lse − Σ p·z
+                tl.store(stats_row_ptr + 2, tl.sqrt(sq))
+                tl.store(stats_row_ptr + 3, tl.where(arg == target, 1.0, 0.0))
+                tl.store(stats_row_ptr + 4, z_y - lse)
+
+            if COMPUTE_GRAD:
+                row_scale = tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
+                row_scale = tl.where(keep, row_scale, 0.0)
+                row_scale = tl.where(bad, nan, row_scale)
+                coef = row_scale * (1.0 - eps) * w_y
+                if HAS_SMOOTHING:
+                    coef += row_scale * (eps / total_classes) * w_sum
+                if HAS_Z_LOSS:  # d(λ·lse²)/dz = 2λ·lse·p
+                    z_scale = tl.load(z_scale_ptr + row * stride_z_scale).to(tl.float32)
+                    coef += tl.where(keep, z_scale, 0.0) * 2.0 * z_loss * lse
+                target_coef = row_scale * (1.0 - eps) * w_y
+                smooth_coef = row_scale * (eps / total_classes)
+    else:  # the global statistics the host combined
+        lse = tl.load(lse_ptr + row)
+        coef = tl.load(coef_ptr + row * 3 + 0)
+        target_coef = tl.load(coef_ptr + row * 3 + 1)
+        smooth_coef = tl.load(coef_ptr + row * 3 + 2)
+
+    if COMPUTE_GRAD:  # PHASE 0 with gradients, or PHASE 2
+        # Sweep 2: dz = coef·p − target_coef·e_y − smooth_coef·w, then dr = dz·a·(1 − tanh²), written over the
+        # logits just read. The target column is this slice's only where the target lies in it.
+        y_col = tl.where(in_slice, y, -1)
         grad_row_ptr = grad_ptr + row * stride_grad_row
         for start in range(0, n_classes, BLOCK_C):
             cols = start + offs_c
@@ -190,7 +237,7 @@ def _cross_entropy_rows_kernel(
                 r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             z, t = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
             dz = coef * tl.exp(z - lse)
-            dz -= tl.where(cols == y, target_coef, 0.0)
+            dz -= tl.where(cols == y_col, target_coef, 0.0)
             if HAS_SMOOTHING:
                 if HAS_CLASS_WEIGHT:
                     dz -= smooth_coef * tl.load(class_weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)

@@ -10,11 +10,19 @@ from __future__ import annotations
 import torch
 import triton
 
+from ...distributed import VocabShard, combine_partials
 from ...options import ResolvedOptions
-from ..common import Grads, LossParams
+from ..common import Grads, LossParams, index_rows
 from .kernels import _cross_entropy_rows_kernel, _scale_cast_kernel
 
-__all__ = ["fused_sweep", "deferred_grads", "cross_entropy_rows", "scale_cast"]
+__all__ = [
+    "fused_sweep",
+    "deferred_grads",
+    "cross_entropy_rows",
+    "cross_entropy_partials",
+    "cross_entropy_grad",
+    "scale_cast",
+]
 
 # Logits rows start on 128-byte boundaries whatever V is: cuBLAS keeps its fast kernels only for aligned leading
 # dimensions (an odd V such as 50257 would otherwise cost a multiple of the floor).
@@ -114,30 +122,140 @@ def cross_entropy_rows(
     stats_out: torch.Tensor | None,  # (r, 5) fp32, with lp.metrics
     lp: LossParams,
 ) -> None:
-    """Per-row loss, logsumexp (and statistics); with ``grad``, ``dr`` (see kernels.py for the math)."""
+    """Per-row loss, logsumexp (and statistics); with ``grad``, ``dr`` (see kernels.py for the math): both sweeps
+    in one launch."""
+    row_scale, z_scale = (loss_out, loss_out) if scales is None else scales  # unread without COMPUTE_GRAD
+    _launch_rows(
+        logits,
+        grad,
+        bias,
+        target,
+        class_weight,
+        lp,
+        phase=0,
+        loss=loss_out,
+        lse=lse_out,
+        stats=stats_out,
+        row_scale=row_scale,
+        z_scale=z_scale,
+    )
+
+
+# The per-row partials of PHASE 1, by column of the (r, 7) buffer (see the kernel's docstring).
+PARTIALS = ("m", "sum_exp", "z_y", "w_y", "z_sum", "exp_z_sum", "sq_sum")
+
+
+def cross_entropy_partials(
+    logits: torch.Tensor,  # (r, C_local)
+    bias: torch.Tensor | None,  # (C_local,)
+    target: torch.Tensor,  # (r,) int64 global class indices
+    class_weight: torch.Tensor | None,  # (C_local,)
+    partials_out: torch.Tensor,  # (r, len(PARTIALS)) fp32, contiguous
+    argmax_out: torch.Tensor | None,  # (r,) int64, with lp.metrics
+    lp: LossParams,
+    class_offset: int,
+    total_classes: int,
+) -> None:
+    """Sweep 1 over a vocabulary slice ``[class_offset, class_offset + C_local)``: per-row partial sums (columns
+    :data:`PARTIALS`, relative to the slice's own row max) and, with metrics, the slice's first argmax."""
+    assert partials_out.stride() == (len(PARTIALS), 1)
+    _launch_rows(
+        logits,
+        None,
+        bias,
+        target,
+        class_weight,
+        lp,
+        phase=1,
+        partials=partials_out,
+        argmax=argmax_out,
+        class_offset=class_offset,
+        total_classes=total_classes,
+        metrics=argmax_out is not None,
+    )
+
+
+def cross_entropy_grad(
+    logits: torch.Tensor,  # (r, C_local)
+    grad: torch.Tensor,  # (r, C_local) dr destination (may share storage with logits)
+    bias: torch.Tensor | None,  # (C_local,)
+    target: torch.Tensor,  # (r,) int64 global class indices
+    class_weight: torch.Tensor | None,  # (C_local,)
+    lse: torch.Tensor,  # (r,) fp32 global logsumexp
+    coefs: torch.Tensor,  # (r, 3) fp32 coef, target_coef, smooth_coef (common.GradCoefs), contiguous
+    lp: LossParams,
+    class_offset: int,
+    total_classes: int,
+) -> None:
+    """Sweep 2 over a vocabulary slice: ``dr`` from the row's global ``lse`` and gradient coefficients."""
+    assert coefs.stride() == (3, 1) and lse.stride() == (1,)
+    _launch_rows(
+        logits,
+        grad,
+        bias,
+        target,
+        class_weight,
+        lp,
+        phase=2,
+        lse=lse,
+        coefs=coefs,
+        class_offset=class_offset,
+        total_classes=total_classes,
+    )
+
+
+def _launch_rows(
+    logits,
+    grad,
+    bias,
+    target,
+    class_weight,
+    lp: LossParams,
+    *,
+    phase: int,
+    loss=None,
+    lse=None,
+    stats=None,
+    row_scale=None,
+    z_scale=None,
+    partials=None,
+    argmax=None,
+    coefs=None,
+    class_offset: int = 0,
+    total_classes: int | None = None,
+    metrics: bool | None = None,
+) -> None:
+    """One launch of the row kernel, one program per row; pointers a phase does not read stand in as ``logits``."""
     rows, num_classes = logits.shape
     if rows == 0:
         return
     assert logits.stride(1) == 1 and (grad is None or grad.stride(1) == 1)
-    assert stats_out is None or stats_out.stride() == (5, 1)
+    assert stats is None or stats.stride() == (5, 1)
     block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(num_classes))
-    row_scale, z_scale = (loss_out, loss_out) if scales is None else scales  # unread without COMPUTE_GRAD
+    unused = logits
+    row_scale = unused if row_scale is None else row_scale
+    z_scale = unused if z_scale is None else z_scale
     _cross_entropy_rows_kernel[(rows,)](
         logits,
         logits if grad is None else grad,
-        logits if bias is None else bias,
+        unused if bias is None else bias,
         target,
-        logits if class_weight is None else class_weight,
+        unused if class_weight is None else class_weight,
         row_scale,
         z_scale,
-        loss_out,
-        lse_out,
-        loss_out if stats_out is None else stats_out,
+        unused if loss is None else loss,
+        unused if lse is None else lse,
+        unused if stats is None else stats,
+        unused if partials is None else partials,
+        unused if argmax is None else argmax,
+        unused if coefs is None else coefs,
         num_classes,
+        num_classes if total_classes is None else total_classes,
         logits.stride(0),
         logits.stride(0) if grad is None else grad.stride(0),
         row_scale.stride(0) if row_scale.dim() == 1 else 0,
         z_scale.stride(0) if z_scale.dim() == 1 else 0,
+        class_offset,
         lp.ignore_index,
         lp.label_smoothing,
         lp.logit_scale,
@@ -148,9 +266,10 @@ def cross_entropy_rows(
         HAS_SMOOTHING=lp.label_smoothing > 0,
         HAS_LOGIT_SCALE=lp.logit_scale != 1.0,
         HAS_SOFTCAP=lp.logit_softcap > 0,
-        HAS_Z_LOSS=lp.z_loss > 0,
-        METRICS=stats_out is not None,
+        HAS_Z_LOSS=phase == 0 and lp.z_loss > 0,  # PHASE 2 reads it folded into coef
+        METRICS=(stats is not None) if metrics is None else metrics,
         COMPUTE_GRAD=grad is not None,
+        PHASE=phase,
         BLOCK_C=block_c,
         num_warps=_NUM_WARPS if block_c >= 2048 else 4,
     )
@@ -178,6 +297,7 @@ def fused_sweep(
     | None,  # (N,) fp32 shares s, s_z of the upstream gradient; None: loss only
     grads: Grads,  # which gradients to compute (with scales)
     defer: bool = False,
+    shard: VocabShard | None = None,  # vocabulary parallel: w, b, class_weight are this rank's slices
 ):
     """Per-row losses ``(N,)``, lse ``(N,)`` and statistics ``(N, 5)`` (fp32) and, with ``scales``, the gradients.
 
@@ -185,6 +305,13 @@ def fused_sweep(
     (``"balanced"``/``"accurate"`` with low-precision weights): the caller rounds it once, when it scales it.
     With ``defer`` (one chunk only) the gradient GEMMs are left to the caller: the last item is then ``dz``
     ``(N, V)`` itself.
+
+    With a ``shard`` (:mod:`...distributed`) each chunk runs the row kernel's two sweeps as two launches around the
+    combine over the group: sweep 1 writes this slice's per-row partials, :func:`...distributed.combine_partials`
+    turns them into sums over the whole vocabulary (one all-reduce MAX, one stacked SUM, a MIN with metrics, all
+    on ``(rows,)`` vectors), :func:`..common.index_rows` into the loss, lse, statistics and ``dz``'s coefficients,
+    and sweep 2 writes this slice's ``dz``. The losses, lse and statistics are the whole vocabulary's;
+    ``grad_x`` is all-reduced once at the end (unless ``shard.input_grad_all_reduce`` is off or ``defer``).
     """
     n, h = x.shape
     v = w.shape[0]
@@ -214,6 +341,10 @@ def fused_sweep(
     if want_grads and grads.weight:
         grad_w = torch.empty((v, h), dtype=torch.float32 if scratch else w.dtype, device=device)
     grad_b = torch.zeros(v, dtype=torch.float32, device=device) if want_grads and grads.bias else None
+    if shard is not None:
+        partials_all = torch.empty((rows, len(PARTIALS)), dtype=torch.float32, device=device)
+        argmax_all = torch.empty(rows, dtype=torch.int64, device=device) if lp.metrics else None
+        w_sum = shard.class_weight_sum.float() if class_weight is not None else float(shard.num_classes)
 
     for start in range(0, n, rows):
         stop = min(start + rows, n)
@@ -222,18 +353,37 @@ def fused_sweep(
         logits = logits_all[:r]
         logits_gemm(x_c, w, logits, torch.float32 if fp32_logits else None)
         grad = grad_all[:r] if want_grads else None
-        cross_entropy_rows(
-            logits,
-            grad,
-            b,
-            target[start:stop],
-            class_weight,
-            None if scales is None else (scales[0][start:stop], scales[1][start:stop]),
-            losses[start:stop],
-            lse[start:stop],
-            None if stats is None else stats[start:stop],
-            lp,
-        )
+        scales_c = None if scales is None else (scales[0][start:stop], scales[1][start:stop])
+        if shard is None:
+            cross_entropy_rows(
+                logits,
+                grad,
+                b,
+                target[start:stop],
+                class_weight,
+                scales_c,
+                losses[start:stop],
+                lse[start:stop],
+                None if stats is None else stats[start:stop],
+                lp,
+            )
+        else:
+            _sharded_rows(
+                logits,
+                grad,
+                b,
+                target[start:stop],
+                class_weight,
+                scales_c if want_grads else None,
+                losses[start:stop],
+                lse[start:stop],
+                None if stats is None else stats[start:stop],
+                lp,
+                shard,
+                w_sum,
+                partials_all[:r],
+                None if argmax_all is None else argmax_all[:r],
+            )
         if not want_grads:
             continue
         if grad_x is not None:
@@ -244,9 +394,53 @@ def fused_sweep(
             grad_b += grad.sum(dim=0, dtype=torch.float32)
     if grad_w is not None and n == 0:
         grad_w.zero_()
+    if grad_x is not None and shard is not None and shard.input_grad_all_reduce:
+        shard.sum_(grad_x)  # each rank's grad_x covers its classes only
     if want_grads and defer:
         return losses, lse, stats, grad_all[:n]
     return losses, lse, stats, (grad_x, grad_w, grad_b)
+
+
+def _sharded_rows(
+    logits,
+    grad,
+    bias,
+    target,
+    class_weight,
+    scales,
+    loss_out,
+    lse_out,
+    stats_out,
+    lp: LossParams,
+    shard: VocabShard,
+    w_sum,
+    partials,
+    argmax,
+) -> None:
+    """One chunk of a vocabulary-parallel sweep: sweep 1 on this slice → combine over the group → sweep 2."""
+    offset, total = shard.offset, shard.num_classes
+    cross_entropy_partials(logits, bias, target, class_weight, partials, argmax, lp, offset, total)
+    cols = dict(zip(PARTIALS, partials.unbind(1)))
+    sums = combine_partials(
+        shard,
+        cols["m"],
+        cols["sum_exp"],
+        cols["z_y"],
+        cols["w_y"] if class_weight is not None else None,
+        cols["z_sum"] if lp.label_smoothing > 0 else None,
+        cols["exp_z_sum"] if lp.metrics else None,
+        cols["sq_sum"] if lp.metrics else None,
+        argmax,
+    )
+    ce_scale, z_scale = (None, None) if scales is None else scales
+    loss, lse, stats, coefs = index_rows(sums, target, w_sum, lp, total, ce_scale, z_scale)
+    loss_out.copy_(loss)
+    lse_out.copy_(lse)
+    if stats_out is not None:
+        stats_out.copy_(stats)
+    if grad is not None:
+        coefs = torch.stack(coefs, dim=1)  # (r, 3)
+        cross_entropy_grad(logits, grad, bias, target, class_weight, lse_out, coefs, lp, offset, total)
 
 
 def _accumulate_weight_grad(grad_w, dz_t, x_c, *, first: bool, fp32_mm: bool) -> None:

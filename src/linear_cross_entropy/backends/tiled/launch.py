@@ -1,0 +1,234 @@
+r"""Launchers of the tiled backend: check, allocate, choose the tiles, launch (see kernels.py for the algorithm).
+
+Between the two kernels the launcher combines the forward's per-split statistics into each row's ``lse`` and loss
+and forms the backward's per-row coefficients, all with ``(N,)``-sized torch operations (no host syncs). With the
+row's share ``s`` of the upstream gradient (cross entropy) and ``s_z`` (z-loss), label smoothing ``ε``, class
+weights ``w`` (``W_sum = Σ_c w_c``; ones when absent) and ``C`` classes::
+
+    ℓ     = (1−ε)·w_y·((M − z_y) + log S) + (ε/C)·(W_sum·lse − Σ_c w_c z_c)      lse = M + log S
+    dz_c  = A·p_c − T·[c = y] − E·w_c,    A = s·((1−ε)·w_y + (ε/C)·W_sum) + s_z·2λ·lse,   T = s·(1−ε)·w_y,   E = s·ε/C
+
+Tile sizes are fixed per device type, not tuned per call (no autotuning, so the first call only compiles): the
+largest logit tiles whose fp32 accumulator fits in registers at 8 warps (128×256 forward, 256×128 backward: fewer
+rows per tile means more weight-gradient atomics), ``BLOCK_K = BLOCK_H = 64``, measured against the alternatives
+by ``benchmarks/tiled_sweep.py``. The CPU interpreter uses 16-wide tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+
+from ..common import Grads, LossParams, RowScales
+from .kernels import _partial_stats_kernel, _tiled_backward_kernel
+
+__all__ = ["TileConfig", "tile_configs", "partial_stats", "combine_partials", "coefficients", "tiled_backward"]
+
+_PARTIALS = 7  # m, Σe^{z−m}, z_y, Σw·z, Σe^{z−m}·z, Σz², argmax
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch parameters of one kernel on one device type."""
+
+    block_m: int  # rows per logit tile
+    block_n: int  # classes per logit tile
+    block_k: int  # features per step of the logit (re)computation
+    num_warps: int
+    num_stages: int
+    block_h: int = 64  # backward: features per step of the gradient products
+    group_m: int = 8  # backward: row blocks that walk the vocabulary together (their W tiles stay in L2)
+    min_splits: int = 16  # forward: vocabulary splits per row block (more when rows are few, to fill the SMs)
+
+
+# Measured on an H100 at 8192x4096x128256 bf16 (benchmarks/tiled_sweep.py, benchmarks/NOTES.md). With 4-byte
+# operands (fp32 inputs) or 4-byte atomics (fp32 accumulators) a 3-stage pipeline of these tiles exceeds the
+# 227 KiB of shared memory per SM: those calls halve BLOCK_K and/or run 2 stages.
+_GPU_FORWARD = TileConfig(256, 128, 64, num_warps=8, num_stages=3, min_splits=16)
+_GPU_BACKWARD = TileConfig(256, 128, 64, num_warps=8, num_stages=3, block_h=64, group_m=8)
+_INTERPRETER = (TileConfig(16, 16, 16, 1, 1, min_splits=2), TileConfig(16, 16, 16, 1, 1, block_h=16, group_m=2))
+
+
+def tile_configs(device: torch.device, dtype: torch.dtype, fp32_atomics: bool) -> tuple[TileConfig, TileConfig]:
+    """``(forward, backward)`` configurations for inputs of ``dtype`` (and fp32 gradient accumulators)."""
+    if device.type != "cuda":
+        return _INTERPRETER
+    forward, backward = _GPU_FORWARD, _GPU_BACKWARD
+    if dtype == torch.float32:
+        forward = dataclasses.replace(forward, block_k=32)
+        backward = dataclasses.replace(backward, block_k=32, num_stages=2)
+    elif fp32_atomics:
+        backward = dataclasses.replace(backward, num_stages=2)
+    return forward, backward
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """fp32 operands go through TF32 only when the user allowed it for matmuls, as cuBLAS would."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _flags(lp: LossParams, b, class_weight) -> dict:
+    return dict(
+        HAS_BIAS=b is not None,
+        HAS_CLASS_WEIGHT=class_weight is not None,
+        HAS_SMOOTHING=lp.label_smoothing > 0,
+        HAS_LOGIT_SCALE=lp.logit_scale != 1.0,
+        HAS_SOFTCAP=lp.logit_softcap > 0,
+    )
+
+
+def partial_stats(
+    x: torch.Tensor,  # (N, H)
+    w: torch.Tensor,  # (V, H)
+    b: torch.Tensor | None,  # (V,)
+    target: torch.Tensor,  # (N,) int64, contiguous
+    class_weight: torch.Tensor | None,  # (V,)
+    lp: LossParams,
+    cfg: TileConfig | None = None,
+) -> torch.Tensor:
+    """``(splits, 7, N)`` fp32 per-split row statistics (see kernels.py); ``cfg`` overrides the rule (sweeps)."""
+    (n, h), v = x.shape, w.shape[0]
+    cfg = cfg or tile_configs(x.device, x.dtype, False)[0]
+    row_blocks = triton.cdiv(n, cfg.block_m)
+    tiles = triton.cdiv(v, cfg.block_n)
+    # at least two programs per SM in all, with at least min_splits per row block (see the kernel's grid order)
+    wanted = max(cfg.min_splits, triton.cdiv(2 * _multiprocessors(x.device), max(row_blocks, 1)))
+    tiles_per_split = triton.cdiv(tiles, min(tiles, wanted))
+    splits = triton.cdiv(tiles, tiles_per_split)
+    partials = torch.empty((splits, _PARTIALS, n), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return partials
+    _partial_stats_kernel[(splits, row_blocks)](
+        x, w, x if b is None else b, target, x if class_weight is None else class_weight, partials,
+        n, v, h, tiles_per_split,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        lp.logit_scale, lp.logit_softcap or 1.0,
+        **_flags(lp, b, class_weight),
+        METRICS=lp.metrics,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return partials
+
+
+def _class_weight_at(target, class_weight, keep, num_classes):
+    """``(w_y, W_sum)`` in fp32: ones and ``C`` without class weights; ``w_y = 0`` on rows that do not take part."""
+    if class_weight is None:
+        return keep.float(), float(num_classes)
+    cw = class_weight.float()
+    y = torch.where(keep & (target >= 0) & (target < num_classes), target, 0)
+    return torch.where(keep, cw[y], 0.0), cw.sum()
+
+
+def combine_partials(partials: torch.Tensor, target, class_weight, lp: LossParams, num_classes: int):
+    """Per-row ``(loss (N,), lse (N,), stats (N, 5) or None)`` in fp32 from the splits' statistics."""
+    m, s, z_y, z_sum, pz, sq, arg = partials.unbind(1)  # each (splits, N)
+    big_m = m.amax(dim=0)
+    rescale = torch.exp(m - big_m)
+    sum_exp = (s * rescale).sum(dim=0)
+    log_sum_exp = sum_exp.log()
+    lse = big_m + log_sum_exp
+    z_y = z_y.sum(dim=0)
+    keep = target != lp.ignore_index
+    bad = keep & ((target < 0) | (target >= num_classes))
+    w_y, w_sum = _class_weight_at(target, class_weight, keep, num_classes)
+    eps = lp.label_smoothing
+    loss = (1.0 - eps) * w_y * ((big_m - z_y) + log_sum_exp)
+    if eps:
+        loss = loss + (eps / num_classes) * (w_sum * lse - z_sum.sum(dim=0))
+    loss = torch.where(keep, loss, 0.0).masked_fill_(bad, float("nan"))
+    stats = None
+    if lp.metrics:
+        entropy = lse - (pz * rescale).sum(dim=0) / sum_exp  # lse − Σ p·z
+        # the first maximal class: the lowest index among the splits that reach the row max
+        predicted = torch.where(m == big_m, arg, float(num_classes)).amin(dim=0)
+        correct = (predicted == target.float()).float()
+        stats = torch.stack([big_m, entropy, sq.sum(dim=0).sqrt(), correct, z_y - lse], dim=1)
+    return loss, lse, stats
+
+
+def coefficients(
+    target: torch.Tensor,  # (N,) int64
+    class_weight: torch.Tensor | None,  # (V,)
+    lse: torch.Tensor,  # (N,) fp32
+    scales: RowScales | None,  # the scalar reductions' shares; None for "none" (share 1 per row taking part)
+    lp: LossParams,
+    num_classes: int,
+) -> torch.Tensor:
+    """``(3, N)`` fp32 ``A, T, E`` for an upstream gradient of 1 (the caller multiplies by the real one)."""
+    keep = target != lp.ignore_index
+    bad = keep & ((target < 0) | (target >= num_classes))
+    if scales is None:
+        s = s_z = keep.float()
+    else:
+        s, s_z = scales.ce[:, 0].float(), scales.z[:, 0].float()
+    s = s.masked_fill(bad, float("nan"))
+    w_y, w_sum = _class_weight_at(target, class_weight, keep, num_classes)
+    eps = lp.label_smoothing
+    coef_target = s * (1.0 - eps) * w_y
+    coef_p = coef_target + s * (eps / num_classes) * w_sum
+    if lp.z_loss:
+        coef_p = coef_p + s_z * (2.0 * lp.z_loss) * lse
+    return torch.stack([coef_p, coef_target, s * (eps / num_classes)])
+
+
+def tiled_backward(
+    x: torch.Tensor,  # (N, H)
+    w: torch.Tensor,  # (V, H)
+    b: torch.Tensor | None,  # (V,)
+    target: torch.Tensor,  # (N,) int64, contiguous
+    class_weight: torch.Tensor | None,  # (V,)
+    lse: torch.Tensor,  # (N,) fp32
+    coefs: torch.Tensor,  # (3, N) fp32, upstream gradient included
+    lp: LossParams,
+    grads: Grads,
+    fp32_grad_input: bool,
+    fp32_grad_weight: bool,
+    sparse_eps: float,
+    cfg: TileConfig | None = None,
+) -> tuple:
+    """``(grad_x, grad_w, grad_b)`` (None where not wanted) in the parameters' dtypes."""
+    (n, h), v = x.shape, w.shape[0]
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    cfg = cfg or tile_configs(x.device, x.dtype, low and (fp32_grad_input or fp32_grad_weight))[1]
+    gx = gw = gb = None
+    if grads.input:
+        gx = torch.zeros((n, h), dtype=torch.float32 if fp32_grad_input and low else x.dtype, device=x.device)
+    if grads.weight:
+        gw = torch.zeros((v, h), dtype=torch.float32 if fp32_grad_weight and low else w.dtype, device=x.device)
+    if grads.bias:
+        gb = torch.zeros(v, dtype=torch.float32, device=x.device)
+    sparse = sparse_eps > 0 and lp.label_smoothing == 0  # smoothing puts ε/C·w_c into every entry: nothing to skip
+    if n and grads.any:
+        grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(v, cfg.block_n),)
+        _tiled_backward_kernel[grid](
+            x, w, x if b is None else b, target, x if class_weight is None else class_weight, lse, coefs,
+            x if gx is None else gx, w if gw is None else gw, lse if gb is None else gb,
+            n, v, h,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            0 if gx is None else gx.stride(0), 0 if gw is None else gw.stride(0),
+            lp.logit_scale, lp.logit_softcap or 1.0, float(sparse_eps),
+            **_flags(lp, b, class_weight),
+            GRAD_X=gx is not None, GRAD_W=gw is not None, GRAD_B=gb is not None, SPARSE=sparse,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
+            GROUP_M=cfg.group_m, INPUT_PRECISION=_input_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return (
+        None if gx is None else gx.to(x.dtype),
+        None if gw is None else gw.to(w.dtype),
+        None if gb is None else gb.to(b.dtype),
+    )
