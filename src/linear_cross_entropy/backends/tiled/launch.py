@@ -46,7 +46,7 @@ class TileConfig:
 
 # Measured on an H100 at 8192x4096x128256 bf16 (benchmarks/tiled_sweep.py, benchmarks/NOTES.md). With 4-byte
 # operands (fp32 inputs) or 4-byte atomics (fp32 accumulators) a 3-stage pipeline of these tiles exceeds the
-# 227 KiB of shared memory per SM: those calls halve BLOCK_K and/or run 2 stages.
+# 227 KiB of shared memory per SM: those calls take smaller tiles and/or run 2 stages.
 _GPU_FORWARD = TileConfig(256, 128, 64, num_warps=8, num_stages=3, min_splits=16)
 _GPU_BACKWARD = TileConfig(256, 128, 64, num_warps=8, num_stages=3, block_h=64, group_m=8)
 _INTERPRETER = (TileConfig(16, 16, 16, 1, 1, min_splits=2), TileConfig(16, 16, 16, 1, 1, block_h=16, group_m=2))
@@ -57,9 +57,9 @@ def tile_configs(device: torch.device, dtype: torch.dtype, fp32_atomics: bool) -
     if device.type != "cuda":
         return _INTERPRETER
     forward, backward = _GPU_FORWARD, _GPU_BACKWARD
-    if dtype == torch.float32:
-        forward = dataclasses.replace(forward, block_k=32)
-        backward = dataclasses.replace(backward, block_k=32, num_stages=2)
+    if dtype == torch.float32:  # the fp32 dz tile alone is 128 KiB at 256x128: quarter tiles
+        forward = dataclasses.replace(forward, block_m=128, block_k=32)
+        backward = dataclasses.replace(backward, block_m=128, block_k=32, block_h=32, num_stages=2)
     elif fp32_atomics:
         backward = dataclasses.replace(backward, num_stages=2)
     return forward, backward
