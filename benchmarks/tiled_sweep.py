@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from linear_cross_entropy.backends.common import Grads, LossParams  # noqa: E402
 from linear_cross_entropy.backends.tiled.launch import (  # noqa: E402
     TileConfig,
-    coefficients,
-    combine_partials,
+    combine_splits,
     partial_stats,
     tiled_backward,
 )
@@ -65,10 +64,11 @@ def main():
     gemm = floor / 3
 
     def forward(cfg=None):
-        return combine_partials(partial_stats(x, w, None, y, None, lp, cfg), y, None, lp, v)[1]
+        return combine_splits(partial_stats(x, w, None, y, None, lp, cfg), y, None, lp, v, None)[1]
 
     lse = forward()
-    coefs = coefficients(y, None, lse, None, lp, v) / (y != -100).sum()
+    share = (y != -100).float() / (y != -100).sum()
+    coefs = combine_splits(partial_stats(x, w, None, y, None, lp), y, None, lp, v, (share, share))[3]
     best = {}
     for phase, configs in (("forward", FORWARD), ("backward", BACKWARD)):
         for cfg in configs:

@@ -12,24 +12,25 @@ import torch
 
 from ...options import ResolvedOptions
 from ..common import Grads, LossParams, keep_mask, reduce_total, row_scales
-from .launch import coefficients, combine_partials, partial_stats, tiled_backward
+from .launch import combine_splits, partial_stats, tiled_backward
 
 __all__ = ["linear_cross_entropy_tiled", "forward_pass", "backward_none"]
 
 
 def _loss_and_coefficients(x, w, b, target, class_weight, lp: LossParams, want_coefs: bool):
     """``(loss, lse (N,), stats (N, 5) or None, coefs (3, N) or None)``, coefficients for an upstream 1."""
-    num_classes = w.shape[0]
-    losses, lse, stats = combine_partials(
-        partial_stats(x, w, b, target, class_weight, lp), target, class_weight, lp, num_classes
-    )
     keep = keep_mask(target[:, None], lp)
     scales = None
     if lp.reduction != "none":
         cw = None if class_weight is None else class_weight.float()
         scales = row_scales(target[:, None], cw, lp, torch.float32)
+    shares = None
+    if want_coefs:  # "none": a share of 1 per row (index_rows zeroes ignored rows); backward multiplies
+        ones = torch.ones(target.shape, dtype=torch.float32, device=target.device)
+        shares = (ones, ones) if scales is None else (scales.ce[:, 0], scales.z[:, 0])
+    partials = partial_stats(x, w, b, target, class_weight, lp)
+    losses, lse, stats, coefs = combine_splits(partials, target, class_weight, lp, w.shape[0], shares)
     loss = reduce_total(losses[:, None], lse[:, None], keep, scales, lp)
-    coefs = coefficients(target, class_weight, lse, scales, lp, num_classes) if want_coefs else None
     return loss, lse, stats, coefs
 
 

@@ -1,12 +1,9 @@
 r"""Launchers of the tiled backend: check, allocate, choose the tiles, launch (see kernels.py for the algorithm).
 
-Between the two kernels the launcher combines the forward's per-split statistics into each row's ``lse`` and loss
-and forms the backward's per-row coefficients, all with ``(N,)``-sized torch operations (no host syncs). With the
-row's share ``s`` of the upstream gradient (cross entropy) and ``s_z`` (z-loss), label smoothing ``ε``, class
-weights ``w`` (``W_sum = Σ_c w_c``; ones when absent) and ``C`` classes::
-
-    ℓ     = (1−ε)·w_y·((M − z_y) + log S) + (ε/C)·(W_sum·lse − Σ_c w_c z_c)      lse = M + log S
-    dz_c  = A·p_c − T·[c = y] − E·w_c,    A = s·((1−ε)·w_y + (ε/C)·W_sum) + s_z·2λ·lse,   T = s·(1−ε)·w_y,   E = s·ε/C
+Between the two kernels the launcher combines the forward's per-split statistics into each row's sums over the
+vocabulary and hands them to :func:`..common.index_rows` (the loss, ``lse``, metrics and the backward's per-row
+coefficients ``dz = A·p − T·e_y − E·w``, shared with the chunked and vocabulary-parallel paths), all with
+``(N,)``-sized torch operations (no host syncs).
 
 Tile sizes are fixed per device type, not tuned per call (no autotuning, so the first call only compiles): the
 largest logit tiles whose fp32 accumulator fits in registers at 8 warps (128×256 forward, 256×128 backward: fewer
@@ -22,10 +19,10 @@ import functools
 import torch
 import triton
 
-from ..common import Grads, LossParams, RowScales
+from ..common import Grads, IndexRowSums, LossParams, index_rows
 from .kernels import _partial_stats_kernel, _tiled_backward_kernel
 
-__all__ = ["TileConfig", "tile_configs", "partial_stats", "combine_partials", "coefficients", "tiled_backward"]
+__all__ = ["TileConfig", "tile_configs", "partial_stats", "combine_splits", "tiled_backward"]
 
 _PARTIALS = 7  # m, Σe^{z−m}, z_y, Σw·z, Σe^{z−m}·z, Σz², argmax
 
@@ -124,65 +121,46 @@ def partial_stats(
     return partials
 
 
-def _class_weight_at(target, class_weight, keep, num_classes):
-    """``(w_y, W_sum)`` in fp32: ones and ``C`` without class weights; ``w_y = 0`` on rows that do not take part."""
-    if class_weight is None:
-        return keep.float(), float(num_classes)
-    cw = class_weight.float()
-    y = torch.where(keep & (target >= 0) & (target < num_classes), target, 0)
-    return torch.where(keep, cw[y], 0.0), cw.sum()
+def combine_splits(
+    partials: torch.Tensor,  # (splits, 7, N) from partial_stats
+    target: torch.Tensor,  # (N,) int64
+    class_weight: torch.Tensor | None,  # (V,)
+    lp: LossParams,
+    num_classes: int,  # V
+    shares: tuple[torch.Tensor, torch.Tensor] | None,  # (N,) fp32 s, s_z; None: no gradient coefficients
+) -> tuple:
+    """``(loss (N,), lse (N,), stats (N, 5) or None, coefs (3, N) or None)`` in fp32.
 
-
-def combine_partials(partials: torch.Tensor, target, class_weight, lp: LossParams, num_classes: int):
-    """Per-row ``(loss (N,), lse (N,), stats (N, 5) or None)`` in fp32 from the splits' statistics."""
+    The splits are combined as vocabulary-parallel ranks are (:func:`..distributed.combine_partials`, without the
+    collectives): ``M = max m``, ``Σ e^{z−M} = Σ_splits e^{m−M}·s``, sums added, the first maximal class is the
+    lowest index among the splits reaching ``M``; the loss and coefficients then come from
+    :func:`..common.index_rows`, the formulas every backend shares.
+    """
     m, s, z_y, z_sum, pz, sq, arg = partials.unbind(1)  # each (splits, N)
     big_m = m.amax(dim=0)
     rescale = torch.exp(m - big_m)
     sum_exp = (s * rescale).sum(dim=0)
-    log_sum_exp = sum_exp.log()
-    lse = big_m + log_sum_exp
-    z_y = z_y.sum(dim=0)
+    metrics = lp.metrics
     keep = target != lp.ignore_index
-    bad = keep & ((target < 0) | (target >= num_classes))
-    w_y, w_sum = _class_weight_at(target, class_weight, keep, num_classes)
-    eps = lp.label_smoothing
-    loss = (1.0 - eps) * w_y * ((big_m - z_y) + log_sum_exp)
-    if eps:
-        loss = loss + (eps / num_classes) * (w_sum * lse - z_sum.sum(dim=0))
-    loss = torch.where(keep, loss, 0.0).masked_fill_(bad, float("nan"))
-    stats = None
-    if lp.metrics:
-        entropy = lse - (pz * rescale).sum(dim=0) / sum_exp  # lse − Σ p·z
-        # the first maximal class: the lowest index among the splits that reach the row max
-        predicted = torch.where(m == big_m, arg, float(num_classes)).amin(dim=0)
-        correct = (predicted == target.float()).float()
-        stats = torch.stack([big_m, entropy, sq.sum(dim=0).sqrt(), correct, z_y - lse], dim=1)
-    return loss, lse, stats
-
-
-def coefficients(
-    target: torch.Tensor,  # (N,) int64
-    class_weight: torch.Tensor | None,  # (V,)
-    lse: torch.Tensor,  # (N,) fp32
-    scales: RowScales | None,  # the scalar reductions' shares; None for "none" (share 1 per row taking part)
-    lp: LossParams,
-    num_classes: int,
-) -> torch.Tensor:
-    """``(3, N)`` fp32 ``A, T, E`` for an upstream gradient of 1 (the caller multiplies by the real one)."""
-    keep = target != lp.ignore_index
-    bad = keep & ((target < 0) | (target >= num_classes))
-    if scales is None:
-        s = s_z = keep.float()
+    if class_weight is None:
+        w_y, w_sum = 1.0, float(num_classes)
     else:
-        s, s_z = scales.ce[:, 0].float(), scales.z[:, 0].float()
-    s = s.masked_fill(bad, float("nan"))
-    w_y, w_sum = _class_weight_at(target, class_weight, keep, num_classes)
-    eps = lp.label_smoothing
-    coef_target = s * (1.0 - eps) * w_y
-    coef_p = coef_target + s * (eps / num_classes) * w_sum
-    if lp.z_loss:
-        coef_p = coef_p + s_z * (2.0 * lp.z_loss) * lse
-    return torch.stack([coef_p, coef_target, s * (eps / num_classes)])
+        cw = class_weight.float()
+        y = torch.where(keep & (target >= 0) & (target < num_classes), target, 0)
+        w_y, w_sum = cw[y], cw.sum()
+    sums = IndexRowSums(
+        m=big_m,
+        sum_exp=sum_exp,
+        z_y=z_y.sum(dim=0),
+        w_y=w_y,
+        z_sum=z_sum.sum(dim=0) if lp.label_smoothing > 0 else None,
+        e_log_e=(pz * rescale).sum(dim=0) - big_m * sum_exp if metrics else None,
+        norm=sq.sum(dim=0).sqrt() if metrics else None,
+        predicted=torch.where(m == big_m, arg, float("inf")).amin(dim=0).long() if metrics else None,
+    )
+    ce, z = shares if shares is not None else (None, None)
+    loss, lse, stats, coefs = index_rows(sums, target, w_sum, lp, num_classes, ce, z)
+    return loss, lse, stats, None if coefs is None else torch.stack(coefs)
 
 
 def tiled_backward(
