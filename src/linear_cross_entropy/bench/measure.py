@@ -434,7 +434,9 @@ def kernel_sweep(rows=2048, v=128256, dtype=torch.bfloat16):
     for block in (2048, 4096, 8192):
         for warps in (4, 8, 16):
             launch._MAX_BLOCK_C, launch._NUM_WARPS = block, warps
-            step = lambda: launch.cross_entropy_rows(logits, logits, None, target, None, scale, loss, lse, lp)  # noqa: E731
+            step = lambda: launch.cross_entropy_rows(  # noqa: E731
+                logits, logits, None, target, None, (scale, scale), loss, lse, None, lp
+            )
             ms = time_fn(step, 10)
             print(f"  BLOCK_C={block:5d} warps={warps:2d}: {ms:6.3f} ms  {min_bytes / ms / 1e6:6.0f} GB/s (read+write)")
     launch._MAX_BLOCK_C, launch._NUM_WARPS = saved
