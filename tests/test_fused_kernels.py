@@ -71,11 +71,17 @@ def _fused(x, w, y, b, rows=None, **kw):
     ids=["plain", "bias", "weights+smoothing", "bias+smoothing"],
 )
 def test_fused_matches_float64(dtype, rows, shape, reduction, extras):
+    check_against_float64(_fused, dtype, shape, reduction, extras, seed=sum(shape) + (rows or 0), rows=rows)
+
+
+def check_against_float64(ours_fn, dtype, shape, reduction, extras, seed, **ours_kw):
+    """Loss and gradients of ``ours_fn`` (``fn(x, w, y, b, **kw)``) against float64, within ``_SLACK`` times plain
+    PyTorch's error in ``dtype`` (plus a floor); ``extras`` may ask for a bias and class weights."""
     extras = dict(extras)
     x, w, b, y, cw = _problem(
         *shape,
         dtype,
-        seed=sum(shape) + (rows or 0),
+        seed=seed,
         bias=extras.pop("bias", False),
         class_weight=extras.pop("class_weight", False),
     )
@@ -91,7 +97,7 @@ def test_fused_matches_float64(dtype, rows, shape, reduction, extras):
         **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()},
     )
     plain = _run(_plain, x, w, b, y, upstream, **kw)
-    ours = _run(_fused, x, w, b, y, upstream, rows=rows, **kw)
+    ours = _run(ours_fn, x, w, b, y, upstream, **ours_kw, **kw)
     for name, o, p, r in zip(["loss", "grad_input", "grad_weight", "grad_bias"], ours, plain, ref):
         assert o.dtype == p.dtype, name
         bound = _SLACK * _rel(p, r) + _FLOOR[dtype]

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fused_kernels import _FLOOR, _SLACK, _plain, _problem, _rel, _run
+from test_fused_kernels import _plain, _problem, _rel, _run, check_against_float64
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
 
@@ -25,23 +25,6 @@ def _tiled(x, w, y, b, policy="auto", **kw):
     return linear_cross_entropy(x, w, y, linear_bias=b, options=options, **kw)
 
 
-def _check(dtype, shape, reduction, extras, policy="auto", seed=0):
-    extras = dict(extras)
-    x, w, b, y, cw = _problem(
-        *shape, dtype, seed=seed, bias=extras.pop("bias", False), class_weight=extras.pop("class_weight", False)
-    )
-    kw = dict(reduction=reduction, weight=cw, **extras)
-    upstream = torch.rand(shape[0]) + 0.5
-    as64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    ref = _run(_plain, x.double(), w.double(), None if b is None else b.double(), y, upstream, **as64)
-    plain = _run(_plain, x, w, b, y, upstream, **kw)
-    ours = _run(_tiled, x, w, b, y, upstream, policy=policy, **kw)
-    for name, o, p, r in zip(["loss", "grad_input", "grad_weight", "grad_bias"], ours, plain, ref):
-        assert o.dtype == p.dtype, name
-        bound = _SLACK * _rel(p, r) + _FLOOR[dtype]
-        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(p, r))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(37, 24, 75), (6, 20, 9)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -51,12 +34,12 @@ def _check(dtype, shape, reduction, extras, policy="auto", seed=0):
     ids=["plain", "bias", "weights+smoothing", "bias+smoothing"],
 )
 def test_tiled_matches_float64(dtype, shape, reduction, extras):
-    _check(dtype, shape, reduction, extras, seed=sum(shape))
+    check_against_float64(_tiled, dtype, shape, reduction, extras, seed=sum(shape))
 
 
 @pytest.mark.parametrize("policy", ["compact", "balanced", "accurate"])
 def test_accumulation_policies(policy):
-    _check(torch.float16, (37, 24, 75), "mean", {"bias": True}, policy=policy, seed=5)
+    check_against_float64(_tiled, torch.float16, (37, 24, 75), "mean", {"bias": True}, seed=5, policy=policy)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -33,11 +33,7 @@ not). Rows whose target is outside ``[0, C)`` (and not ignored) carry NaN coeffi
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tanh(u):
-    """tanh(u) = 1 − 2/(1 + e^{2u}): saturates correctly at ±inf."""
-    return 1.0 - tl.fdiv(2.0, 1.0 + tl.exp(2.0 * u))
+from ..fused.kernels import _logits  # the scale / soft-cap transform, shared with the row kernel
 
 
 @triton.jit
@@ -84,14 +80,7 @@ def _logit_tile(
         w_tile_ptr += BLOCK_K * stride_w_col
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    z = acc
-    if HAS_LOGIT_SCALE:
-        z = z * logit_scale
-    t = z
-    if HAS_SOFTCAP:
-        t = _tanh(z * (1.0 / logit_softcap))
-        z = logit_softcap * t
-    return z, t
+    return _logits(acc, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
 
 
 @triton.jit
