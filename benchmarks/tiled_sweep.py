@@ -29,16 +29,16 @@ from linear_cross_entropy.bench.measure import floor_ms, make_problem, parse_sha
 # TileConfig(block_m, block_n, block_k, num_warps, num_stages, block_h=, group_m=, min_splits=)
 FORWARD = [
     TileConfig(256, 128, 64, 8, 3, min_splits=16),
-    TileConfig(256, 128, 64, 8, 3, min_splits=8),
-    TileConfig(256, 128, 64, 8, 4, min_splits=8),
+    TileConfig(128, 256, 64, 8, 3, min_splits=16),
     TileConfig(128, 256, 64, 8, 3, min_splits=8),
+    TileConfig(128, 256, 64, 8, 4, min_splits=8),
     TileConfig(128, 256, 64, 8, 3, min_splits=4),
 ]
 BACKWARD = [
     TileConfig(256, 128, 64, 8, 3, block_h=64, group_m=8),
-    TileConfig(256, 128, 64, 8, 2, block_h=64, group_m=8),
-    TileConfig(128, 256, 64, 8, 3, block_h=64, group_m=8),
-    TileConfig(256, 128, 64, 8, 3, block_h=64, group_m=2),
+    TileConfig(256, 128, 64, 8, 4, block_h=64, group_m=8),
+    TileConfig(256, 128, 64, 8, 3, block_h=64, group_m=16),
+    TileConfig(256, 128, 64, 8, 4, block_h=32, group_m=8),
 ]
 
 

@@ -1,6 +1,7 @@
 """The tiled backend's Triton kernels on the CPU under ``TRITON_INTERPRET=1`` (set by conftest when no GPU).
 
-Small, odd shapes against float64 (H, V and N not multiples of the 16-wide interpreter tiles; V below one tile);
+Small, odd shapes against float64 (N and V not multiples of the 16-wide interpreter tiles, V below one tile; H
+either a multiple of them, where the kernels load without masks, or not);
 the tolerance is the error of plain PyTorch in the same dtype times a slack (helpers from test_fused_kernels).
 """
 
@@ -26,7 +27,7 @@ def _tiled(x, w, y, b, policy="auto", **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(37, 24, 75), (6, 20, 9)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(37, 24, 75), (37, 32, 75), (6, 20, 9)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(
     "extras",
@@ -42,9 +43,10 @@ def test_accumulation_policies(policy):
     check_against_float64(_tiled, torch.float16, (37, 24, 75), "mean", {"bias": True}, seed=5, policy=policy)
 
 
+@pytest.mark.parametrize("features", [18, 32])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_extras_and_metrics_match_the_reference(reduction):
-    x, w, b, y, _ = _problem(29, 18, 53, torch.float32, seed=7, bias=True, class_weight=False)
+def test_extras_and_metrics_match_the_reference(reduction, features):
+    x, w, b, y, _ = _problem(29, features, 53, torch.float32, seed=7, bias=True, class_weight=False)
     kw = dict(reduction=reduction, z_loss=1e-2, logit_scale=0.7, logit_softcap=3.0, return_metrics=True)
     upstream = torch.rand(29) + 0.5
     got = []

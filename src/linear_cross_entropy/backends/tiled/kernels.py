@@ -42,11 +42,9 @@ def _logit_tile(
     x_ptr,
     w_ptr,
     bias_ptr,
-    # offsets and masks
-    offs_m,
-    offs_n,
-    row_mask,
-    col_mask,
+    # row and class indices of the tile, clamped into range (so the loads need no masks)
+    load_rows,
+    load_cols,
     # dimensions
     n_features,
     # strides
@@ -64,22 +62,31 @@ def _logit_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """``(z, tanh)`` of the ``(BLOCK_M, BLOCK_N)`` tile: ``r = x[rows]·W[cols]ᵀ (+ b)`` in fp32, then scale/cap."""
+    """``(z, tanh)`` of the ``(BLOCK_M, BLOCK_N)`` tile: ``r = x[rows]·W[cols]ᵀ (+ b)`` in fp32, then scale/cap.
+
+    Rows past ``N`` and classes past ``V`` arrive clamped to the last one: their logits are finite copies that the
+    callers mask out. Only a feature count that ``BLOCK_K`` does not divide (``EVEN_K`` false) needs load masks.
+    """
     offs_k = tl.arange(0, BLOCK_K)
-    x_tile_ptr = x_ptr + offs_m[:, None] * stride_x_row + offs_k[None, :] * stride_x_col
-    w_tile_ptr = w_ptr + offs_n[None, :] * stride_w_row + offs_k[:, None] * stride_w_col
+    x_tile_ptr = x_ptr + load_rows[:, None] * stride_x_row + offs_k[None, :] * stride_x_col
+    w_tile_ptr = w_ptr + load_cols[None, :] * stride_w_row + offs_k[:, None] * stride_w_col
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, n_features, BLOCK_K):
-        k_mask = (k + offs_k) < n_features
-        a = tl.load(x_tile_ptr, mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        b = tl.load(w_tile_ptr, mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        if EVEN_K:
+            a = tl.load(x_tile_ptr)  # (BLOCK_M, BLOCK_K)
+            b = tl.load(w_tile_ptr)  # (BLOCK_K, BLOCK_N)
+        else:
+            k_mask = (k + offs_k) < n_features
+            a = tl.load(x_tile_ptr, mask=k_mask[None, :], other=0.0)
+            b = tl.load(w_tile_ptr, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_tile_ptr += BLOCK_K * stride_x_col
         w_tile_ptr += BLOCK_K * stride_w_col
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + load_cols).to(tl.float32)[None, :]
     return _logits(acc, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
 
 
@@ -115,6 +122,7 @@ def _partial_stats_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     # Splits vary fastest: the programs running at once share a few row blocks of x and walk W side by side, so
@@ -123,6 +131,7 @@ def _partial_stats_kernel(
     pid_m = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < n_rows
+    load_rows = tl.minimum(offs_m, n_rows - 1)
     target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
 
     m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
@@ -138,12 +147,12 @@ def _partial_stats_kernel(
         offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # V < 2^31: the class index fits int32
         col_mask = offs_n < n_classes
         z, _ = _logit_tile(
-            x_ptr, w_ptr, bias_ptr, offs_m, offs_n, row_mask, col_mask, n_features,
+            x_ptr, w_ptr, bias_ptr, load_rows, tl.minimum(offs_n, n_classes - 1), n_features,
             stride_x_row, stride_x_col, stride_w_row, stride_w_col, logit_scale, logit_softcap,
-            HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+            HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
         )  # fmt: skip
         valid = col_mask[None, :]
-        z_masked = tl.where(valid, z, -float("inf"))  # z itself stays finite past V (zero operands): no 0·inf
+        z_masked = tl.where(valid, z, -float("inf"))  # past V, z is a finite copy of class V − 1: no 0·inf
         tile_max = tl.max(z_masked, axis=1)
         m_new = tl.maximum(m, tile_max)
         rescale = tl.exp(m - m_new)
@@ -216,6 +225,8 @@ def _tiled_backward_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     # Grouped order: GROUP_M row blocks walk the vocabulary together, so the W tiles they share stay in L2.
@@ -232,16 +243,19 @@ def _tiled_backward_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs_m < n_rows
     col_mask = offs_n < n_classes
+    load_rows = tl.minimum(offs_m, n_rows - 1)
+    load_cols = tl.minimum(offs_n, n_classes - 1)
     z, t = _logit_tile(
-        x_ptr, w_ptr, bias_ptr, offs_m, offs_n, row_mask, col_mask, n_features,
+        x_ptr, w_ptr, bias_ptr, load_rows, load_cols, n_features,
         stride_x_row, stride_x_col, stride_w_row, stride_w_col, logit_scale, logit_softcap,
-        HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+        HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
     )  # fmt: skip
     lse = tl.load(lse_ptr + offs_m, mask=row_mask, other=0.0)
     coef_p = tl.load(coef_ptr + offs_m, mask=row_mask, other=0.0)
     coef_target = tl.load(coef_ptr + n_rows + offs_m, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
-    valid = col_mask[None, :]
+    # the clamped copies past N and V get dz = 0 (their exp(z − 0) may overflow: select, never multiply)
+    valid = row_mask[:, None] & col_mask[None, :]
     p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
     on_target = offs_n[None, :] == target[:, None]
     dz = coef_p[:, None] * p - tl.where(on_target, coef_target[:, None], 0.0)
@@ -273,30 +287,32 @@ def _tiled_backward_kernel(
                 # start at a different feature block per tile: fewer tiles add into one address at once
                 h = ((step + pid_m + pid_n) % blocks_h) * BLOCK_H
                 offs_h = h + offs_bh
-                h_mask = offs_h < n_features
+                # The clamped copies' dz is zero, so their products are zero: loading the copies and adding those
+                # zeros into rows N − 1 / class V − 1 is exact, and only a partial feature block needs masks.
+                h_mask = True if EVEN_H else (offs_h < n_features)[None, :]
                 if GRAD_X:
                     w_tile = tl.load(
-                        w_ptr + offs_n[:, None] * stride_w_row + offs_h[None, :] * stride_w_col,
-                        mask=col_mask[:, None] & h_mask[None, :],
+                        w_ptr + load_cols[:, None] * stride_w_row + offs_h[None, :] * stride_w_col,
+                        mask=h_mask,
                         other=0.0,
                     )  # (BLOCK_N, BLOCK_H)
                     part = tl.dot(dz_low, w_tile, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_H)
                     tl.atomic_add(
-                        grad_x_ptr + offs_m[:, None] * stride_grad_x_row + offs_h[None, :],
+                        grad_x_ptr + load_rows[:, None] * stride_grad_x_row + offs_h[None, :],
                         part.to(grad_x_ptr.dtype.element_ty),
-                        mask=row_mask[:, None] & h_mask[None, :],
+                        mask=h_mask,
                         sem="relaxed",
                     )
                 if GRAD_W:
                     x_tile = tl.load(
-                        x_ptr + offs_m[:, None] * stride_x_row + offs_h[None, :] * stride_x_col,
-                        mask=row_mask[:, None] & h_mask[None, :],
+                        x_ptr + load_rows[:, None] * stride_x_row + offs_h[None, :] * stride_x_col,
+                        mask=h_mask,
                         other=0.0,
                     )  # (BLOCK_M, BLOCK_H)
                     part = tl.dot(tl.trans(dz_low), x_tile, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_H)
                     tl.atomic_add(
-                        grad_w_ptr + offs_n[:, None] * stride_grad_w_row + offs_h[None, :],
+                        grad_w_ptr + load_cols[:, None] * stride_grad_w_row + offs_h[None, :],
                         part.to(grad_w_ptr.dtype.element_ty),
-                        mask=col_mask[:, None] & h_mask[None, :],
+                        mask=h_mask,
                         sem="relaxed",
                     )

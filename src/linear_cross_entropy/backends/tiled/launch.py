@@ -6,9 +6,11 @@ coefficients ``dz = A·p − T·e_y − E·w``, shared with the chunked and voca
 ``(N,)``-sized torch operations (no host syncs).
 
 Tile sizes are fixed per device type, not tuned per call (no autotuning, so the first call only compiles): the
-largest logit tiles whose fp32 accumulator fits in registers at 8 warps (128×256 forward, 256×128 backward: fewer
-rows per tile means more weight-gradient atomics), ``BLOCK_K = BLOCK_H = 64``, measured against the alternatives
-by ``benchmarks/tiled_sweep.py``. The CPU interpreter uses 16-wide tiles.
+largest logit tiles whose fp32 accumulator fits in registers at 8 warps (128×256 forward with ≥ 8 vocabulary
+splits per row block, 256×128 backward: fewer rows per tile means more weight-gradient traffic),
+``BLOCK_K = BLOCK_H = 64``, measured against the alternatives by ``benchmarks/tiled_sweep.py``. The kernels load
+clamped row/class indices without masks; ``EVEN_K``/``EVEN_H`` (the feature count divides the block) drop the
+feature masks too. The CPU interpreter uses 16-wide tiles.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class TileConfig:
 # Measured on an H100 at 8192x4096x128256 bf16 (benchmarks/tiled_sweep.py, benchmarks/NOTES.md). With 4-byte
 # operands (fp32 inputs) or 4-byte atomics (fp32 accumulators) a 3-stage pipeline of these tiles exceeds the
 # 227 KiB of shared memory per SM: those calls take smaller tiles and/or run 2 stages.
-_GPU_FORWARD = TileConfig(256, 128, 64, num_warps=8, num_stages=3, min_splits=16)
+_GPU_FORWARD = TileConfig(128, 256, 64, num_warps=8, num_stages=3, min_splits=8)
 _GPU_BACKWARD = TileConfig(256, 128, 64, num_warps=8, num_stages=3, block_h=64, group_m=8)
 _INTERPRETER = (TileConfig(16, 16, 16, 1, 1, min_splits=2), TileConfig(16, 16, 16, 1, 1, block_h=16, group_m=2))
 
@@ -55,7 +57,7 @@ def tile_configs(device: torch.device, dtype: torch.dtype, fp32_atomics: bool) -
         return _INTERPRETER
     forward, backward = _GPU_FORWARD, _GPU_BACKWARD
     if dtype == torch.float32:  # the fp32 dz tile alone is 128 KiB at 256x128: quarter tiles
-        forward = dataclasses.replace(forward, block_m=128, block_k=32)
+        forward = dataclasses.replace(forward, block_n=128, block_k=32)
         backward = dataclasses.replace(backward, block_m=128, block_k=32, block_h=32, num_stages=2)
     elif fp32_atomics:
         backward = dataclasses.replace(backward, num_stages=2)
@@ -114,7 +116,7 @@ def partial_stats(
         lp.logit_scale, lp.logit_softcap or 1.0,
         **_flags(lp, b, class_weight),
         METRICS=lp.metrics,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=h % cfg.block_k == 0,
         INPUT_PRECISION=_input_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -202,7 +204,8 @@ def tiled_backward(
             **_flags(lp, b, class_weight),
             GRAD_X=gx is not None, GRAD_W=gw is not None, GRAD_B=gb is not None, SPARSE=sparse,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
-            GROUP_M=cfg.group_m, INPUT_PRECISION=_input_precision(x.dtype),
+            GROUP_M=cfg.group_m, EVEN_K=h % cfg.block_k == 0, EVEN_H=h % cfg.block_h == 0,
+            INPUT_PRECISION=_input_precision(x.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return (
