@@ -27,18 +27,17 @@ from linear_cross_entropy.backends.tiled.launch import (  # noqa: E402
 from linear_cross_entropy.bench.measure import floor_ms, make_problem, parse_shape, time_fn  # noqa: E402
 
 # TileConfig(block_m, block_n, block_k, num_warps, num_stages, block_h=, group_m=, min_splits=)
+# (configuration, TMA loads)
 FORWARD = [
-    TileConfig(256, 128, 64, 8, 3, min_splits=16),
-    TileConfig(128, 256, 64, 8, 3, min_splits=16),
-    TileConfig(128, 256, 64, 8, 3, min_splits=8),
-    TileConfig(128, 256, 64, 8, 4, min_splits=8),
-    TileConfig(128, 256, 64, 8, 3, min_splits=4),
+    (TileConfig(128, 256, 64, 8, 3, min_splits=8), False),
+    (TileConfig(128, 256, 64, 8, 3, min_splits=8), True),
+    (TileConfig(128, 256, 64, 8, 4, min_splits=8), True),
+    (TileConfig(128, 256, 64, 8, 3, min_splits=16), True),
+    (TileConfig(256, 128, 64, 8, 3, min_splits=4), True),
 ]
 BACKWARD = [
-    TileConfig(256, 128, 64, 8, 3, block_h=64, group_m=8),
-    TileConfig(256, 128, 64, 8, 4, block_h=64, group_m=8),
-    TileConfig(256, 128, 64, 8, 3, block_h=64, group_m=16),
-    TileConfig(256, 128, 64, 8, 4, block_h=32, group_m=8),
+    (TileConfig(256, 128, 64, 8, 3, block_h=64, group_m=8), False),
+    (TileConfig(256, 128, 64, 8, 3, block_h=64, group_m=16), False),
 ]
 
 
@@ -63,17 +62,18 @@ def main():
     print(f"{n}x{h}x{v} bf16  floor {floor:.2f} ms (GEMM-equivalent {floor / 3:.2f} ms)", flush=True)
     gemm = floor / 3
 
-    def forward(cfg=None):
-        return combine_splits(partial_stats(x, w, None, y, None, lp, cfg), y, None, lp, v, None)[1]
+    def forward(cfg=None, tma=None):
+        return combine_splits(partial_stats(x, w, None, y, None, lp, cfg, tma), y, None, lp, v, None)[1]
 
     lse = forward()
     share = (y != -100).float() / (y != -100).sum()
     coefs = combine_splits(partial_stats(x, w, None, y, None, lp), y, None, lp, v, (share, share))[3]
     best = {}
     for phase, configs in (("forward", FORWARD), ("backward", BACKWARD)):
-        for cfg in configs:
+        for cfg, tma in configs:
+            label = _short(cfg) + (" TMA" if tma else "")
             if phase == "forward":
-                step = lambda cfg=cfg: forward(cfg)  # noqa: E731
+                step = lambda cfg=cfg, tma=tma: forward(cfg, tma)  # noqa: E731
             else:
                 step = lambda cfg=cfg: tiled_backward(  # noqa: E731
                     x, w, None, y, None, lse, coefs, lp, grads, False, False, 0.0, cfg
@@ -81,15 +81,15 @@ def main():
             try:
                 ms = time_fn(step, args.reps, warmup=1)
             except Exception as e:  # noqa: BLE001 (a configuration that does not compile or fit is reported)
-                print(phase, _short(cfg), "failed:", type(e).__name__, str(e).splitlines()[0][:100], flush=True)
+                print(phase, label, "failed:", type(e).__name__, str(e).splitlines()[0][:100], flush=True)
                 continue
-            print(f"{phase:8s} {_short(cfg):42s} {ms:7.2f} ms  {ms / gemm:.2f} GEMM-equivalents", flush=True)
+            print(f"{phase:8s} {label:46s} {ms:7.2f} ms  {ms / gemm:.2f} GEMM-equivalents", flush=True)
             if ms < best.get(phase, (float("inf"),))[0]:
-                best[phase] = (ms, cfg)
+                best[phase] = (ms, label)
     if len(best) == 2:
         total = best["forward"][0] + best["backward"][0]
-        print(f"best forward  {_short(best['forward'][1])}: {best['forward'][0]:.2f} ms")
-        print(f"best backward {_short(best['backward'][1])}: {best['backward'][0]:.2f} ms")
+        print(f"best forward  {best['forward'][1]}: {best['forward'][0]:.2f} ms")
+        print(f"best backward {best['backward'][1]}: {best['backward'][0]:.2f} ms")
         print(f"best fwd+bwd {total:.2f} ms = {total / floor:.2f}x floor")
 
 

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from test_fused_kernels import _plain, _problem, _rel, _run, check_against_float64
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
+from linear_cross_entropy.backends.common import LossParams
 
 pytestmark = [
     pytest.mark.interpreter,
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (CPU runs)"),
 ]
 pytest.importorskip("triton")
+from linear_cross_entropy.backends.tiled.launch import partial_stats  # noqa: E402 (needs triton)
 
 
 def _tiled(x, w, y, b, policy="auto", **kw):
@@ -120,3 +122,14 @@ def test_sparse_backward_eps_is_validated():
         LinearCrossEntropyOptions(backend="fused", sparse_backward_eps=1e-3)
     with pytest.raises(ValueError, match="sparse_backward_eps"):
         LinearCrossEntropyOptions(backend="tiled", sparse_backward_eps=-1.0)
+
+
+@pytest.mark.parametrize("features", [24, 32])
+def test_tma_forward_matches_pointer_forward(features):
+    """The forward's TMA loads (the GPU default for 16-bit operands, never picked on the CPU) zero-fill past N, V and
+    H where the pointer loads clamp and mask: every per-split statistic must come out bit-equal."""
+    x, w, b, y, cw = _problem(37, features, 75, torch.float16, seed=3, bias=True, class_weight=True)
+    lp = LossParams("mean", -100, 0.2, False, logit_scale=0.8, logit_softcap=4.0, metrics=True)
+    tma, pointers = (partial_stats(x, w, b, y, cw, lp, use_tma=use) for use in (True, False))
+    assert torch.isfinite(pointers).all()
+    assert torch.equal(tma, pointers)

@@ -38,11 +38,15 @@ from ..fused.kernels import _logits  # the scale / soft-cap transform, shared wi
 
 @triton.jit
 def _logit_tile(
-    # pointers
+    # pointers and tensor descriptors (TMA)
     x_ptr,
     w_ptr,
+    x_desc,
+    w_desc,
     bias_ptr,
-    # row and class indices of the tile, clamped into range (so the loads need no masks)
+    # the tile: its first row and class (descriptor loads); its row and class indices clamped into range
+    first_row,
+    first_col,
     load_rows,
     load_cols,
     # dimensions
@@ -63,28 +67,37 @@ def _logit_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """``(z, tanh)`` of the ``(BLOCK_M, BLOCK_N)`` tile: ``r = x[rows]·W[cols]ᵀ (+ b)`` in fp32, then scale/cap.
 
-    Rows past ``N`` and classes past ``V`` arrive clamped to the last one: their logits are finite copies that the
-    callers mask out. Only a feature count that ``BLOCK_K`` does not divide (``EVEN_K`` false) needs load masks.
+    With ``USE_TMA`` the operands come through tensor descriptors, whose loads fill rows past ``N``, classes past
+    ``V`` and features past ``H`` with zeros. Otherwise rows past ``N`` and classes past ``V`` arrive clamped to the
+    last one (finite copies); only a feature count that ``BLOCK_K`` does not divide (``EVEN_K`` false) needs load
+    masks. Either way the callers mask the logits past ``N`` and ``V`` out.
     """
-    offs_k = tl.arange(0, BLOCK_K)
-    x_tile_ptr = x_ptr + load_rows[:, None] * stride_x_row + offs_k[None, :] * stride_x_col
-    w_tile_ptr = w_ptr + load_cols[None, :] * stride_w_row + offs_k[:, None] * stride_w_col
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, n_features, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_tile_ptr)  # (BLOCK_M, BLOCK_K)
-            b = tl.load(w_tile_ptr)  # (BLOCK_K, BLOCK_N)
-        else:
-            k_mask = (k + offs_k) < n_features
-            a = tl.load(x_tile_ptr, mask=k_mask[None, :], other=0.0)
-            b = tl.load(w_tile_ptr, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        x_tile_ptr += BLOCK_K * stride_x_col
-        w_tile_ptr += BLOCK_K * stride_w_col
+    if USE_TMA:
+        for k in range(0, n_features, BLOCK_K):
+            a = x_desc.load([first_row, k])  # (BLOCK_M, BLOCK_K)
+            b = w_desc.load([first_col, k])  # (BLOCK_N, BLOCK_K)
+            acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_tile_ptr = x_ptr + load_rows[:, None] * stride_x_row + offs_k[None, :] * stride_x_col
+        w_tile_ptr = w_ptr + load_cols[None, :] * stride_w_row + offs_k[:, None] * stride_w_col
+        for k in range(0, n_features, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_tile_ptr)  # (BLOCK_M, BLOCK_K)
+                b = tl.load(w_tile_ptr)  # (BLOCK_K, BLOCK_N)
+            else:
+                k_mask = (k + offs_k) < n_features
+                a = tl.load(x_tile_ptr, mask=k_mask[None, :], other=0.0)
+                b = tl.load(w_tile_ptr, mask=k_mask[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            x_tile_ptr += BLOCK_K * stride_x_col
+            w_tile_ptr += BLOCK_K * stride_w_col
     if HAS_BIAS:
         acc += tl.load(bias_ptr + load_cols).to(tl.float32)[None, :]
     return _logits(acc, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
@@ -92,9 +105,11 @@ def _logit_tile(
 
 @triton.jit
 def _partial_stats_kernel(
-    # pointers
+    # pointers and tensor descriptors
     x_ptr,  # (N, H)
     w_ptr,  # (V, H)
+    x_desc,  # (N, H) blocks (BLOCK_M, BLOCK_K); x_ptr when not USE_TMA
+    w_desc,  # (V, H) blocks (BLOCK_N, BLOCK_K); w_ptr when not USE_TMA
     bias_ptr,  # (V,)
     target_ptr,  # (N,) int64
     class_weight_ptr,  # (V,)
@@ -123,6 +138,7 @@ def _partial_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     # Splits vary fastest: the programs running at once share a few row blocks of x and walk W side by side, so
@@ -133,6 +149,8 @@ def _partial_stats_kernel(
     row_mask = offs_m < n_rows
     load_rows = tl.minimum(offs_m, n_rows - 1)
     target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
+    # class indices in int32 (V < 2^31; an out-of-range target matches no class, the launcher flags its row)
+    target = tl.where((target >= 0) & (target < n_classes), target, -1).to(tl.int32)
 
     m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
@@ -144,12 +162,13 @@ def _partial_stats_kernel(
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(n_classes, BLOCK_N))
     for tile in range(first_tile, last_tile):
-        offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # V < 2^31: the class index fits int32
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = offs_n < n_classes
         z, _ = _logit_tile(
-            x_ptr, w_ptr, bias_ptr, load_rows, tl.minimum(offs_n, n_classes - 1), n_features,
+            x_ptr, w_ptr, x_desc, w_desc, bias_ptr,
+            pid_m * BLOCK_M, tile * BLOCK_N, load_rows, tl.minimum(offs_n, n_classes - 1).to(tl.int64), n_features,
             stride_x_row, stride_x_col, stride_w_row, stride_w_col, logit_scale, logit_softcap,
-            HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
+            HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_TMA, INPUT_PRECISION,
         )  # fmt: skip
         valid = col_mask[None, :]
         z_masked = tl.where(valid, z, -float("inf"))  # past V, z is a finite copy of class V − 1: no 0·inf
@@ -240,20 +259,22 @@ def _tiled_backward_kernel(
     pid_n = (pid % per_group) // group_size
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # class indices in int32 (V < 2^31), pointer offsets in int64
     row_mask = offs_m < n_rows
     col_mask = offs_n < n_classes
     load_rows = tl.minimum(offs_m, n_rows - 1)
-    load_cols = tl.minimum(offs_n, n_classes - 1)
+    load_cols = tl.minimum(offs_n, n_classes - 1).to(tl.int64)
+    # pointer loads: TMA loads measured slower here (with the products' tiles in flight, the kernel spills)
     z, t = _logit_tile(
-        x_ptr, w_ptr, bias_ptr, load_rows, load_cols, n_features,
+        x_ptr, w_ptr, x_ptr, w_ptr, bias_ptr, 0, 0, load_rows, load_cols, n_features,
         stride_x_row, stride_x_col, stride_w_row, stride_w_col, logit_scale, logit_softcap,
-        HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
+        HAS_BIAS, HAS_LOGIT_SCALE, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, INPUT_PRECISION,
     )  # fmt: skip
     lse = tl.load(lse_ptr + offs_m, mask=row_mask, other=0.0)
     coef_p = tl.load(coef_ptr + offs_m, mask=row_mask, other=0.0)
     coef_target = tl.load(coef_ptr + n_rows + offs_m, mask=row_mask, other=0.0)
     target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
+    target = tl.where((target >= 0) & (target < n_classes), target, -1).to(tl.int32)  # out of range: NaN coefs
     # the clamped copies past N and V get dz = 0 (their exp(z − 0) may overflow: select, never multiply)
     valid = row_mask[:, None] & col_mask[None, :]
     p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)

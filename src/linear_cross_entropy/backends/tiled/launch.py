@@ -8,9 +8,11 @@ coefficients ``dz = A·p − T·e_y − E·w``, shared with the chunked and voca
 Tile sizes are fixed per device type, not tuned per call (no autotuning, so the first call only compiles): the
 largest logit tiles whose fp32 accumulator fits in registers at 8 warps (128×256 forward with ≥ 8 vocabulary
 splits per row block, 256×128 backward: fewer rows per tile means more weight-gradient traffic),
-``BLOCK_K = BLOCK_H = 64``, measured against the alternatives by ``benchmarks/tiled_sweep.py``. The kernels load
-clamped row/class indices without masks; ``EVEN_K``/``EVEN_H`` (the feature count divides the block) drop the
-feature masks too. The CPU interpreter uses 16-wide tiles.
+``BLOCK_K = BLOCK_H = 64``, measured against the alternatives by ``benchmarks/tiled_sweep.py``. The forward loads
+16-bit operands through TMA tensor descriptors where the copy engine's alignment rules hold (:func:`can_use_tma`;
+−7% on an H100); otherwise, and always in the backward (where TMA measured slower), the kernels load clamped
+row/class indices without masks, and ``EVEN_K``/``EVEN_H`` (the feature count divides the block) drop the feature
+masks too. The CPU interpreter uses 16-wide tiles and pointer loads (its tests also force the TMA path).
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ import triton
 from ..common import Grads, IndexRowSums, LossParams, index_rows
 from .kernels import _partial_stats_kernel, _tiled_backward_kernel
 
-__all__ = ["TileConfig", "tile_configs", "partial_stats", "combine_splits", "tiled_backward"]
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    _TensorDescriptor = None
+
+__all__ = ["TileConfig", "tile_configs", "can_use_tma", "partial_stats", "combine_splits", "tiled_backward"]
 
 _PARTIALS = 7  # m, Σe^{z−m}, z_y, Σw·z, Σe^{z−m}·z, Σz², argmax
 
@@ -71,6 +78,24 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def can_use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the forward can load these 2-D operands through TMA tensor descriptors: a Hopper-or-newer GPU,
+    16-bit elements (fp32 inputs keep their smaller pointer-loaded tiles), unit feature stride, 16-byte aligned
+    base and row stride (the copy engine's rules)."""
+    if _TensorDescriptor is None:
+        return False
+    for t in tensors:
+        if not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9 or t.element_size() != 2:
+            return False
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
+    return _TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, block_cols])
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     """fp32 operands go through TF32 only when the user allowed it for matmuls, as cuBLAS would."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -96,9 +121,12 @@ def partial_stats(
     class_weight: torch.Tensor | None,  # (V,)
     lp: LossParams,
     cfg: TileConfig | None = None,
+    use_tma: bool | None = None,
 ) -> torch.Tensor:
-    """``(splits, 7, N)`` fp32 per-split row statistics (see kernels.py); ``cfg`` overrides the rule (sweeps)."""
+    """``(splits, 7, N)`` fp32 per-split row statistics (see kernels.py); ``cfg`` and ``use_tma`` override the
+    rules (sweeps, and the tests that run the TMA path in the interpreter)."""
     (n, h), v = x.shape, w.shape[0]
+    use_tma = can_use_tma(x, w) if use_tma is None else use_tma
     cfg = cfg or tile_configs(x.device, x.dtype, False)[0]
     row_blocks = triton.cdiv(n, cfg.block_m)
     tiles = triton.cdiv(v, cfg.block_n)
@@ -109,14 +137,17 @@ def partial_stats(
     partials = torch.empty((splits, _PARTIALS, n), dtype=torch.float32, device=x.device)
     if n == 0:
         return partials
+    descriptors = (
+        (_descriptor(x, cfg.block_m, cfg.block_k), _descriptor(w, cfg.block_n, cfg.block_k)) if use_tma else (x, w)
+    )
     _partial_stats_kernel[(splits, row_blocks)](
-        x, w, x if b is None else b, target, x if class_weight is None else class_weight, partials,
+        x, w, *descriptors, x if b is None else b, target, x if class_weight is None else class_weight, partials,
         n, v, h, tiles_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         lp.logit_scale, lp.logit_softcap or 1.0,
         **_flags(lp, b, class_weight),
         METRICS=lp.metrics,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=h % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=h % cfg.block_k == 0, USE_TMA=use_tma,
         INPUT_PRECISION=_input_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
