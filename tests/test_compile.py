@@ -1,8 +1,12 @@
 """torch.compile(fullgraph=True) of a model whose loss is ours: no graph breaks, same results as eager.
 
 Under compile the backends run as one opaque ``torch.library`` custom op with a fake kernel
-(``backends/compiled.py``); the chunked path is checked on the CPU (CI), the fused path on CUDA.
+(``backends/compiled.py``); the chunked path is checked on the CPU (CI), the tiled path on the CPU in Triton's
+interpreter (CI) and on CUDA, the fused path on CUDA.
 """
+
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -39,9 +43,20 @@ CASES = {
 }
 
 
+def _device_backends():
+    """(device, backend) pairs: chunked on the CPU, the Triton backends on CUDA, and the tiled backend's kernels
+    on the CPU too where they run in Triton's interpreter."""
+    pairs = [("cpu", "chunked")]
+    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+        pairs.append(("cpu", "tiled"))
+    if torch.cuda.is_available():
+        pairs += [("cuda", "fused"), ("cuda", "tiled")]
+    return pairs
+
+
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_fullgraph_compile_matches_eager(case, device):
+@pytest.mark.parametrize("device,backend", _device_backends(), ids="-".join)
+def test_fullgraph_compile_matches_eager(case, device, backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
     kwargs = CASES[case]
@@ -49,7 +64,6 @@ def test_fullgraph_compile_matches_eager(case, device):
     tokens = torch.randint(0, 61, (40,), device=device)
     labels = torch.randint(0, 61, (40,), device=device)
     labels[::7] = -100
-    backend = "fused" if device == "cuda" else "chunked"
     options = LinearCrossEntropyOptions(backend=backend, batch_chunk_size=16)
 
     def loss_of(out):
