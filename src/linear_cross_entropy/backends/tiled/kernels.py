@@ -104,6 +104,15 @@ def _logit_tile(
 
 
 @triton.jit
+def _load_targets(target_ptr, offs_m, row_mask, n_classes):
+    """The rows' class indices as int32 (V < 2^31), compared against int32 class offsets in the epilogues. Rows
+    past N and targets outside ``[0, V)`` (an ignore_index of −100 among them) become −1 and match no class (the
+    launcher makes an out-of-range row's loss and coefficients NaN, and an ignored row's zero)."""
+    target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
+    return tl.where((target >= 0) & (target < n_classes), target, -1).to(tl.int32)
+
+
+@triton.jit
 def _partial_stats_kernel(
     # pointers and tensor descriptors
     x_ptr,  # (N, H)
@@ -148,9 +157,7 @@ def _partial_stats_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = offs_m < n_rows
     load_rows = tl.minimum(offs_m, n_rows - 1)
-    target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
-    # class indices in int32 (V < 2^31; an out-of-range target matches no class, the launcher flags its row)
-    target = tl.where((target >= 0) & (target < n_classes), target, -1).to(tl.int32)
+    target = _load_targets(target_ptr, offs_m, row_mask, n_classes)
 
     m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
@@ -273,8 +280,7 @@ def _tiled_backward_kernel(
     lse = tl.load(lse_ptr + offs_m, mask=row_mask, other=0.0)
     coef_p = tl.load(coef_ptr + offs_m, mask=row_mask, other=0.0)
     coef_target = tl.load(coef_ptr + n_rows + offs_m, mask=row_mask, other=0.0)
-    target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
-    target = tl.where((target >= 0) & (target < n_classes), target, -1).to(tl.int32)  # out of range: NaN coefs
+    target = _load_targets(target_ptr, offs_m, row_mask, n_classes)
     # the clamped copies past N and V get dz = 0 (their exp(z − 0) may overflow: select, never multiply)
     valid = row_mask[:, None] & col_mask[None, :]
     p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
