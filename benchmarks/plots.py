@@ -1,6 +1,6 @@
 """Plots of benchmark CSVs: a thin wrapper around ``linear_cross_entropy.bench.plots`` (the one source).
 
-python benchmarks/plots.py benchmarks/results/h100_sweep_N.csv benchmarks/results/h100_sweep_V.csv --tag h100
+python benchmarks/plots.py benchmarks/results/h100_main.csv benchmarks/results/h100_sweep_N.csv --tag h100
 """
 
 from __future__ import annotations

@@ -104,6 +104,41 @@ def test_matches_float64(dtype, shape, policy, extras):
         assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
 
 
+@pytest.mark.parametrize("n,h,v", [(4096, 2048, 8192), (4500, 2304, 4099)])  # the second: odd V (two parts)
+def test_default_trades_the_scratch_for_one_chunk(n, h, v):
+    """Where all the logits take no more than the fp32 weight-gradient scratch (N·2 <= 4·H bytes per class), the
+    default runs one chunk: a peak no higher than the chunked path's (its buffer plus that scratch), and gradients
+    as exact as eager's."""
+    x, w, b, y = _problem(n, h, v, torch.bfloat16, seed=5)
+    ref = _run(_eager, x.double(), w.double(), None, y)
+    eager = _run(_eager, x, w, None, y)
+
+    def peak_and_grads(opts):
+        xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        _ours(xr, wr, y, None, options=opts).backward()  # warm-up: kernels compiled outside the measurement
+        xr.grad = wr.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = _ours(xr, wr, y, None, options=opts)
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = xr.grad.nbytes + wr.grad.nbytes
+        return torch.cuda.max_memory_allocated() - base - grads, [loss.detach(), xr.grad, wr.grad]
+
+    one_chunk, ours = peak_and_grads(LinearCrossEntropyOptions(backend="fused"))
+    chunked, _ = peak_and_grads(LinearCrossEntropyOptions(backend="fused", batch_chunk_size=1024))
+    assert one_chunk <= chunked, (one_chunk, chunked)
+    # the bf16 logits (dz, rows padded to 128 bytes) and no (N, H) temporary; the caching allocator rounds each
+    # large block up to 2 MiB
+    assert one_chunk <= n * (-(-v // 64) * 64) * 2 + (6 << 20), one_chunk
+    for name, o, e, r in zip(["loss", "dx", "dw"], ours, eager, ref):
+        bound = _SLACK * _rel(e, r) + _FLOOR[torch.bfloat16]
+        if name == "loss":
+            bound = max(bound, torch.finfo(torch.bfloat16).eps)
+        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
+
+
 def test_no_host_sync_and_cuda_graph():
     expected, captured, fresh = sync_free_graph_run(LinearCrossEntropyOptions(backend="fused", batch_chunk_size=256))
     assert all(torch.equal(a, c) for a, c in zip(captured, fresh))

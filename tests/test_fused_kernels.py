@@ -146,3 +146,30 @@ def test_fp32_loss_option():
     assert loss.dtype == torch.float32
     ref = F.cross_entropy(F.linear(x, w).float(), y)
     assert _rel(loss, ref) < 1e-6
+
+
+@pytest.mark.parametrize("metrics", [False, True])
+def test_row_kernel_ignores_the_padding_it_loads(metrics):
+    """At an odd C the row kernel loads and stores 16-wide through the rows' padding (vectorised accesses): NaN
+    there must reach neither the loss, lse, statistics nor dz, and the result must equal the unpadded launch's."""
+    from linear_cross_entropy.backends.common import LossParams
+    from linear_cross_entropy.backends.fused.launch import _loaded_columns, cross_entropy_rows
+
+    r, c, padded = 5, 37, 64
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(r, c, generator=g) * 3
+    target = torch.randint(0, c, (r,), generator=g)
+    lp = LossParams("mean", -100, 0.1, False, z_loss=1e-3, metrics=metrics)
+    outputs = []
+    for width in (padded, c):  # a padded buffer full of NaN, and one with no room (stride C: masked accesses)
+        buf = torch.full((r, width), float("nan"))[:, :c]
+        buf.copy_(values)
+        assert _loaded_columns(c, buf) == (48 if width == padded else c)
+        loss, lse = torch.empty(r), torch.empty(r)
+        stats = torch.empty(r, 5) if metrics else None
+        share = torch.full((r,), 1.0 / r)
+        cross_entropy_rows(buf, buf, None, target, None, (share, share), loss, lse, stats, lp)
+        outputs.append([loss, lse, buf.clone()] + ([stats] if metrics else []))
+    for padded_out, plain_out in zip(*outputs):
+        assert torch.isfinite(padded_out).all()
+        assert torch.equal(padded_out, plain_out)

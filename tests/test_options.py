@@ -250,6 +250,59 @@ def test_auto_per_device_and_dtype(device, dtype, policy, method):
     assert ro.backend == "chunked" and ro.allow_retain_graph is False
 
 
+def _fused_rows(n, h, dtype=torch.bfloat16, weight_grad=True, **options):
+    ro = resolve(
+        LinearCrossEntropyOptions(backend="fused", **options),
+        backend="fused",
+        num_rows=n,
+        in_features=h,
+        num_classes=128256,
+        dtype=dtype,
+        device=torch.device("cpu"),  # bf16/fp16 with acc_dtype=None resolve to fp32 here, as on CUDA
+        weight_grad=weight_grad,
+    )
+    return ro.batch_chunk_size
+
+
+def _quarter(n):
+    """The fused backend's chunk rule without the scratch exception: a quarter of the rows (at least 1024) rounded
+    down to a power of two, never more than N."""
+    rows = 1
+    while rows * 2 <= max(n // 4, 1024):
+        rows *= 2
+    return min(rows, n)
+
+
+@pytest.mark.parametrize(
+    "n,h,options,dtype,weight_grad,one_chunk",
+    [
+        # default (fp32 weight-gradient scratch): one chunk while N·2 bytes of bf16 logits <= the scratch's 4·H
+        (8192, 4096, {}, torch.bfloat16, True, True),
+        (4096, 4096, {}, torch.float16, True, True),
+        (8193, 4096, {}, torch.bfloat16, True, False),
+        (16384, 2048, {}, torch.bfloat16, True, False),
+        (16384, 4096, {}, torch.bfloat16, True, False),
+        # "accurate" holds 6 bytes per logit (fp32 logits beside the bf16 dz)
+        (2730, 4096, {"acc_policy": "accurate", "acc_dtype": torch.float32}, torch.bfloat16, True, True),
+        (2731, 4096, {"acc_policy": "accurate", "acc_dtype": torch.float32}, torch.bfloat16, True, False),
+        # no scratch to trade: compact accumulation, fp32 weights, no weight gradient
+        (8192, 4096, {"acc_policy": "compact"}, torch.bfloat16, True, False),
+        (8192, 4096, {}, torch.float32, True, False),
+        (8192, 4096, {}, torch.bfloat16, False, False),
+    ],
+)
+def test_fused_chunk_rows(n, h, options, dtype, weight_grad, one_chunk):
+    rows = _fused_rows(n, h, dtype, weight_grad, **options)
+    assert rows == (n if one_chunk else _quarter(n))
+
+
+@pytest.mark.parametrize("n", [1, 5, 1000, 1024, 1025, 4096, 10_000, 100_000])
+def test_fused_chunk_rows_quarter_rule(n):
+    rows = _fused_rows(n, 8, acc_policy="compact")
+    assert rows == _quarter(n) and 1 <= rows <= n
+    assert _fused_rows(n, 8, batch_chunk_size=3) == min(3, n)  # an explicit size wins
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("size", [1, 7, 100, 5000])
 def test_explicit_batch_chunk_size_disables_auto_chunking(size, dtype):

@@ -202,6 +202,7 @@ def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, s
         num_classes=shape.num_classes if shard is None else shard.num_classes,
         dtype=x.dtype,
         device=x.device,
+        weight_grad=torch.is_grad_enabled() and linear_weight.requires_grad,
     )
     if backend in ("fused", "tiled"):  # 2-D weight, index targets: the tensors go in as they are
         w, b, t = linear_weight, linear_bias, t[:, 0]

@@ -86,12 +86,9 @@ class _FusedFunction(torch.autograd.Function):
         gx, gw, gb = take_saved_grads(ctx)
         in_place = not ctx.ro.allow_retain_graph
         if gx is not None:
-            gx = gx.mul_(grad_out) if in_place else gx * grad_out
+            gx = scale_cast(gx, grad_out, out=gx if in_place else None)
         if gw is not None:
-            if gw.dtype != ctx.w_dtype:
-                gw = scale_cast(gw, grad_out, ctx.w_dtype)
-            else:
-                gw = gw.mul_(grad_out) if in_place else gw * grad_out
+            gw = scale_cast(gw, grad_out, ctx.w_dtype, out=gw if in_place and gw.dtype == ctx.w_dtype else None)
         if gb is not None:
             gb = gb * grad_out
         return gx, gw, gb, None, None, None, None, None, None

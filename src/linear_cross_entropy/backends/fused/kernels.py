@@ -75,6 +75,7 @@ def _cross_entropy_rows_kernel(
     coef_ptr,  # (r, 3) fp32 coef, target_coef, smooth_coef of dz; read (PHASE 2)
     # dimensions
     n_classes,  # C_local: the columns of logits this launch sees
+    n_loaded,  # >= C_local: columns loaded and stored (the rest up to it are the rows' padding: masked out of the math)
     total_classes,  # C: the whole vocabulary (n_classes when not sharded)
     # strides
     stride_logits_row,
@@ -141,11 +142,11 @@ def _cross_entropy_rows_kernel(
         for start in range(0, n_classes, BLOCK_C):
             cols = start + offs_c
             mask = cols < n_classes
-            r = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(logits_row_ptr + cols, mask=cols < n_loaded, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             z, _ = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
-            z = tl.where(mask, z, -float("inf"))
+            z = tl.where(mask, z, -float("inf"))  # select: the padding may hold anything, NaN included
             tile_max = tl.max(z, axis=0)
             m_new = tl.maximum(m, tile_max)
             rescale = tl.exp(m - m_new)
@@ -232,7 +233,8 @@ def _cross_entropy_rows_kernel(
         for start in range(0, n_classes, BLOCK_C):
             cols = start + offs_c
             mask = cols < n_classes
-            r = tl.load(logits_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            wide = cols < n_loaded
+            r = tl.load(logits_row_ptr + cols, mask=wide, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             z, t = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
@@ -247,21 +249,22 @@ def _cross_entropy_rows_kernel(
                 dz *= 1.0 - t * t
             if HAS_LOGIT_SCALE:
                 dz *= logit_scale
-            tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=wide)
 
 
 @triton.jit
 def _scale_cast_kernel(
     # pointers
-    src_ptr,  # (numel,) fp32 accumulator
+    src_ptr,  # (numel,) e.g. the fp32 weight-gradient scratch
     scale_ptr,  # () upstream gradient
-    dst_ptr,  # (numel,) gradient in the parameter's dtype; written
+    dst_ptr,  # (numel,) e.g. the gradient in the parameter's dtype; written (may be src_ptr)
     # dimensions
     numel,
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
-    """``dst = src · scale`` rounded once to dst's dtype: the weight gradient leaves its fp32 scratch in one pass."""
+    """``dst = src · scale`` rounded once to dst's dtype: a gradient scaled by the upstream gradient in one pass
+    (the weight gradient leaving its fp32 scratch, or a gradient scaled in place)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     scale = tl.load(scale_ptr).to(tl.float32)

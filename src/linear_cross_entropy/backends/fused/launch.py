@@ -69,24 +69,16 @@ def logits_gemm(x_c: torch.Tensor, w: torch.Tensor, out: torch.Tensor, out_dtype
 def input_grad_gemm(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = dz · W`` (``(r, V)·(V, H)``), summed over the vocabulary parts.
 
-    The parts split the GEMM's reduction dimension, so their sum is kept in fp32 (an ``(r, H)`` temporary) and
-    rounded once, as the single GEMM would.
+    The parts split the GEMM's reduction dimension. The small tail goes first; the aligned bulk's GEMM then adds it
+    as its ``C`` operand, which cuBLAS adds in fp32 before its one rounding. So the only extra rounding is the
+    tail's own (a few dozen classes' share of the sum, against eager's single GEMM), with no fp32 ``(r, H)``
+    temporary.
     """
-    parts = _vocab_parts(w.shape[0])
-    if len(parts) == 1:
-        return torch.mm(dz, w, out=out)
-    fp32_sum = out.dtype in (torch.float16, torch.bfloat16) and _has_out_dtype_mm(out.device)
-    acc = (
-        torch.mm(dz[:, parts[0]], w[parts[0]], out_dtype=torch.float32)
-        if fp32_sum
-        else torch.mm(dz[:, parts[0]], w[parts[0]], out=out)
-    )
-    for part in parts[1:]:
-        if fp32_sum:
-            torch.addmm(acc, dz[:, part], w[part], out_dtype=torch.float32, out=acc)
-        else:
-            acc.addmm_(dz[:, part], w[part])
-    return out.copy_(acc) if fp32_sum else out
+    tail_first = _vocab_parts(w.shape[0])[::-1]
+    torch.mm(dz[:, tail_first[0]], w[tail_first[0]], out=out)
+    for part in tail_first[1:]:
+        out.addmm_(dz[:, part], w[part])
+    return out
 
 
 def weight_grad_gemm(grad_w: torch.Tensor, dz: torch.Tensor, x_c: torch.Tensor, *, first: bool) -> None:
@@ -99,12 +91,13 @@ def weight_grad_gemm(grad_w: torch.Tensor, dz: torch.Tensor, x_c: torch.Tensor, 
 def deferred_grads(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, grad_out: torch.Tensor, grads: Grads) -> tuple:
     """The gradients of a single-chunk call from its ``dz`` ``(N, V)``, with the upstream gradient folded into the
     small operands: ``grad_W = dzᵀ·(g·x)``, ``grad_x = (dz·W)·g``, ``grad_b = g·Σ_rows dz``."""
-    gw = gx = gb = None
-    if grads.weight:  # first: its (N, H) temporary g·x is gone before grad_x is allocated
+    gw = gb = None
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grads.input else None
+    if grads.weight:  # first: g·x lives in grad_x's buffer until dz·W overwrites it (no (N, H) temporary)
         gw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-        weight_grad_gemm(gw, dz, x * grad_out, first=True)
-    if grads.input:
-        gx = input_grad_gemm(dz, w, torch.empty(x.shape, dtype=x.dtype, device=x.device)).mul_(grad_out)
+        weight_grad_gemm(gw, dz, scale_cast(x, grad_out, out=gx), first=True)
+    if gx is not None:
+        scale_cast(input_grad_gemm(dz, w, gx), grad_out, out=gx)
     if grads.bias:
         gb = dz.sum(dim=0, dtype=torch.float32).mul_(grad_out)
     return gx, gw, gb
@@ -225,13 +218,18 @@ def _launch_rows(
     total_classes: int | None = None,
     metrics: bool | None = None,
 ) -> None:
-    """One launch of the row kernel, one program per row; pointers a phase does not read stand in as ``logits``."""
+    """One launch of the row kernel, one program per row; pointers a phase does not read stand in as ``logits``.
+
+    ``logits`` and ``grad`` are views of this module's row-padded buffers (:func:`_padded`): the columns past ``C``
+    up to the row stride are scratch, which the kernel may read and overwrite (see :func:`_loaded_columns`).
+    """
     rows, num_classes = logits.shape
     if rows == 0:
         return
     assert logits.stride(1) == 1 and (grad is None or grad.stride(1) == 1)
     assert stats is None or stats.stride() == (5, 1)
     block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(num_classes))
+    loaded = _loaded_columns(num_classes, logits, grad)
     unused = logits
     row_scale = unused if row_scale is None else row_scale
     z_scale = unused if z_scale is None else z_scale
@@ -250,6 +248,7 @@ def _launch_rows(
         unused if argmax is None else argmax,
         unused if coefs is None else coefs,
         num_classes,
+        loaded,
         num_classes if total_classes is None else total_classes,
         logits.stride(0),
         logits.stride(0) if grad is None else grad.stride(0),
@@ -275,9 +274,38 @@ def _launch_rows(
     )
 
 
-def scale_cast(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(src · scale).to(dtype)`` in one pass over ``src`` (contiguous fp32)."""
-    out = torch.empty(src.shape, dtype=dtype, device=src.device)
+def _loaded_columns(num_classes: int, *buffers: torch.Tensor | None) -> int:
+    """The columns the row kernel loads and stores: ``C`` rounded up to 16 where every buffer's rows have room.
+
+    Triton vectorises a masked load or store only when it can prove the mask constant over the vector, i.e. when
+    the bound is a multiple of 16. An odd ``C`` (50257) would otherwise halve the kernel's bandwidth with 2-byte
+    accesses; the extra columns come from the rows' padding (their values are masked out of the math, and what the
+    kernel stores there is never read).
+    """
+    wide = -(-num_classes // 16) * 16
+    for t in buffers:
+        if t is None:
+            continue
+        last_row_end = t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + wide
+        if t.stride(0) < wide or last_row_end * t.element_size() > t.untyped_storage().nbytes():
+            return num_classes
+    return wide
+
+
+def scale_cast(
+    src: torch.Tensor,  # any shape, contiguous
+    scale: torch.Tensor,  # () the upstream gradient, on src's device
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,  # contiguous, src's shape; may be src itself
+) -> torch.Tensor:
+    """``src · scale`` rounded once to ``dtype`` (default: src's), in one vectorised pass, into ``out`` (new when
+    None). PyTorch's own ``t * scale`` with a 0-dim CUDA ``scale`` of another dtype takes a non-vectorised
+    broadcasting kernel, ~3x slower over a ``(V, H)`` gradient; a non-contiguous ``src`` still goes that way."""
+    dtype = src.dtype if dtype is None else dtype
+    if out is None:
+        out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    if not (src.is_contiguous() and out.is_contiguous()):
+        return torch.mul(src, scale, out=out)
     numel = src.numel()
     if numel:
         grid = (triton.cdiv(numel, _SCALE_CAST_BLOCK),)
@@ -301,8 +329,9 @@ def fused_sweep(
 ):
     """Per-row losses ``(N,)``, lse ``(N,)`` and statistics ``(N, 5)`` (fp32) and, with ``scales``, the gradients.
 
-    Returns ``(losses, lse, stats, (grad_x, grad_w, grad_b))`` (``stats`` None without ``lp.metrics``). ``grad_w`` is fp32 when the policy keeps an fp32 scratch
-    (``"balanced"``/``"accurate"`` with low-precision weights): the caller rounds it once, when it scales it.
+    Returns ``(losses, lse, stats, (grad_x, grad_w, grad_b))`` (``stats`` None without ``lp.metrics``).
+    ``grad_w`` is fp32 when the policy keeps an fp32 scratch (``"balanced"``/``"accurate"`` with low-precision
+    weights, over more than one chunk): the caller rounds it once, when it scales it.
     With ``defer`` (one chunk only) the gradient GEMMs are left to the caller: the last item is then ``dz``
     ``(N, V)`` itself.
 
@@ -336,7 +365,8 @@ def fused_sweep(
     if want_grads and defer:
         grads = Grads(False, False, False)  # the caller runs the gradient GEMMs on dz
     grad_x = torch.empty((n, h), dtype=dtype, device=device) if want_grads and grads.input else None
-    scratch = ro.acc_policy != "compact" and ro.acc_dtype == torch.float32 and low_precision
+    # fp32 accumulation of the weight gradient across chunks; one chunk's single GEMM accumulates in fp32 itself
+    scratch = ro.acc_policy != "compact" and ro.acc_dtype == torch.float32 and low_precision and rows < n
     grad_w = None
     if want_grads and grads.weight:
         grad_w = torch.empty((v, h), dtype=torch.float32 if scratch else w.dtype, device=device)
