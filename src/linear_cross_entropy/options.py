@@ -146,6 +146,12 @@ def aspect_ratio_chunk_rows(num_rows: int, in_features: int, num_classes: int, f
     return min((1 << max(target - 1, 0).bit_length()) // factor, num_rows)
 
 
+def fp32_weight_grad_accumulation(acc_policy: str, acc_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether the fused backend accumulates a low-precision weight gradient in fp32 across chunks (an fp32
+    ``(V, H)`` scratch): ``"balanced"``/``"accurate"`` with ``acc_dtype`` fp32 and fp16/bf16 inputs."""
+    return acc_policy != "compact" and acc_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+
+
 def fused_chunk_rows(num_rows: int, in_features: int, logit_bytes: int, fp32_scratch: bool) -> int:
     """Rows per chunk of the fused backend: a power of two, as large as memory allows, or every row at once.
 
@@ -233,7 +239,7 @@ def resolve(
     rows = num_rows if options.batch_chunk_size is None else min(options.batch_chunk_size, num_rows)
     if chunking_method == "memory":
         low = dtype in (torch.float16, torch.bfloat16)
-        fp32_scratch = weight_grad and low and acc_policy != "compact" and acc_dtype == torch.float32
+        fp32_scratch = weight_grad and fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype)
         # "accurate" keeps fp32 logits beside the input-dtype dz (see the fused launcher)
         logit_bytes = torch.empty((), dtype=dtype).element_size() + (4 if acc_policy == "accurate" and low else 0)
         rows = fused_chunk_rows(num_rows, in_features, logit_bytes, fp32_scratch)

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from ...distributed import VocabShard, combine_partials
-from ...options import ResolvedOptions
+from ...options import ResolvedOptions, fp32_weight_grad_accumulation
 from ..common import Grads, LossParams, index_rows
 from .kernels import _cross_entropy_rows_kernel, _scale_cast_kernel
 
@@ -366,7 +366,7 @@ def fused_sweep(
         grads = Grads(False, False, False)  # the caller runs the gradient GEMMs on dz
     grad_x = torch.empty((n, h), dtype=dtype, device=device) if want_grads and grads.input else None
     # fp32 accumulation of the weight gradient across chunks; one chunk's single GEMM accumulates in fp32 itself
-    scratch = ro.acc_policy != "compact" and ro.acc_dtype == torch.float32 and low_precision and rows < n
+    scratch = fp32_weight_grad_accumulation(ro.acc_policy, ro.acc_dtype, dtype) and rows < n
     grad_w = None
     if want_grads and grads.weight:
         grad_w = torch.empty((v, h), dtype=torch.float32 if scratch else w.dtype, device=device)
