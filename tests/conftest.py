@@ -61,6 +61,28 @@ def _global_seed(seed):
     torch.manual_seed(seed)
 
 
+WEIGHT_GRAD_PASSES = ("accumulate", "recompute")
+
+
+@pytest.fixture
+def force_weight_grad_pass(monkeypatch):
+    """A setter that forces one of the fused backend's two ways to the weight gradient of a chunked call, whatever
+    the chunk size and dtype: ``"accumulate"`` (``grad_W += dzᵀ·x_c`` chunk by chunk) or ``"recompute"`` (the
+    vocabulary-major pass, in blocks of 8 classes so that small test vocabularies span several blocks and a ragged
+    last one)."""
+    from linear_cross_entropy import options
+
+    def force(mode: str) -> None:
+        if mode == "accumulate":
+            monkeypatch.setattr(options, "_GEMM_FLOPS_PER_BYTE", {})
+        else:
+            assert mode == "recompute", mode
+            monkeypatch.setattr(options, "_GEMM_FLOPS_PER_BYTE", dict.fromkeys(options._ACC_DTYPES, 1 << 40))
+            monkeypatch.setattr(options, "_RECOMPUTE_COLUMN_ALIGN", 8)
+
+    return force
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Inputs
 

@@ -97,3 +97,22 @@ def test_help_of_module_and_wrapper(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "benchmarks/bench_gpu.py" in out and "--policies" in out and "--tag" in out
+
+
+def test_policy_specs():
+    import torch
+
+    from linear_cross_entropy.bench.peers import _policy_options
+
+    o = _policy_options("compact:float32@252+fp32-loss", "fused")
+    assert (o.backend, o.acc_policy, o.acc_dtype, o.batch_chunk_size, o.loss_dtype) == (
+        "fused",
+        "compact",
+        torch.float32,
+        252,
+        torch.float32,
+    )
+    o = _policy_options("auto", "chunked")
+    assert (o.acc_policy, o.acc_dtype, o.batch_chunk_size, o.loss_dtype) == ("auto", None, None, None)
+    with pytest.raises(ValueError, match="fp32-loss"):
+        _policy_options("auto+fp16-loss", "fused")

@@ -49,14 +49,17 @@ def _device_backends():
     pairs = [("cpu", "chunked")]
     if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
         pairs.append(("cpu", "tiled"))
-    if torch.cuda.is_available():
-        pairs += [("cuda", "fused"), ("cuda", "tiled")]
+    if torch.cuda.is_available():  # "fused:recompute": the vocabulary-major weight-gradient pass, forced
+        pairs += [("cuda", "fused"), ("cuda", "fused:recompute"), ("cuda", "tiled")]
     return pairs
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("device,backend", _device_backends(), ids="-".join)
-def test_fullgraph_compile_matches_eager(case, device, backend):
+def test_fullgraph_compile_matches_eager(case, device, backend, force_weight_grad_pass):
+    backend, _, weight_grad_pass = backend.partition(":")
+    if weight_grad_pass:
+        force_weight_grad_pass(weight_grad_pass)
     torch._dynamo.reset()
     torch.manual_seed(0)
     kwargs = CASES[case]

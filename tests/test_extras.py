@@ -24,6 +24,7 @@ PATHS = {
     "reference": None,
     "chunked": LinearCrossEntropyOptions(backend="chunked", batch_chunk_size=3),
     "fused": LinearCrossEntropyOptions(backend="fused", batch_chunk_size=3),
+    "fused-recompute": LinearCrossEntropyOptions(backend="fused", batch_chunk_size=3),  # weight_grad_sweep forced
 }
 METRIC_NAMES = ("lse", "z_loss", "max_logit", "entropy", "logit_norm", "accuracy", "log_prob")
 
@@ -64,14 +65,14 @@ def _oracle(x, w, t, *, b=None, cw=None, reduction="mean", ii=-100, ls=0.0, z_lo
 
 
 def _skip_unsupported(path, probs=False):
-    if path == "fused" and not FUSED_HERE:
+    if path.startswith("fused") and not FUSED_HERE:
         pytest.skip("fused backend needs CUDA or TRITON_INTERPRET=1 with triton")
-    if path == "fused" and probs:
+    if path.startswith("fused") and probs:
         pytest.skip("the fused backend serves class-index targets (probabilities fall back to chunked)")
 
 
 def _device(path):
-    return "cuda" if path == "fused" and torch.cuda.is_available() else "cpu"
+    return "cuda" if path.startswith("fused") and torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -88,11 +89,13 @@ def _device(path):
     ],
     ids=["zloss", "scale", "softcap", "all-three", "with-smoothing-weights-bias", "probabilities"],
 )
-def test_extras_match_float64_oracle(path, reduction, extras):
+def test_extras_match_float64_oracle(path, reduction, extras, force_weight_grad_pass):
     extras = dict(extras)
     probs = extras.pop("probs", False)
     _skip_unsupported(path, probs)
-    dtype = torch.float32 if path == "fused" else torch.float64
+    if path == "fused-recompute":
+        force_weight_grad_pass("recompute")
+    dtype = torch.float32 if path.startswith("fused") else torch.float64
     device = _device(path)
     g = torch.Generator().manual_seed(7)
     n, f, c = 11, 6, 37
@@ -167,7 +170,7 @@ def test_extras_k_dimensional(path):
 @pytest.mark.parametrize("path", list(PATHS))
 def test_gradcheck_with_extras(path):
     _skip_unsupported(path)
-    if path == "fused":
+    if path.startswith("fused"):
         pytest.skip("fused runs in fp16/bf16/fp32 only; its float64-oracle check is above")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)

@@ -303,6 +303,69 @@ def test_fused_chunk_rows_quarter_rule(n):
     assert _fused_rows(n, 8, batch_chunk_size=3) == min(3, n)  # an explicit size wins
 
 
+def _recomputes(n, rows, dtype=torch.bfloat16, weight_grad=True, backend="fused", **options):
+    ro = resolve(
+        LinearCrossEntropyOptions(backend=backend, batch_chunk_size=rows, **options),
+        backend=backend,
+        num_rows=n,
+        in_features=4096,
+        num_classes=128256,
+        dtype=dtype,
+        device=torch.device("cpu"),
+        weight_grad=weight_grad,
+    )
+    return ro.recompute_weight_grad
+
+
+@pytest.mark.parametrize(
+    "rows,options,recompute",
+    [
+        # a bf16 accumulator (2 bytes): the break-even is 240·2 = 480 rows
+        (256, {"acc_policy": "compact"}, True),
+        (479, {"acc_policy": "compact"}, True),
+        (480, {"acc_policy": "compact"}, False),
+        (1024, {"acc_policy": "compact"}, False),
+        # an fp32 scratch (4 bytes, the default's): 960 rows
+        (512, {}, True),
+        (959, {}, True),
+        (960, {}, False),
+        (512, {"acc_policy": "accurate", "acc_dtype": torch.float32}, True),
+        (1024, {}, False),
+    ],
+)
+def test_weight_grad_recompute_rule(rows, options, recompute):
+    """The weight gradient comes from the vocabulary-major pass where accumulating it across chunks would move
+    more bytes than one more GEMM's FLOPs take (``rows < 240·b``)."""
+    assert _recomputes(32768, rows, **options) == recompute
+
+
+def test_weight_grad_recompute_only_where_it_applies():
+    assert not _recomputes(256, 256)  # one chunk: a single weight-gradient GEMM already
+    assert not _recomputes(32768, 256, weight_grad=False)  # no weight gradient to form
+    assert not _recomputes(32768, 256, dtype=torch.float32)  # fp32 GEMMs: not worth a recompute
+    assert not _recomputes(32768, 256, backend="chunked")
+    assert not _recomputes(32768, None)  # the default chunks (>= 1024 rows or one chunk)
+
+
+@pytest.mark.parametrize(
+    "n,rows,v,cols",
+    [
+        (8192, 256, 128256, 3968),  # 256·128256/8192 = 4008 → 31·128
+        (4096, 128, 128256, 3968),
+        (16384, 2048, 131072, 16384),
+        (100_000, 1, 32000, 128),  # at least 128 classes
+        (1000, 500, 100, 100),  # at most V
+    ],
+)
+def test_recompute_columns(n, rows, v, cols):
+    from linear_cross_entropy.options import recompute_columns
+
+    got = recompute_columns(n, rows, v)
+    assert got == cols
+    assert got == v or got % 128 == 0
+    assert got == min(v, 128) or n * got <= rows * v  # no more logits than the row pass's buffer
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("size", [1, 7, 100, 5000])
 def test_explicit_batch_chunk_size_disables_auto_chunking(size, dtype):

@@ -128,6 +128,7 @@ class ResolvedOptions:
     batch_chunk_size: int  # rows per chunk, >= 1
     allow_retain_graph: bool
     sparse_backward_eps: float = 0.0
+    recompute_weight_grad: bool = False  # fused: the weight gradient from a vocabulary-major pass (see below)
 
 
 def _aspect_ratio_factor(method: str) -> int | None:
@@ -175,6 +176,36 @@ def fused_chunk_rows(num_rows: int, in_features: int, logit_bytes: int, fp32_scr
 
 
 _MIN_FUSED_ROWS = 1024
+# FLOPs a cuBLAS GEMM does in the time HBM moves one byte, by input dtype: the break-even of
+# fused_recomputes_weight_grad. bf16/fp16 on an H100: ~750 TFLOP/s over ~3.1 TB/s (benchmarks/NOTES.md). fp32
+# inputs are left out (0: never recompute): their GEMMs run at a fraction of that, or TF32 only when allowed.
+_GEMM_FLOPS_PER_BYTE = {torch.bfloat16: 240, torch.float16: 240}
+_RECOMPUTE_COLUMN_ALIGN = 128
+
+
+def fused_recomputes_weight_grad(chunk_rows: int, num_rows: int, accumulated_bytes: int, dtype: torch.dtype) -> bool:
+    """Whether the fused backend computes the weight gradient in a second, vocabulary-major pass instead of
+    accumulating it across row chunks.
+
+    Accumulating ``grad_W += dzᵀ·x_c`` reads and writes the ``(V, H)`` accumulator once per chunk:
+    ``2·b·V·H`` bytes (``b = accumulated_bytes``, 4 for an fp32 scratch), against ``2·r·V·H`` FLOPs of GEMM work
+    per ``r``-row chunk. The vocabulary-major pass instead recomputes the logits once (one more GEMM, ``2·N·H·V``
+    FLOPs) and forms each block of classes' gradient in one GEMM over all rows. Per chunk that is ``2·r·H·V``
+    FLOPs, so the recompute is cheaper once ``2·b·V·H / BW > 2·r·H·V / F``, i.e. ``r < b·F/BW``: below ~480 rows for
+    a bf16 accumulator and ~960 for an fp32 scratch on an H100 (the measured chunk loops: 1.70x the floor at 256
+    rows in bf16, 1.67x at 512 in fp32, against ~1.4x for the recompute). Its weight gradient is one GEMM per class
+    block, accumulated in fp32 and rounded once, with no scratch.
+    """
+    return chunk_rows < num_rows and chunk_rows < _GEMM_FLOPS_PER_BYTE.get(dtype, 0) * accumulated_bytes
+
+
+def recompute_columns(num_rows: int, chunk_rows: int, num_classes: int) -> int:
+    """Classes per block of the vocabulary-major pass: its ``(N, cols)`` logits hold no more than the row pass's
+    ``(rows, V)`` ones, in multiples of 128 (cuBLAS's tiles), at least 128 and at most ``V``."""
+    cols = chunk_rows * num_classes // max(1, num_rows) // _RECOMPUTE_COLUMN_ALIGN * _RECOMPUTE_COLUMN_ALIGN
+    return min(num_classes, max(_RECOMPUTE_COLUMN_ALIGN, cols))
+
+
 _CHUNK_BUDGET_BYTES = 64 << 20
 
 
@@ -254,6 +285,12 @@ def resolve(
                 f"different chunk sizes ({options.batch_chunk_size} vs {rows}); pass only one."
             )
 
+    recompute = False
+    if backend == "fused" and weight_grad:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        accumulated = 4 if fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype) else element_size
+        recompute = fused_recomputes_weight_grad(max(1, rows), num_rows, accumulated, dtype)
+
     if acc_dtype != dtype and not (dtype in (torch.float16, torch.bfloat16) and acc_dtype == torch.float32):
         raise RuntimeError(
             "linear_cross_entropy supports float32 acc_dtype with float16/bfloat16 inputs, "
@@ -266,4 +303,5 @@ def resolve(
         batch_chunk_size=max(1, rows),
         allow_retain_graph=options.allow_retain_graph,
         sparse_backward_eps=float(options.sparse_backward_eps),
+        recompute_weight_grad=recompute,
     )

@@ -72,7 +72,7 @@ class LossParams:
 
 class RowScales(NamedTuple):
     ce: torch.Tensor  # (N, K) share of the upstream gradient in the cross-entropy term
-    z: torch.Tensor  # (N, K) share in the z-loss term
+    z: torch.Tensor  # (N, K) share in the z-loss term (without a z-loss: ``ce`` itself, never read)
     ce_denominator: torch.Tensor  # () what the cross-entropy mean divides by
     z_denominator: torch.Tensor  # () what the z-loss mean divides by
 
@@ -115,7 +115,8 @@ def row_scales(target, class_weight, lp: LossParams, sdt, shard=None) -> RowScal
     if lp.reduction == "mean":
         # Rows that take part get 1/denominator (inf, hence NaN gradients, when the weights sum to 0, as in the
         # reference); ignored rows get exactly 0, so an all-ignored batch has zero gradients and a NaN loss.
-        return RowScales(keep_f / ce_denom, keep_f / z_denom, ce_denom, z_denom)
+        ce = keep_f / ce_denom
+        return RowScales(ce, keep_f / z_denom if lp.z_loss else ce, ce_denom, z_denom)
     return RowScales(keep_f, keep_f, ce_denom, z_denom)
 
 

@@ -99,8 +99,8 @@ def build_parser(prog=None, **defaults) -> argparse.ArgumentParser:
         "--policies",
         nargs="+",
         metavar="SPEC",
-        help='acc_policy specs "policy[:acc_dtype][@rows]" for the fused and chunked backends, e.g. auto '
-        "compact accurate:float32 compact@256 (default: by device)",
+        help='acc_policy specs "policy[:acc_dtype][@rows][+fp32-loss]" for the fused and chunked backends, e.g. '
+        "auto compact accurate:float32 compact@256 compact@252+fp32-loss (default: by device)",
     )
     ap.add_argument(
         "--reps", type=int, help="timed repetitions per method; the median is reported (default: by device)"

@@ -28,7 +28,11 @@ def eager(x, w, y):
 
 
 def _policy_options(spec, backend):
-    """``"policy[:acc_dtype][@rows]"`` → options for ``backend``."""
+    """``"policy[:acc_dtype][@rows][+fp32-loss]"`` → options for ``backend`` (the suffix: ``loss_dtype=float32``,
+    the loss as trainers log it, which Liger-Kernel and cut-cross-entropy also return)."""
+    spec, plus, suffix = spec.partition("+")
+    if plus and suffix != "fp32-loss":
+        raise ValueError(f"unknown policy suffix {suffix!r} in {spec + plus + suffix!r} (expected '+fp32-loss')")
     spec_main, _, rows = spec.partition("@")
     pol, _, acc = spec_main.partition(":")
     return LinearCrossEntropyOptions(
@@ -36,6 +40,7 @@ def _policy_options(spec, backend):
         acc_policy=pol,
         acc_dtype=getattr(torch, acc) if acc else None,
         batch_chunk_size=int(rows) if rows else None,
+        loss_dtype=torch.float32 if plus else None,
     )
 
 
@@ -60,7 +65,7 @@ def methods(selected, policies, device="cuda", backends=("fused",)):
             add("ours[reference]", "ours", lambda x, w, y: linear_cross_entropy(x, w, y))
             continue
         prefix = "ours" if backend == "fused" else f"ours-{backend}"
-        for spec in policies:  # "policy[:acc_dtype][@rows]", e.g. "accurate:float32", "compact@256"
+        for spec in policies:  # "policy[:acc_dtype][@rows][+fp32-loss]", e.g. "accurate:float32", "compact@256"
             opts = _policy_options(spec, backend)
             add(f"{prefix}[{spec}]", "ours", lambda x, w, y, o=opts: linear_cross_entropy(x, w, y, options=o))
         if backend == "fused":

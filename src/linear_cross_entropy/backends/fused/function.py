@@ -5,7 +5,9 @@ gradient of 1, which backward scales (the weight gradient leaves its fp32 scratc
 pass). When the whole batch is one chunk, forward stops at ``dz`` and backward runs the two gradient GEMMs with the
 upstream gradient ``g`` folded into the small operands (``grad_x = (dz·W)·g``, ``grad_W = dzᵀ·(g·x)``): no pass
 over a ``(V, H)`` gradient to scale it. ``reduction="none"`` recomputes in backward with the per-row upstream
-gradient.
+gradient. With small chunks (``ro.recompute_weight_grad``) forward forms only ``grad_x`` (and each row's ``lse``
+and ``dz`` coefficients); backward runs the vocabulary-major pass that recomputes the logits for the weight and
+bias gradients, with ``g`` folded into the coefficients.
 
 Vocabulary parallel (a ``shard``, :mod:`...distributed`): the same, with the sweep combining per-row statistics over
 the group; ``grad_input`` is all-reduced where it is formed (in forward, or in backward for a single chunk and for
@@ -20,7 +22,7 @@ import torch
 
 from ...options import ResolvedOptions
 from ..common import Grads, LossParams, keep_mask, reduce_total, row_scales, take_saved_grads
-from .launch import deferred_grads, fused_sweep, scale_cast
+from .launch import deferred_grads, fused_sweep, scale_cast, weight_grad_sweep
 
 if TYPE_CHECKING:
     from ...distributed import VocabShard
@@ -29,10 +31,23 @@ __all__ = ["linear_cross_entropy_fused", "forward_pass", "backward_none", "blas_
 
 
 def forward_pass(
-    x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, defer: bool, shard=None
+    x,
+    w,
+    b,
+    target,
+    class_weight,
+    lp: LossParams,
+    ro: ResolvedOptions,
+    grads: Grads,
+    defer: bool,
+    shard=None,
+    weight_grad_later: bool = False,
 ):
     """``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``: ``saved`` is the gradients for an upstream gradient
-    of 1 (the weight gradient possibly still an fp32 scratch), ``(dz,)`` when ``defer``, None for ``"none"``."""
+    of 1 (the weight gradient possibly still an fp32 scratch), ``(dz,)`` when ``defer``, None for ``"none"``.
+
+    With ``ro.recompute_weight_grad`` the weight and bias gradients come from the vocabulary-major pass; with
+    ``weight_grad_later`` that pass is left to backward, and ``saved`` is ``(grad_x, lse, coefs)`` for it."""
     keep = keep_mask(target[:, None], lp)
     if lp.reduction == "none":
         losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, grads, shard=shard)
@@ -41,7 +56,9 @@ def forward_pass(
         cw = None if class_weight is None else class_weight.float()
         scales = row_scales(target[:, None], cw, lp, torch.float32, shard)
         shares = (scales.ce[:, 0], scales.z[:, 0]) if grads.any else None
-        losses, lse, stats, saved = fused_sweep(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard)
+        losses, lse, stats, saved = _sweeps(
+            x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later
+        )
         loss = reduce_total(losses[:, None], lse[:, None], keep, scales, lp)
         if defer:
             saved = (saved,)
@@ -53,8 +70,28 @@ def backward_none(
 ):
     """The gradients of ``reduction="none"``, recomputed with each row's upstream gradient ``grad_out`` (N, 1)."""
     share = grad_out[:, 0].float()
-    gx, gw, gb = fused_sweep(x, w, b, target, class_weight, lp, ro, (share, share), grads, shard=shard)[3]
+    gx, gw, gb = _sweeps(x, w, b, target, class_weight, lp, ro, (share, share), grads, False, shard)[3]
     return gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
+
+
+def _recomputes(ro: ResolvedOptions, grads: Grads, shard) -> bool:
+    """The vocabulary-major weight-gradient pass serves unsharded calls that want the weight gradient."""
+    return ro.recompute_weight_grad and grads.weight and shard is None
+
+
+def _sweeps(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later=False):
+    """:func:`fused_sweep`, followed by :func:`weight_grad_sweep` when the weight gradient is recomputed (or its
+    inputs, ``(grad_x, lse, coefs)``, in place of the gradients with ``weight_grad_later``)."""
+    if shares is None or not _recomputes(ro, grads, shard):
+        return fused_sweep(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard)
+    coefs = torch.empty((x.shape[0], 3), dtype=torch.float32, device=x.device)
+    row_grads = Grads(grads.input, False, False)
+    losses, lse, stats, (gx, _, _) = fused_sweep(
+        x, w, b, target, class_weight, lp, ro, shares, row_grads, coefs_out=coefs
+    )
+    if weight_grad_later:
+        return losses, lse, stats, (gx, lse, coefs)
+    return losses, lse, stats, (gx, *weight_grad_sweep(x, w, b, target, class_weight, lse, coefs, lp, ro, grads))
 
 
 class _FusedFunction(torch.autograd.Function):
@@ -65,10 +102,11 @@ class _FusedFunction(torch.autograd.Function):
     def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):
         ctx.lp, ctx.ro, ctx.grads, ctx.w_dtype, ctx.shard = lp, ro, grads, w.dtype, shard
         ctx.deferred = lp.reduction != "none" and ro.batch_chunk_size >= x.shape[0] and grads.any
+        ctx.recomputed = lp.reduction != "none" and not ctx.deferred and _recomputes(ro, grads, shard)
         loss, lse, stats, ctx.saved_grads = forward_pass(
-            x, w, b, target, class_weight, lp, ro, grads, ctx.deferred, shard
+            x, w, b, target, class_weight, lp, ro, grads, ctx.deferred, shard, weight_grad_later=ctx.recomputed
         )
-        if lp.reduction == "none":
+        if lp.reduction == "none" or ctx.recomputed:
             ctx.save_for_backward(x, w, b, target, class_weight)
         elif ctx.deferred:  # backward's GEMMs need x and w again
             ctx.save_for_backward(x, w)
@@ -83,6 +121,8 @@ class _FusedFunction(torch.autograd.Function):
             return (*grads, None, None, None, None, None, None)
         if ctx.deferred:
             return (*_deferred_grads(ctx, grad_out), None, None, None, None, None, None)
+        if ctx.recomputed:
+            return (*_recomputed_grads(ctx, grad_out), None, None, None, None, None, None)
         gx, gw, gb = take_saved_grads(ctx)
         in_place = not ctx.ro.allow_retain_graph
         if gx is not None:
@@ -102,6 +142,17 @@ def _deferred_grads(ctx, grad_out):
     gx, gw, gb = deferred_grads(dz, x, w, grad_out, ctx.grads)
     if gx is not None and ctx.shard is not None and ctx.shard.input_grad_all_reduce:
         ctx.shard.sum_(gx)
+    return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
+
+
+def _recomputed_grads(ctx, grad_out):
+    """The vocabulary-major pass in backward, with the upstream gradient ``g`` folded into ``dz``'s per-row
+    coefficients (no pass over a ``(V, H)`` gradient to scale it); ``grad_x`` from forward scaled by ``g``."""
+    gx, lse, coefs = take_saved_grads(ctx)
+    x, w, b, target, class_weight = ctx.saved_tensors
+    if gx is not None:
+        gx = scale_cast(gx, grad_out, out=None if ctx.ro.allow_retain_graph else gx)
+    gw, gb = weight_grad_sweep(x, w, b, target, class_weight, lse, coefs, ctx.lp, ctx.ro, ctx.grads, grad_out)
     return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
 
 

@@ -72,7 +72,7 @@ def _cross_entropy_rows_kernel(
     stats_ptr,  # (r, 5) fp32 max logit, entropy, logit norm, correct, log p_y; written with METRICS
     partial_ptr,  # (r, 7) fp32 per-row partial sums over this slice's columns; written (PHASE 1)
     argmax_ptr,  # (r,) int64 global index of the slice's first maximal class; written (PHASE 1 with METRICS)
-    coef_ptr,  # (r, 3) fp32 coef, target_coef, smooth_coef of dz; read (PHASE 2)
+    coef_ptr,  # (r, 3) fp32 coef, target_coef, smooth_coef of dz; read (PHASE 2), written (PHASE 0, STORE_COEFS)
     # dimensions
     n_classes,  # C_local: the columns of logits this launch sees
     n_loaded,  # >= C_local: columns loaded and stored (the rest up to it are the rows' padding: masked out of the math)
@@ -98,6 +98,7 @@ def _cross_entropy_rows_kernel(
     HAS_Z_LOSS: tl.constexpr,
     METRICS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,  # sweep 2 runs (always with PHASE 2, never with PHASE 1)
+    STORE_COEFS: tl.constexpr,  # PHASE 0 also writes dz's coefficients, for a later PHASE 2 over other columns
     PHASE: tl.constexpr,  # 0: both sweeps; 1: sweep 1 → partials; 2: sweep 2 from the global statistics
     BLOCK_C: tl.constexpr,
 ):
@@ -112,6 +113,9 @@ def _cross_entropy_rows_kernel(
       also the slice's first argmax as a global index.
     - ``PHASE`` 2: sweep 2 only, given the row's global ``lse`` and ``dz = coef·p − target_coef·e_y −
       smooth_coef·w`` (``p = exp(z − lse)``), the target column tested on the local index ``y − class_offset``.
+
+    The vocabulary-major weight-gradient pass (``launch.weight_grad_sweep``) reuses ``PHASE`` 2 on column blocks of
+    an unsharded head: ``PHASE`` 0 with ``STORE_COEFS`` leaves each row's three coefficients for it.
     """
     # One program per row; the row index is int64 because row · stride overflows int32 past 2^31 logits.
     row = tl.program_id(0).to(tl.int64)
@@ -207,7 +211,7 @@ def _cross_entropy_rows_kernel(
                 tl.store(stats_row_ptr + 3, tl.where(arg == target, 1.0, 0.0))
                 tl.store(stats_row_ptr + 4, z_y - lse)
 
-            if COMPUTE_GRAD:
+            if COMPUTE_GRAD or STORE_COEFS:
                 row_scale = tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
                 row_scale = tl.where(keep, row_scale, 0.0)
                 row_scale = tl.where(bad, nan, row_scale)
@@ -219,6 +223,10 @@ def _cross_entropy_rows_kernel(
                     coef += tl.where(keep, z_scale, 0.0) * 2.0 * z_loss * lse
                 target_coef = row_scale * (1.0 - eps) * w_y
                 smooth_coef = row_scale * (eps / total_classes)
+                if STORE_COEFS:
+                    tl.store(coef_ptr + row * 3 + 0, coef)
+                    tl.store(coef_ptr + row * 3 + 1, target_coef)
+                    tl.store(coef_ptr + row * 3 + 2, smooth_coef)
     else:  # the global statistics the host combined
         lse = tl.load(lse_ptr + row)
         coef = tl.load(coef_ptr + row * 3 + 0)

@@ -2,7 +2,9 @@
 
 :func:`fused_sweep` is the chunk loop: per chunk of rows, one cuBLAS GEMM writes the logits into a reused buffer,
 one Triton kernel turns them into per-row losses and (when gradients are wanted) ``dz`` in place, and two cuBLAS
-GEMMs consume ``dz``. Nothing here reads a GPU value on the host, so the loop can be captured in a CUDA graph.
+GEMMs consume ``dz``. :func:`weight_grad_sweep` is the vocabulary-major pass that small chunks use for the weight
+gradient instead of accumulating it (:func:`...options.fused_recomputes_weight_grad`). Nothing here reads a GPU
+value on the host, so the loops can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import torch
 import triton
 
 from ...distributed import VocabShard, combine_partials
-from ...options import ResolvedOptions, fp32_weight_grad_accumulation
+from ...options import ResolvedOptions, fp32_weight_grad_accumulation, recompute_columns
 from ..common import Grads, LossParams, index_rows
 from .kernels import _cross_entropy_rows_kernel, _scale_cast_kernel
 
 __all__ = [
     "fused_sweep",
+    "weight_grad_sweep",
     "deferred_grads",
     "cross_entropy_rows",
     "cross_entropy_partials",
@@ -114,9 +117,11 @@ def cross_entropy_rows(
     lse_out: torch.Tensor,  # (r,) fp32
     stats_out: torch.Tensor | None,  # (r, 5) fp32, with lp.metrics
     lp: LossParams,
+    coefs_out: torch.Tensor | None = None,  # (r, 3) fp32 dz's coefficients (common.GradCoefs), with scales
 ) -> None:
     """Per-row loss, logsumexp (and statistics); with ``grad``, ``dr`` (see kernels.py for the math): both sweeps
-    in one launch."""
+    in one launch. With ``coefs_out``, also each row's coefficients of ``dz`` for :func:`weight_grad_sweep`."""
+    assert coefs_out is None or (scales is not None and coefs_out.stride() == (3, 1))
     row_scale, z_scale = (loss_out, loss_out) if scales is None else scales  # unread without COMPUTE_GRAD
     _launch_rows(
         logits,
@@ -131,6 +136,7 @@ def cross_entropy_rows(
         stats=stats_out,
         row_scale=row_scale,
         z_scale=z_scale,
+        coefs=coefs_out,
     )
 
 
@@ -268,6 +274,7 @@ def _launch_rows(
         HAS_Z_LOSS=phase == 0 and lp.z_loss > 0,  # PHASE 2 reads it folded into coef
         METRICS=(stats is not None) if metrics is None else metrics,
         COMPUTE_GRAD=grad is not None,
+        STORE_COEFS=phase == 0 and coefs is not None,
         PHASE=phase,
         BLOCK_C=block_c,
         num_warps=_NUM_WARPS if block_c >= 2048 else 4,
@@ -313,6 +320,24 @@ def scale_cast(
     return out
 
 
+def _fp32_logits(ro: ResolvedOptions, x: torch.Tensor) -> bool:
+    """``"accurate"`` with low-precision inputs: logits leave the GEMM in fp32 (no rounding before the softmax) and
+    ``dz`` goes to a second buffer in the input dtype (6 bytes per logit instead of 2); otherwise ``dz`` overwrites
+    the logits in place."""
+    low_precision = x.dtype in (torch.float16, torch.bfloat16)
+    return ro.acc_policy == "accurate" and low_precision and _has_out_dtype_mm(x.device)
+
+
+def _logits_buffers(rows: int, cols: int, x: torch.Tensor, fp32_logits: bool, want_grads: bool):
+    """``(logits, grad)``: ``(rows, cols)`` views of row-padded buffers (:func:`_padded`), one buffer unless
+    ``fp32_logits`` with gradients."""
+    buf_dtype = torch.float32 if fp32_logits else x.dtype
+    logits = torch.empty((rows, _padded(cols, buf_dtype)), dtype=buf_dtype, device=x.device)[:, :cols]
+    if not (fp32_logits and want_grads):
+        return logits, logits
+    return logits, torch.empty((rows, _padded(cols, x.dtype)), dtype=x.dtype, device=x.device)[:, :cols]
+
+
 def fused_sweep(
     x: torch.Tensor,  # (N, H)
     w: torch.Tensor,  # (V, H)
@@ -326,6 +351,7 @@ def fused_sweep(
     grads: Grads,  # which gradients to compute (with scales)
     defer: bool = False,
     shard: VocabShard | None = None,  # vocabulary parallel: w, b, class_weight are this rank's slices
+    coefs_out: torch.Tensor | None = None,  # (N, 3) fp32, with scales: dz's coefficients for weight_grad_sweep
 ):
     """Per-row losses ``(N,)``, lse ``(N,)`` and statistics ``(N, 5)`` (fp32) and, with ``scales``, the gradients.
 
@@ -341,7 +367,11 @@ def fused_sweep(
     on ``(rows,)`` vectors), :func:`..common.index_rows` into the loss, lse, statistics and ``dz``'s coefficients,
     and sweep 2 writes this slice's ``dz``. The losses, lse and statistics are the whole vocabulary's;
     ``grad_x`` is all-reduced once at the end (unless ``shard.input_grad_all_reduce`` is off or ``defer``).
+
+    ``coefs_out`` (unsharded): the row kernel also writes each row's coefficients of ``dz``, which
+    :func:`weight_grad_sweep` needs (with ``lse``) to form ``dz`` again over blocks of classes.
     """
+    assert coefs_out is None or shard is None
     n, h = x.shape
     v = w.shape[0]
     device, dtype = x.device, x.dtype
@@ -351,16 +381,8 @@ def fused_sweep(
     want_grads = scales is not None and grads.any
     rows = max(1, min(ro.batch_chunk_size, n))
     assert not defer or rows == n, "deferred gradient GEMMs need a single chunk"
-    low_precision = dtype in (torch.float16, torch.bfloat16)
-    fp32_mm = low_precision and _has_out_dtype_mm(device)
-    # "accurate": logits leave the GEMM in fp32 (no rounding before the softmax) and dz goes to a second buffer in
-    # the input dtype (6 bytes per logit instead of 2); otherwise dz overwrites the logits in place.
-    fp32_logits = ro.acc_policy == "accurate" and fp32_mm
-    buf_dtype = torch.float32 if fp32_logits else dtype
-    logits_all = torch.empty((rows, _padded(v, buf_dtype)), dtype=buf_dtype, device=device)[:, :v]
-    grad_all = logits_all
-    if fp32_logits and want_grads:
-        grad_all = torch.empty((rows, _padded(v, dtype)), dtype=dtype, device=device)[:, :v]
+    fp32_logits = _fp32_logits(ro, x)
+    logits_all, grad_all = _logits_buffers(rows, v, x, fp32_logits, want_grads)
 
     if want_grads and defer:
         grads = Grads(False, False, False)  # the caller runs the gradient GEMMs on dz
@@ -396,6 +418,7 @@ def fused_sweep(
                 lse[start:stop],
                 None if stats is None else stats[start:stop],
                 lp,
+                None if coefs_out is None else coefs_out[start:stop],
             )
         else:
             _sharded_rows(
@@ -429,6 +452,63 @@ def fused_sweep(
     if want_grads and defer:
         return losses, lse, stats, grad_all[:n]
     return losses, lse, stats, (grad_x, grad_w, grad_b)
+
+
+def weight_grad_sweep(
+    x: torch.Tensor,  # (N, H)
+    w: torch.Tensor,  # (V, H)
+    b: torch.Tensor | None,  # (V,)
+    target: torch.Tensor,  # (N,) int64
+    class_weight: torch.Tensor | None,  # (V,)
+    lse: torch.Tensor,  # (N,) fp32, from fused_sweep
+    coefs: torch.Tensor,  # (N, 3) fp32, from fused_sweep's coefs_out (times the upstream gradient, if any)
+    lp: LossParams,
+    ro: ResolvedOptions,
+    grads: Grads,  # .weight / .bias: which of the two to form
+    scale: torch.Tensor | None = None,  # () the upstream gradient, folded into the coefficients
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(grad_w, grad_b)`` from a vocabulary-major pass that recomputes the logits (``ro.recompute_weight_grad``).
+
+    Per block of ``cols`` classes (:func:`...options.recompute_columns`: the same buffer size as the row pass's):
+    one cuBLAS GEMM writes the block's logits ``x·W_blockᵀ`` for all ``N`` rows, the row kernel's ``PHASE`` 2 turns
+    them into ``dz`` in place from each row's ``lse`` and coefficients, and ``grad_W_block = dzᵀ·x`` is one GEMM
+    over every row: accumulated in fp32 by cuBLAS and rounded once into the gradient, with no scratch and no
+    accumulation across chunks. ``grad_b_block`` is ``dz``'s column sum.
+    """
+    n = x.shape[0]
+    v = w.shape[0]
+    if scale is not None:
+        coefs = coefs * scale.float()
+    cols = recompute_columns(n, ro.batch_chunk_size, v)
+    logits_all, grad_all = _logits_buffers(n, cols, x, _fp32_logits(ro, x), want_grads=True)
+    grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device) if grads.weight else None
+    grad_b = torch.empty(v, dtype=torch.float32, device=x.device) if grads.bias else None
+    for start in range(0, v if n else 0, cols):
+        part = slice(start, min(start + cols, v))
+        width = part.stop - part.start
+        logits, grad = logits_all[:, :width], grad_all[:, :width]
+        logits_gemm(x, w[part], logits, torch.float32 if logits.dtype != x.dtype else None)
+        cross_entropy_grad(
+            logits,
+            grad,
+            None if b is None else b[part],
+            target,
+            class_weight if class_weight is None else class_weight[part],
+            lse,
+            coefs,
+            lp,
+            class_offset=part.start,
+            total_classes=v,
+        )
+        if grad_w is not None:
+            weight_grad_gemm(grad_w[part], grad, x, first=True)
+        if grad_b is not None:
+            torch.sum(grad, dim=0, dtype=torch.float32, out=grad_b[part])
+    if n == 0:
+        for g in (grad_w, grad_b):
+            if g is not None:
+                g.zero_()
+    return grad_w, grad_b
 
 
 def _sharded_rows(
