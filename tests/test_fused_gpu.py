@@ -111,40 +111,49 @@ def test_matches_float64(dtype, shape, policy, extras, weight_grad_pass, force_w
         assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
 
 
+def _peak_and_results(x, w, y, opts):
+    """Ours forward + backward: ``(peak allocation beyond the inputs and the two gradients, [loss, dx, dw])``."""
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    _ours(xr, wr, y, None, options=opts).backward()  # warm-up: kernels compiled outside the measurement
+    xr.grad = wr.grad = None
+    # earlier tests' garbage freed inside the measurement would lower its peak, and blocks reused from their cached
+    # segments are counted whole: start from an empty cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = _ours(xr, wr, y, None, options=opts)
+    loss.backward()
+    torch.cuda.synchronize()
+    grads = xr.grad.nbytes + wr.grad.nbytes
+    return torch.cuda.max_memory_allocated() - base - grads, [loss.detach(), xr.grad, wr.grad]
+
+
+def _assert_as_exact_as_eager(ours, x, w, y):
+    """Loss, dx and dw no worse than ``_SLACK`` times eager's error (the loss: one bf16 rounding)."""
+    ref = _run(_eager, x.double(), w.double(), None, y)
+    eager = _run(_eager, x, w, None, y)
+    for name, o, e, r in zip(["loss", "dx", "dw"], ours, eager, ref):
+        bound = _SLACK * _rel(e, r) + _FLOOR[torch.bfloat16]
+        if name == "loss":
+            bound = max(bound, torch.finfo(torch.bfloat16).eps)
+        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
+
+
 @pytest.mark.parametrize("n,h,v", [(4096, 2048, 8192), (4500, 2304, 4099)])  # the second: odd V (two parts)
 def test_default_trades_the_scratch_for_one_chunk(n, h, v):
     """Where all the logits take no more than the fp32 weight-gradient scratch (N·2 <= 4·H bytes per class), the
     default runs one chunk: a peak no higher than the chunked path's (its buffer plus that scratch), and gradients
     as exact as eager's."""
     x, w, b, y = _problem(n, h, v, torch.bfloat16, seed=5)
-    ref = _run(_eager, x.double(), w.double(), None, y)
-    eager = _run(_eager, x, w, None, y)
-
-    def peak_and_grads(opts):
-        xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-        _ours(xr, wr, y, None, options=opts).backward()  # warm-up: kernels compiled outside the measurement
-        xr.grad = wr.grad = None
-        gc.collect()  # earlier tests' garbage freed inside the measurement would lower its peak
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss = _ours(xr, wr, y, None, options=opts)
-        loss.backward()
-        torch.cuda.synchronize()
-        grads = xr.grad.nbytes + wr.grad.nbytes
-        return torch.cuda.max_memory_allocated() - base - grads, [loss.detach(), xr.grad, wr.grad]
-
-    one_chunk, ours = peak_and_grads(LinearCrossEntropyOptions(backend="fused"))
-    chunked, _ = peak_and_grads(LinearCrossEntropyOptions(backend="fused", batch_chunk_size=1024))
+    one_chunk, ours = _peak_and_results(x, w, y, LinearCrossEntropyOptions(backend="fused"))
+    chunked, _ = _peak_and_results(x, w, y, LinearCrossEntropyOptions(backend="fused", batch_chunk_size=1024))
     assert one_chunk <= chunked, (one_chunk, chunked)
     # the bf16 logits (dz, rows padded to 128 bytes) and no (N, H) temporary; the caching allocator rounds each
     # large block up to 2 MiB
     assert one_chunk <= n * (-(-v // 64) * 64) * 2 + (6 << 20), one_chunk
-    for name, o, e, r in zip(["loss", "dx", "dw"], ours, eager, ref):
-        bound = _SLACK * _rel(e, r) + _FLOOR[torch.bfloat16]
-        if name == "loss":
-            bound = max(bound, torch.finfo(torch.bfloat16).eps)
-        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
+    _assert_as_exact_as_eager(ours, x, w, y)
 
 
 @pytest.mark.parametrize("policy", ["compact", "auto"])
@@ -154,27 +163,11 @@ def test_small_chunks_recompute_the_weight_gradient(policy):
     even for "auto"), and the weight gradient is eager's, not a chunk-by-chunk bf16 sum."""
     n, h, v, rows = 4096, 1024, 32000, 256
     x, w, b, y = _problem(n, h, v, torch.bfloat16, seed=6)
-    ref = _run(_eager, x.double(), w.double(), None, y)
-    eager = _run(_eager, x, w, None, y)
     opts = LinearCrossEntropyOptions(backend="fused", acc_policy=policy, batch_chunk_size=rows)
-    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    _ours(xr, wr, y, None, options=opts).backward()  # warm-up: kernels compiled outside the measurement
-    xr.grad = wr.grad = None
-    gc.collect()  # earlier tests' garbage freed inside the measurement would lower its peak
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    loss = _ours(xr, wr, y, None, options=opts)
-    loss.backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base - xr.grad.nbytes - wr.grad.nbytes
+    extra, ours = _peak_and_results(x, w, y, opts)
     # the bf16 buffer (rows padded to 128 bytes), per-row vectors, the caching allocator's 2 MiB rounding
     assert extra <= rows * (-(-v // 64) * 64) * 2 + n * 64 + (4 << 20), extra
-    for name, o, e, r in zip(["loss", "dx", "dw"], [loss.detach(), xr.grad, wr.grad], eager, ref):
-        bound = _SLACK * _rel(e, r) + _FLOOR[torch.bfloat16]
-        if name == "loss":
-            bound = max(bound, torch.finfo(torch.bfloat16).eps)
-        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
+    _assert_as_exact_as_eager(ours, x, w, y)
 
 
 @pytest.mark.parametrize("weight_grad_pass", WEIGHT_GRAD_PASSES)

@@ -181,3 +181,21 @@ def test_row_kernel_ignores_the_padding_it_loads(metrics):
     for padded_out, plain_out in zip(*outputs):
         assert torch.isfinite(padded_out).all()
         assert torch.equal(padded_out, plain_out)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 3.0])
+def test_scale_cast_in_place_and_out_of_place(scale):
+    """In place, an upstream gradient of exactly 1 leaves the gradient as it is (the kernel masks its accesses
+    off, deciding on the device); any other scale, and every out-of-place cast, writes ``src · scale`` rounded once."""
+    from linear_cross_entropy.backends.fused.launch import scale_cast
+
+    g = torch.Generator().manual_seed(11)
+    src = torch.randn(3, 4099, generator=g)
+    s = torch.tensor(scale)
+    out = torch.full(src.shape, float("nan"), dtype=torch.float16)  # poison: every element must be written
+    scale_cast(src, s, out=out)
+    assert torch.equal(out, (src * scale).to(torch.float16))
+    inplace = src.to(torch.float16)
+    expected = (inplace.float() * scale).to(torch.float16)
+    assert scale_cast(inplace, s, out=inplace) is inplace
+    assert torch.equal(inplace, expected)

@@ -56,7 +56,10 @@ class LinearCrossEntropyOptions:
 
     - ``allow_retain_graph``: ``False`` lets backward consume the gradients computed during forward (a second
       backward raises ``RuntimeError``); ``True`` keeps them for repeated backward at one gradient-sized copy.
-    - ``batch_chunk_size``: rows per chunk; an explicit value disables automatic chunking.
+    - ``batch_chunk_size``: rows per chunk; an explicit value disables automatic chunking. On the fused backend,
+      chunks small enough that accumulating the weight gradient across them would cost more than recomputing the
+      logits (:func:`fused_recomputes_weight_grad`) get it from a vocabulary-major pass instead: eager's accuracy
+      under every ``acc_policy``, no scratch, the same buffer size.
     - ``chunking_method``: ``"auto"``, ``None`` or ``"aspect_ratio[:k]"`` (chunk rows
       ``min(next_pow2(ceil(N / ceil(C / F))) // k, N)``).
     - ``acc_policy``: ``"accurate"`` (everything in ``acc_dtype``), ``"balanced"`` (GEMMs in the input dtype,

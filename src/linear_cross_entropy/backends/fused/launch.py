@@ -316,7 +316,8 @@ def scale_cast(
     numel = src.numel()
     if numel:
         grid = (triton.cdiv(numel, _SCALE_CAST_BLOCK),)
-        _scale_cast_kernel[grid](src, scale, out, numel, BLOCK=_SCALE_CAST_BLOCK, num_warps=4)
+        in_place = out.data_ptr() == src.data_ptr() and out.dtype == src.dtype
+        _scale_cast_kernel[grid](src, scale, out, numel, IN_PLACE=in_place, BLOCK=_SCALE_CAST_BLOCK, num_warps=4)
     return out
 
 
