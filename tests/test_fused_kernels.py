@@ -127,24 +127,27 @@ def test_out_of_range_index_is_caught_before_the_kernel_on_cpu():
         _fused(x, w, torch.tensor([0, 1, 11, 2]), None)
 
 
-def test_retain_graph_rules():
+@pytest.mark.parametrize("weight_grad_pass", WEIGHT_GRAD_PASSES)
+def test_retain_graph_rules(weight_grad_pass, force_weight_grad_pass):
+    force_weight_grad_pass(weight_grad_pass)
     x, w, _, y, _ = _problem(9, 4, 11, torch.float32, seed=2, bias=False, class_weight=False)
-    x.requires_grad_()
+    x.requires_grad_(), w.requires_grad_()
     for rows in (None, 4):
         loss = _fused(x, w, y, None, rows=rows)
         loss.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="allow_retain_graph=True"):
             loss.backward()
-        x.grad = None
+        x.grad = w.grad = None
         options = LinearCrossEntropyOptions(
             backend="fused", batch_chunk_size=rows, chunking_method=None, allow_retain_graph=True
         )
         loss = linear_cross_entropy(x, w, y, options=options)
         loss.backward(retain_graph=True)
-        first = x.grad.clone()
+        first = x.grad.clone(), w.grad.clone()
         loss.backward()
-        torch.testing.assert_close(x.grad, 2 * first)
-        x.grad = None
+        torch.testing.assert_close(x.grad, 2 * first[0])
+        torch.testing.assert_close(w.grad, 2 * first[1])
+        x.grad = w.grad = None
 
 
 def test_fp32_loss_option():
