@@ -30,10 +30,16 @@ __all__ = [
 # Logits rows start on 128-byte boundaries whatever V is: cuBLAS keeps its fast kernels only for aligned leading
 # dimensions (an odd V such as 50257 would otherwise cost a multiple of the floor).
 _ROW_ALIGN_BYTES = 128
-# Columns a program of the row kernel handles per step, and warps per program: 8 warps × 32 lanes × 16 values
-# keeps 8 KiB of bf16 loads in flight per step (the kernel is bandwidth-bound).
-_MAX_BLOCK_C = 4096
-_NUM_WARPS = 8
+# Columns a program of the row kernel handles per step, and one warp per 1024 of them (32 values per lane), 8 to 32
+# warps. The plain kernel is bandwidth-bound, and more loads in flight per row raise its bandwidth: on an H100, in a
+# real step, 32768 columns × 32 warps took the row kernel from 4.41 to 4.14 ms at 16384×2048×131072 (4 chunks) and
+# from 9.07 to 8.40 ms at 32768×4096×128256 in 1024-row chunks, against 4096 × 8. With soft-capping or metrics each
+# logit costs more ALU work and registers, and the wide step lost (5.15 → 6.49 ms, 5.97 → 6.13 ms): those keep
+# 4096-column steps (benchmarks/NOTES.md, v10).
+_MAX_BLOCK_C = 32768
+_MAX_BLOCK_C_HEAVY = 4096
+_COLUMNS_PER_WARP = 1024
+_MIN_WARPS, _MAX_WARPS = 8, 32
 _SCALE_CAST_BLOCK = 4096
 
 
@@ -234,7 +240,9 @@ def _launch_rows(
         return
     assert logits.stride(1) == 1 and (grad is None or grad.stride(1) == 1)
     assert stats is None or stats.stride() == (5, 1)
-    block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(num_classes))
+    metrics = (stats is not None) if metrics is None else metrics
+    heavy = lp.logit_softcap > 0 or metrics
+    block_c = min(_MAX_BLOCK_C_HEAVY if heavy else _MAX_BLOCK_C, triton.next_power_of_2(num_classes))
     loaded = _loaded_columns(num_classes, logits, grad)
     unused = logits
     row_scale = unused if row_scale is None else row_scale
@@ -272,13 +280,20 @@ def _launch_rows(
         HAS_LOGIT_SCALE=lp.logit_scale != 1.0,
         HAS_SOFTCAP=lp.logit_softcap > 0,
         HAS_Z_LOSS=phase == 0 and lp.z_loss > 0,  # PHASE 2 reads it folded into coef
-        METRICS=(stats is not None) if metrics is None else metrics,
+        METRICS=metrics,
         COMPUTE_GRAD=grad is not None,
         STORE_COEFS=phase == 0 and coefs is not None,
         PHASE=phase,
         BLOCK_C=block_c,
-        num_warps=_NUM_WARPS if block_c >= 2048 else 4,
+        num_warps=row_kernel_warps(block_c),
     )
+
+
+def row_kernel_warps(block_c: int) -> int:
+    """Warps per program of the row kernel for a ``block_c``-column step (4 for small vocabularies)."""
+    if block_c < 2048:
+        return 4
+    return min(_MAX_WARPS, max(_MIN_WARPS, block_c // _COLUMNS_PER_WARP))
 
 
 def _loaded_columns(num_classes: int, *buffers: torch.Tensor | None) -> int:
