@@ -111,10 +111,10 @@ def test_matches_float64(dtype, shape, policy, extras, weight_grad_pass, force_w
         assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
 
 
-def _peak_and_results(x, w, y, opts):
+def _peak_and_results(x, w, y, opts, **kw):
     """Ours forward + backward: ``(peak allocation beyond the inputs and the two gradients, [loss, dx, dw])``."""
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    _ours(xr, wr, y, None, options=opts).backward()  # warm-up: kernels compiled outside the measurement
+    _ours(xr, wr, y, None, options=opts, **kw).backward()  # warm-up: kernels compiled outside the measurement
     xr.grad = wr.grad = None
     # earlier tests' garbage freed inside the measurement would lower its peak, and blocks reused from their cached
     # segments are counted whole: start from an empty cache
@@ -123,7 +123,7 @@ def _peak_and_results(x, w, y, opts):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = _ours(xr, wr, y, None, options=opts)
+    loss = _ours(xr, wr, y, None, options=opts, **kw)
     loss.backward()
     torch.cuda.synchronize()
     grads = xr.grad.nbytes + wr.grad.nbytes
@@ -168,6 +168,19 @@ def test_small_chunks_recompute_the_weight_gradient(policy):
     # the bf16 buffer (rows padded to 128 bytes), per-row vectors, the caching allocator's 2 MiB rounding
     assert extra <= rows * (-(-v // 64) * 64) * 2 + n * 64 + (4 << 20), extra
     _assert_as_exact_as_eager(ours, x, w, y)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunks_hold_nothing_per_row(reduction):
+    """The scalar reductions keep no (N,) vector through the chunk loop (shares are one value, losses are summed per
+    chunk, lse is kept only for metrics): with many more rows than a chunk, the peak is the chunk's buffer."""
+    n, h, v, rows = 65536, 64, 4096, 512
+    x, w, b, y = _problem(n, h, v, torch.bfloat16, seed=7)
+    opts = LinearCrossEntropyOptions(backend="fused", acc_policy="compact", batch_chunk_size=rows)
+    extra, _ = _peak_and_results(x, w, y, opts, reduction=reduction)
+    buffer = rows * (-(-v // 64) * 64) * 2
+    # 13 bytes per row (keep mask, shares, losses, lse) would be 832 KiB here
+    assert extra <= buffer + (128 << 10), (extra, buffer)
 
 
 @pytest.mark.parametrize("weight_grad_pass", WEIGHT_GRAD_PASSES)

@@ -89,12 +89,21 @@ def keep_mask(target: torch.Tensor, lp: LossParams) -> torch.Tensor:
     return target != lp.ignore_index
 
 
-def row_scales(target, class_weight, lp: LossParams, sdt, shard=None) -> RowScales:
+def row_scales(target, class_weight, lp: LossParams, sdt, shard=None, uniform: bool = False) -> RowScales:
     """For the scalar reductions: each row's share of an upstream gradient of 1, and the means' denominators.
 
     ``target`` is ``(N, K)`` indices or ``(N, C, K)`` probabilities; ``class_weight`` ``(C,)`` in ``sdt`` or None
     (with a vocabulary ``shard``, this rank's slice: ``w_y`` is then all-reduced over the group).
+
+    ``uniform`` (index targets, no class weights): every row that takes part has the same share, so ``ce`` and
+    ``z`` are that one value expanded over ``(N, K)`` (stride 0, no per-row memory) — ignored rows included, which
+    the caller zeroes itself (the fused kernels do, from the targets).
     """
+    if uniform and class_weight is None and not lp.target_is_probs:
+        count = (target != lp.ignore_index).sum(dtype=sdt)
+        share = 1.0 / count if lp.reduction == "mean" else torch.ones((), dtype=sdt, device=target.device)
+        share = share.expand(target.shape)
+        return RowScales(share, share, count, count)
     keep = keep_mask(target, lp)
     keep_f = keep.to(sdt)
     if lp.target_is_probs:

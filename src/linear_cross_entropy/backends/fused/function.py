@@ -42,27 +42,32 @@ def forward_pass(
     defer: bool,
     shard=None,
     weight_grad_later: bool = False,
+    need_lse: bool = True,
 ):
     """``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``: ``saved`` is the gradients for an upstream gradient
     of 1 (the weight gradient possibly still an fp32 scratch), ``(dz,)`` when ``defer``, None for ``"none"``.
 
     With ``ro.recompute_weight_grad`` the weight and bias gradients come from the vocabulary-major pass; with
-    ``weight_grad_later`` that pass is left to backward, and ``saved`` is ``(grad_x, lse, coefs)`` for it."""
-    keep = keep_mask(target[:, None], lp)
+    ``weight_grad_later`` that pass is left to backward, and ``saved`` is ``(grad_x, lse, coefs)`` for it.
+    Without ``need_lse`` (and without metrics or a z-loss) ``lse`` is empty ``(0, 1)`` and the scalar reductions
+    hold nothing per row beyond one chunk (what the caller returns only for metrics)."""
+    keep = keep_mask(target[:, None], lp) if lp.z_loss else None  # reduce_total reads it for the z-loss only
     if lp.reduction == "none":
         losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, grads, shard=shard)
         loss, saved = reduce_total(losses[:, None], lse[:, None], keep, None, lp), None
     else:
         cw = None if class_weight is None else class_weight.float()
-        scales = row_scales(target[:, None], cw, lp, torch.float32, shard)
+        scales = row_scales(target[:, None], cw, lp, torch.float32, shard, uniform=True)
         shares = (scales.ce[:, 0], scales.z[:, 0]) if grads.any else None
+        per_row = need_lse or lp.metrics or bool(lp.z_loss)
         losses, lse, stats, saved = _sweeps(
-            x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later
+            x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later, per_row
         )
-        loss = reduce_total(losses[:, None], lse[:, None], keep, scales, lp)
+        loss = reduce_total(losses[:, None], None if lse is None else lse[:, None], keep, scales, lp)
         if defer:
             saved = (saved,)
-    return loss, lse[:, None], None if stats is None else stats[:, None], saved
+    lse = losses.new_empty((0, 1)) if lse is None else lse[:, None]
+    return loss, lse, None if stats is None else stats[:, None], saved
 
 
 def backward_none(
@@ -79,11 +84,12 @@ def _recomputes(ro: ResolvedOptions, grads: Grads, shard) -> bool:
     return ro.recompute_weight_grad and grads.weight and shard is None
 
 
-def _sweeps(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later=False):
+def _sweeps(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later=False, per_row=True):
     """:func:`fused_sweep`, followed by :func:`weight_grad_sweep` when the weight gradient is recomputed (or its
-    inputs, ``(grad_x, lse, coefs)``, in place of the gradients with ``weight_grad_later``)."""
+    inputs, ``(grad_x, lse, coefs)``, in place of the gradients with ``weight_grad_later``); that pass needs every
+    row's lse, so it keeps them whatever ``per_row`` says."""
     if shares is None or not _recomputes(ro, grads, shard):
-        return fused_sweep(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard)
+        return fused_sweep(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, per_row=per_row)
     coefs = torch.empty((x.shape[0], 3), dtype=torch.float32, device=x.device)
     row_grads = Grads(grads.input, False, False)
     losses, lse, stats, (gx, _, _) = fused_sweep(
@@ -104,7 +110,18 @@ class _FusedFunction(torch.autograd.Function):
         ctx.deferred = lp.reduction != "none" and ro.batch_chunk_size >= x.shape[0] and grads.any
         ctx.recomputed = lp.reduction != "none" and not ctx.deferred and _recomputes(ro, grads, shard)
         loss, lse, stats, ctx.saved_grads = forward_pass(
-            x, w, b, target, class_weight, lp, ro, grads, ctx.deferred, shard, weight_grad_later=ctx.recomputed
+            x,
+            w,
+            b,
+            target,
+            class_weight,
+            lp,
+            ro,
+            grads,
+            ctx.deferred,
+            shard,
+            weight_grad_later=ctx.recomputed,
+            need_lse=False,  # returned for the metrics only
         )
         if lp.reduction == "none" or ctx.recomputed:
             ctx.save_for_backward(x, w, b, target, class_weight)

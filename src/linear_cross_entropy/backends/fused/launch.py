@@ -368,8 +368,12 @@ def fused_sweep(
     defer: bool = False,
     shard: VocabShard | None = None,  # vocabulary parallel: w, b, class_weight are this rank's slices
     coefs_out: torch.Tensor | None = None,  # (N, 3) fp32, with scales: dz's coefficients for weight_grad_sweep
+    per_row: bool = True,
 ):
     """Per-row losses ``(N,)``, lse ``(N,)`` and statistics ``(N, 5)`` (fp32) and, with ``scales``, the gradients.
+
+    Without ``per_row`` (no metrics) nothing per row outlives its chunk: ``losses`` are then each chunk's sum
+    ``(num_chunks,)`` and ``lse`` is None.
 
     Returns ``(losses, lse, stats, (grad_x, grad_w, grad_b))`` (``stats`` None without ``lp.metrics``).
     ``grad_w`` is fp32 when the policy keeps an fp32 scratch (``"balanced"``/``"accurate"`` with low-precision
@@ -388,14 +392,16 @@ def fused_sweep(
     :func:`weight_grad_sweep` needs (with ``lse``) to form ``dz`` again over blocks of classes.
     """
     assert coefs_out is None or shard is None
+    assert per_row or not lp.metrics
     n, h = x.shape
     v = w.shape[0]
     device, dtype = x.device, x.dtype
-    losses = torch.empty(n, dtype=torch.float32, device=device)
-    lse = torch.empty(n, dtype=torch.float32, device=device)
+    rows = max(1, min(ro.batch_chunk_size, n))
+    losses = torch.empty(n if per_row else rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n if per_row else rows, dtype=torch.float32, device=device)
+    loss_sums = None if per_row else torch.empty(-(-n // rows), dtype=torch.float32, device=device)
     stats = torch.empty((n, 5), dtype=torch.float32, device=device) if lp.metrics else None
     want_grads = scales is not None and grads.any
-    rows = max(1, min(ro.batch_chunk_size, n))
     assert not defer or rows == n, "deferred gradient GEMMs need a single chunk"
     fp32_logits = _fp32_logits(ro, x)
     logits_all, grad_all = _logits_buffers(rows, v, x, fp32_logits, want_grads)
@@ -414,10 +420,11 @@ def fused_sweep(
         argmax_all = torch.empty(rows, dtype=torch.int64, device=device) if lp.metrics else None
         w_sum = shard.class_weight_sum.float() if class_weight is not None else float(shard.num_classes)
 
-    for start in range(0, n, rows):
+    for chunk, start in enumerate(range(0, n, rows)):
         stop = min(start + rows, n)
         r = stop - start
         x_c = x[start:stop]
+        row_out = slice(start, stop) if per_row else slice(0, r)  # where this chunk's losses and lse go
         logits = logits_all[:r]
         logits_gemm(x_c, w, logits, torch.float32 if fp32_logits else None)
         grad = grad_all[:r] if want_grads else None
@@ -430,8 +437,8 @@ def fused_sweep(
                 target[start:stop],
                 class_weight,
                 scales_c,
-                losses[start:stop],
-                lse[start:stop],
+                losses[row_out],
+                lse[row_out],
                 None if stats is None else stats[start:stop],
                 lp,
                 None if coefs_out is None else coefs_out[start:stop],
@@ -444,8 +451,8 @@ def fused_sweep(
                 target[start:stop],
                 class_weight,
                 scales_c if want_grads else None,
-                losses[start:stop],
-                lse[start:stop],
+                losses[row_out],
+                lse[row_out],
                 None if stats is None else stats[start:stop],
                 lp,
                 shard,
@@ -453,6 +460,8 @@ def fused_sweep(
                 partials_all[:r],
                 None if argmax_all is None else argmax_all[:r],
             )
+        if loss_sums is not None:
+            torch.sum(losses[:r], dim=0, out=loss_sums[chunk])
         if not want_grads:
             continue
         if grad_x is not None:
@@ -465,6 +474,8 @@ def fused_sweep(
         grad_w.zero_()
     if grad_x is not None and shard is not None and shard.input_grad_all_reduce:
         shard.sum_(grad_x)  # each rank's grad_x covers its classes only
+    if not per_row:
+        losses, lse = loss_sums, None
     if want_grads and defer:
         return losses, lse, stats, grad_all[:n]
     return losses, lse, stats, (grad_x, grad_w, grad_b)
