@@ -202,3 +202,22 @@ def test_scale_cast_in_place_and_out_of_place(scale):
     expected = (inplace.float() * scale).to(torch.float16)
     assert scale_cast(inplace, s, out=inplace) is inplace
     assert torch.equal(inplace, expected)
+
+
+@pytest.mark.parametrize("weight_grad_pass", WEIGHT_GRAD_PASSES)
+def test_weight_and_bias_gradients_without_an_input_gradient(weight_grad_pass, force_weight_grad_pass):
+    """A frozen input (no grad): the row pass forms no ``dz`` at all, and the weight and bias gradients still
+    match float64 (both passes)."""
+    force_weight_grad_pass(weight_grad_pass)
+    x, w, b, y, _ = _problem(13, 8, 203, torch.float32, seed=5, bias=True, class_weight=False)
+
+    def weight_and_bias_grads(fn, dtype):
+        wr, br = w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+        fn(x.to(dtype), wr, y, br, label_smoothing=0.1).backward()
+        return wr.grad, br.grad
+
+    ref = weight_and_bias_grads(_plain, torch.float64)
+    plain = weight_and_bias_grads(_plain, torch.float32)
+    ours = weight_and_bias_grads(lambda *a, **kw: _fused(*a, rows=5, **kw), torch.float32)
+    for o, p, r in zip(ours, plain, ref):
+        assert _rel(o, r) <= _SLACK * _rel(p, r) + _FLOOR[torch.float32], (_rel(o, r), _rel(p, r))

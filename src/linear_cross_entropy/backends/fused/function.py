@@ -101,7 +101,8 @@ def _sweeps(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, 
 
 
 class _FusedFunction(torch.autograd.Function):
-    """Outputs: the loss (scalar, or ``(N, 1)`` for ``"none"``), lse ``(N, 1)`` and the statistics ``(N, 1, 5)``
+    """Outputs: the loss (scalar, or ``(N, 1)`` for ``"none"``), lse ``(N, 1)`` (empty ``(0, 1)`` for a scalar
+    reduction without metrics or z-loss: the caller reads it for the metrics only) and the statistics ``(N, 1, 5)``
     (or an empty tensor); only the loss is differentiable."""
 
     @staticmethod
