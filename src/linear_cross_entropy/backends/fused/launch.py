@@ -520,7 +520,7 @@ def weight_grad_sweep(
             grad,
             None if b is None else b[part],
             target,
-            class_weight if class_weight is None else class_weight[part],
+            None if class_weight is None else class_weight[part],
             lse,
             coefs,
             lp,
