@@ -275,11 +275,11 @@ def resolve(
         low = dtype in (torch.float16, torch.bfloat16)
         fp32_scratch = weight_grad and fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype)
         # "accurate" keeps fp32 logits beside the input-dtype dz (see the fused launcher)
-        logit_bytes = torch.empty((), dtype=dtype).element_size() + (4 if acc_policy == "accurate" and low else 0)
+        logit_bytes = dtype.itemsize + (4 if acc_policy == "accurate" and low else 0)
         rows = fused_chunk_rows(num_rows, in_features, logit_bytes, fp32_scratch)
     elif chunking_method == "budget":
         gemm_dtype = acc_dtype if acc_policy == "accurate" else dtype
-        rows = budget_chunk_rows(num_rows, num_classes, torch.empty((), dtype=gemm_dtype).element_size())
+        rows = budget_chunk_rows(num_rows, num_classes, gemm_dtype.itemsize)
     elif chunking_method is not None:
         rows = aspect_ratio_chunk_rows(num_rows, in_features, num_classes, _aspect_ratio_factor(chunking_method))
         if options.batch_chunk_size is not None and options.batch_chunk_size != rows:
@@ -290,8 +290,7 @@ def resolve(
 
     recompute = False
     if backend == "fused" and weight_grad:
-        element_size = torch.empty((), dtype=dtype).element_size()
-        accumulated = 4 if fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype) else element_size
+        accumulated = 4 if fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype) else dtype.itemsize
         recompute = fused_recomputes_weight_grad(max(1, rows), num_rows, accumulated, dtype)
 
     if acc_dtype != dtype and not (dtype in (torch.float16, torch.bfloat16) and acc_dtype == torch.float32):

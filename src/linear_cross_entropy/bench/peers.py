@@ -30,10 +30,10 @@ def eager(x, w, y):
 def _policy_options(spec, backend):
     """``"policy[:acc_dtype][@rows][+fp32-loss]"`` → options for ``backend`` (the suffix: ``loss_dtype=float32``,
     the loss as trainers log it, which Liger-Kernel and cut-cross-entropy also return)."""
-    spec, plus, suffix = spec.partition("+")
+    chunked, plus, suffix = spec.partition("+")
     if plus and suffix != "fp32-loss":
-        raise ValueError(f"unknown policy suffix {suffix!r} in {spec + plus + suffix!r} (expected '+fp32-loss')")
-    spec_main, _, rows = spec.partition("@")
+        raise ValueError(f"unknown policy suffix {suffix!r} in {spec!r} (expected '+fp32-loss')")
+    spec_main, _, rows = chunked.partition("@")
     pol, _, acc = spec_main.partition(":")
     return LinearCrossEntropyOptions(
         backend=backend,
