@@ -17,8 +17,10 @@ then ``grad_x_c = dz·W`` and ``grad_W += dzᵀ·x_c`` read ``dz`` straight from
 
 One program owns one row and reads it twice: an online max / sum-exp sweep (with the target logit and, for
 smoothing, the weighted logit sum), then a sweep that writes ``dz``. Measured on an H100 (benchmarks/NOTES.md), one
-program per row runs at ~2.7 TB/s counting both reads; a persistent grid sized to keep the rows in flight inside
-L2 (so that the second read would hit it) ran 1.1–1.9× slower: too few loads in flight.
+program per row runs at ~3.2 TB/s counting both reads and the write; a persistent grid sized to keep the rows in
+flight inside L2 (so that the second read would hit it) ran 1.1–1.9× slower: too few loads in flight. Instead the
+first sweep's loads ask L2 to keep the row (``evict_last``) and the second sweep's loads and stores mark it done
+(``evict_first``), so that more of the second read hits L2 while the rows in flight still fill the GPU.
 Rows whose target is outside ``[0, C)`` (and not ignored) get a NaN loss and NaN gradients instead of a host check.
 
 Vocabulary parallel (a rank holds the columns ``[class_offset, class_offset + C_local)`` of a ``C``-class head): the
@@ -146,7 +148,8 @@ def _cross_entropy_rows_kernel(
         for start in range(0, n_classes, BLOCK_C):
             cols = start + offs_c
             mask = cols < n_classes
-            r = tl.load(logits_row_ptr + cols, mask=cols < n_loaded, other=0.0).to(tl.float32)
+            r = tl.load(logits_row_ptr + cols, mask=cols < n_loaded, other=0.0, eviction_policy="evict_last")
+            r = r.to(tl.float32)
             if HAS_BIAS:
                 r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             z, _ = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
@@ -242,7 +245,8 @@ def _cross_entropy_rows_kernel(
             cols = start + offs_c
             mask = cols < n_classes
             wide = cols < n_loaded
-            r = tl.load(logits_row_ptr + cols, mask=wide, other=0.0).to(tl.float32)
+            r = tl.load(logits_row_ptr + cols, mask=wide, other=0.0, eviction_policy="evict_first")
+            r = r.to(tl.float32)
             if HAS_BIAS:
                 r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             z, t = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
@@ -257,7 +261,7 @@ def _cross_entropy_rows_kernel(
                 dz *= 1.0 - t * t
             if HAS_LOGIT_SCALE:
                 dz *= logit_scale
-            tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=wide)
+            tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=wide, eviction_policy="evict_first")
 
 
 @triton.jit
