@@ -274,26 +274,30 @@ def _quarter(n):
 
 
 @pytest.mark.parametrize(
-    "n,h,options,dtype,weight_grad,one_chunk",
+    "n,h,options,dtype,weight_grad,rows",
     [
-        # default (fp32 weight-gradient scratch): one chunk while N·2 bytes of bf16 logits <= the scratch's 4·H
-        (8192, 4096, {}, torch.bfloat16, True, True),
-        (4096, 4096, {}, torch.float16, True, True),
-        (8193, 4096, {}, torch.bfloat16, True, False),
-        (16384, 2048, {}, torch.bfloat16, True, False),
-        (16384, 4096, {}, torch.bfloat16, True, False),
-        # "accurate" holds 6 bytes per logit (fp32 logits beside the bf16 dz)
-        (2730, 4096, {"acc_policy": "accurate", "acc_dtype": torch.float32}, torch.bfloat16, True, True),
-        (2731, 4096, {"acc_policy": "accurate", "acc_dtype": torch.float32}, torch.bfloat16, True, False),
-        # no scratch to trade: compact accumulation, fp32 weights, no weight gradient
-        (8192, 4096, {"acc_policy": "compact"}, torch.bfloat16, True, False),
-        (8192, 4096, {}, torch.float32, True, False),
-        (8192, 4096, {}, torch.bfloat16, False, False),
+        # default (fp32 weight-gradient scratch): one chunk while N·2 bytes of bf16 logits <= the scratch's 4·H,
+        # else the larger of the quarter and the rows whose logits fit in the scratch (2·H in bf16)
+        (8192, 4096, {}, torch.bfloat16, True, 8192),
+        (4096, 4096, {}, torch.float16, True, 4096),
+        (8193, 4096, {}, torch.bfloat16, True, 8192),
+        (8192, 2048, {}, torch.bfloat16, True, 4096),
+        (16384, 2048, {}, torch.bfloat16, True, 4096),
+        (16384, 4096, {}, torch.bfloat16, True, 8192),
+        (32768, 4096, {}, torch.bfloat16, True, 8192),
+        (65536, 4096, {}, torch.bfloat16, True, 16384),
+        (8192, 768, {}, torch.bfloat16, True, 2048),
+        # "accurate" holds 6 bytes per logit (fp32 logits beside the bf16 dz): 4·4096/6 = 2730 rows
+        (2730, 4096, {"acc_policy": "accurate", "acc_dtype": torch.float32}, torch.bfloat16, True, 2730),
+        (2731, 4096, {"acc_policy": "accurate", "acc_dtype": torch.float32}, torch.bfloat16, True, 2048),
+        # no scratch to trade: the quarter (compact accumulation, fp32 weights, no weight gradient)
+        (8192, 4096, {"acc_policy": "compact"}, torch.bfloat16, True, 2048),
+        (8192, 4096, {}, torch.float32, True, 2048),
+        (8192, 4096, {}, torch.bfloat16, False, 2048),
     ],
 )
-def test_fused_chunk_rows(n, h, options, dtype, weight_grad, one_chunk):
-    rows = _fused_rows(n, h, dtype, weight_grad, **options)
-    assert rows == (n if one_chunk else _quarter(n))
+def test_fused_chunk_rows(n, h, options, dtype, weight_grad, rows):
+    assert _fused_rows(n, h, dtype, weight_grad, **options) == rows
 
 
 @pytest.mark.parametrize("n", [1, 5, 1000, 1024, 1025, 4096, 10_000, 100_000])
