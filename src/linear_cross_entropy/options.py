@@ -32,7 +32,8 @@ class _AutoDefault(NamedTuple):
 # - chunked/cuda/low precision: PyTorch's own pick.
 # - fused: "balanced" accumulates the weight gradient in an fp32 scratch (bf16 accumulation across chunks loses
 #   accuracy); the fused backend sizes its chunks itself ("memory"), see ``fused_chunk_rows``: one chunk where
-#   all the logits fit in the size of that scratch, else chunks of a quarter of the rows.
+#   all the logits fit in the size of that scratch, else chunks of a quarter of the rows or of the scratch's
+#   size, whichever is longer.
 _AUTO_DEFAULTS: dict[tuple[str, str, torch.dtype], _AutoDefault] = {
     ("chunked", "cpu", torch.bfloat16): _AutoDefault("balanced", "budget"),
     ("chunked", "cpu", torch.float16): _AutoDefault("balanced", "budget"),
