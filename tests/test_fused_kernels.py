@@ -187,6 +187,30 @@ def test_row_kernel_ignores_the_padding_it_loads(metrics):
         assert torch.equal(padded_out, plain_out)
 
 
+@pytest.mark.parametrize(
+    "num_classes,heavy,block",
+    [
+        (37, False, 64),  # short rows: one step
+        (8192, False, 8192),
+        (16384, False, 8192),
+        (32000, False, 8192),
+        (50257, False, 8192),
+        (65536, False, 16384),
+        (100000, False, 16384),
+        (128256, False, 32768),
+        (256000, False, 32768),
+        (128256, True, 4096),  # soft-cap / metrics
+    ],
+)
+def test_row_kernel_step_rule(num_classes, heavy, block):
+    """The widest power-of-two step leaving about 3.5 steps per sweep, 8192 to 32768 columns (4096 with soft-cap or
+    metrics), one warp per 1024 columns (benchmarks/NOTES.md, v11)."""
+    from linear_cross_entropy.backends.fused.launch import row_kernel_block, row_kernel_warps
+
+    assert row_kernel_block(num_classes, heavy) == block
+    assert row_kernel_warps(block) == (4 if block < 2048 else max(8, block // 1024))
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.5, 3.0])
 def test_scale_cast_in_place_and_out_of_place(scale):
     """In place, an upstream gradient of exactly 1 leaves the gradient as it is (the kernel masks its accesses

@@ -35,8 +35,12 @@ _ROW_ALIGN_BYTES = 128
 # real step, 32768 columns × 32 warps took the row kernel from 4.41 to 4.14 ms at 16384×2048×131072 (4 chunks) and
 # from 9.07 to 8.40 ms at 32768×4096×128256 in 1024-row chunks, against 4096 × 8. With soft-capping or metrics each
 # logit costs more ALU work and registers, and the wide step lost (5.15 → 6.49 ms, 5.97 → 6.13 ms): those keep
-# 4096-column steps (benchmarks/NOTES.md, v10).
+# 4096-column steps (benchmarks/NOTES.md, v10). Shorter rows want narrower steps: the fastest of 8192 × 8,
+# 16384 × 16 and 32768 × 32 was the widest leaving a sweep about 3.5 steps (2·C/7 columns or more) at every C
+# from 16384 to 256000 (v11: 32000 and 50257 → 8192, 65536–100000 → 16384, 128256 and up → 32768; 32768 columns
+# at C = 32000 took 0.27 ms per 4096 rows against 0.20).
 _MAX_BLOCK_C = 32768
+_MIN_BLOCK_C = 8192
 _MAX_BLOCK_C_HEAVY = 4096
 _COLUMNS_PER_WARP = 1024
 _MIN_WARPS, _MAX_WARPS = 8, 32
@@ -242,7 +246,7 @@ def _launch_rows(
     assert stats is None or stats.stride() == (5, 1)
     metrics = (stats is not None) if metrics is None else metrics
     heavy = lp.logit_softcap > 0 or metrics
-    block_c = min(_MAX_BLOCK_C_HEAVY if heavy else _MAX_BLOCK_C, triton.next_power_of_2(num_classes))
+    block_c = row_kernel_block(num_classes, heavy)
     loaded = _loaded_columns(num_classes, logits, grad)
     unused = logits
     row_scale = unused if row_scale is None else row_scale
@@ -287,6 +291,15 @@ def _launch_rows(
         BLOCK_C=block_c,
         num_warps=row_kernel_warps(block_c),
     )
+
+
+def row_kernel_block(num_classes: int, heavy: bool) -> int:
+    """Columns per step of the row kernel over rows of ``num_classes`` (``heavy``: soft-capping or metrics)."""
+    widest = _MAX_BLOCK_C_HEAVY
+    if not heavy:
+        about_3_5_steps = 1 << max(0, (2 * num_classes // 7).bit_length() - 1)  # the largest power of two <= 2C/7
+        widest = min(_MAX_BLOCK_C, max(_MIN_BLOCK_C, about_3_5_steps))
+    return min(widest, triton.next_power_of_2(num_classes))
 
 
 def row_kernel_warps(block_c: int) -> int:
