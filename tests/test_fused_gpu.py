@@ -5,6 +5,7 @@ fp32): ours may not be worse than ``_SLACK`` times that error, plus a floor for 
 """
 
 import gc
+import zlib
 
 import pytest
 import torch
@@ -85,7 +86,8 @@ def test_matches_float64(dtype, shape, policy, extras, weight_grad_pass, force_w
         pytest.skip("one chunk has a single weight-gradient GEMM either way")
     force_weight_grad_pass(weight_grad_pass)
     extras = dict(extras)
-    x, w, b, y = _problem(*shape, dtype, seed=hash((shape, str(dtype))) % 2**31, bias=extras.pop("bias", False))
+    seed = zlib.crc32(repr((shape, dtype)).encode())  # the same problem in every process (str hashes are salted)
+    x, w, b, y = _problem(*shape, dtype, seed=seed, bias=extras.pop("bias", False))
     if extras.pop("class_weight", False):
         extras["weight"] = torch.rand(shape[2], device="cuda").to(dtype)
     ref = _run(
@@ -146,16 +148,40 @@ def _assert_as_exact_as_eager(ours, x, w, y):
 @pytest.mark.parametrize("n,h,v", [(4096, 2048, 8192), (4500, 2304, 4099)])  # the second: odd V (two parts)
 def test_default_trades_the_scratch_for_one_chunk(n, h, v):
     """Where all the logits take no more than the fp32 weight-gradient scratch (N·2 <= 4·H bytes per class), the
-    default runs one chunk: a peak no higher than the chunked path's (its buffer plus that scratch), and gradients
-    as exact as eager's."""
+    default runs one chunk: a peak no higher than the chunked path's (its buffer plus that scratch) but for the 16
+    bytes per row it keeps for backward's sweep (lse and dz's three coefficients), and gradients as exact as
+    eager's."""
     x, w, b, y = _problem(n, h, v, torch.bfloat16, seed=5)
     one_chunk, ours = _peak_and_results(x, w, y, LinearCrossEntropyOptions(backend="fused"))
     chunked, _ = _peak_and_results(x, w, y, LinearCrossEntropyOptions(backend="fused", batch_chunk_size=1024))
-    assert one_chunk <= chunked, (one_chunk, chunked)
+    assert one_chunk <= chunked + 16 * n, (one_chunk, chunked)
     # the bf16 logits (dz, rows padded to 128 bytes) and no (N, H) temporary; the caching allocator rounds each
     # large block up to 2 MiB
     assert one_chunk <= n * (-(-v // 64) * 64) * 2 + (6 << 20), one_chunk
     _assert_as_exact_as_eager(ours, x, w, y)
+
+
+@pytest.mark.parametrize("g", [1 / 3, 0.1])
+@pytest.mark.parametrize("loss_dtype", [None, torch.float32])
+def test_one_chunk_folds_any_upstream_gradient_like_eager(g, loss_dtype):
+    """``(loss * g).backward()`` with g not a power of two (gradient accumulation): the single-chunk path forms
+    ``dz`` in backward with g folded in, rounded once as eager rounds ``g·∂ℓ/∂z``. Rounding ``dz`` for g = 1 first
+    and scaling afterwards measured 1.6x eager's error at 8192x4096x128256. A bf16 loss also rounds g itself, for
+    eager as for ours; ``loss_dtype=torch.float32`` keeps it exact."""
+    n, h, v = 2048, 1024, 8192
+    x, w, b, y = _problem(n, h, v, torch.bfloat16, seed=8)
+
+    def eager_times_g(x, w, y, b):
+        loss = F.cross_entropy(F.linear(x, w, b).to(torch.promote_types(x.dtype, torch.float32)), y)
+        return (loss if loss_dtype is not None else loss.to(x.dtype)) * g
+
+    def ours_times_g(x, w, y, b):
+        return _ours(x, w, y, b, options=LinearCrossEntropyOptions(backend="fused", loss_dtype=loss_dtype)) * g
+
+    ref = _run(eager_times_g, x.double(), w.double(), None, y)
+    eager = _run(eager_times_g, x, w, None, y)
+    ours = _run(ours_times_g, x, w, None, y)
+    assert_within_eager(ours, eager, ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("policy", ["compact", "auto"])

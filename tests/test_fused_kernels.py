@@ -92,10 +92,10 @@ def check_against_float64(ours_fn, dtype, shape, reduction, extras, seed, **ours
         class_weight=extras.pop("class_weight", False),
     )
     kw = dict(reduction=reduction, weight=cw, **extras)
-    # Per-row upstream gradients for "none". The scalar reductions form their gradients for g = 1 in forward and
-    # scale them in backward: one more rounding unless g is a power of two. At these tiny H that rounding is the
-    # whole error (2.5x plain's in fp16), so they get g = 0.5: exact, and not 1.
-    upstream = torch.rand(shape[0]) + 0.5 if reduction == "none" else torch.full((shape[0],), 0.5)
+    # Per-row upstream gradients for "none"; g = 1/3 for the scalar reductions (gradient accumulation over three
+    # micro-batches): not a power of two, so a gradient rounded before it is scaled by g and again after would
+    # show here, where that second rounding is the whole error at these tiny H (2.5x plain's in fp16).
+    upstream = torch.rand(shape[0]) + 0.5 if reduction == "none" else torch.full((shape[0],), 1 / 3)
     ref = _run(
         _plain,
         x.double(),
@@ -109,7 +109,10 @@ def check_against_float64(ours_fn, dtype, shape, reduction, extras, seed, **ours
     ours = _run(ours_fn, x, w, b, y, upstream, **ours_kw, **kw)
     for name, o, p, r in zip(["loss", "grad_input", "grad_weight", "grad_bias"], ours, plain, ref):
         assert o.dtype == p.dtype, name
-        bound = _SLACK * _rel(p, r) + _FLOOR[dtype]
+        # a correctly rounded result may still differ from plain's by one unit in the last place of an element: on
+        # the 9-element vectors here, one such flip of the largest element exceeds the slack by itself
+        one_ulp = torch.finfo(dtype).eps * r.abs().max().item() / max(r.norm().item(), 1e-30)
+        bound = _SLACK * _rel(p, r) + _FLOOR[dtype] + one_ulp
         assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(p, r))
 
 

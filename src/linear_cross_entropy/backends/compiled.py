@@ -90,7 +90,7 @@ def _forward(
         loss,
         lse,
         _empty(lse) if stats is None else stats,
-        _empty(x) if gx is None else gx,
+        _empty(x) if gx is None else gx.to(x.dtype),
         _empty(w) if gw is None else gw.to(w.dtype),
         _empty(lse) if gb is None else gb.to(b.dtype),
     )

@@ -1,11 +1,11 @@
 """The fused backend's autograd Function: saves, calls launchers, no math.
 
 Forward runs :func:`fused_sweep` once; for the scalar reductions it also produces the gradients for an upstream
-gradient of 1, which backward scales (the weight gradient leaves its fp32 scratch, when it has one, in that same
-pass). When the whole batch is one chunk, forward stops at ``dz`` and backward runs the two gradient GEMMs with the
-upstream gradient ``g`` folded into the small operands (``grad_x = (dz·W)·g``, ``grad_W = dzᵀ·(g·x)``): no pass
-over a ``(V, H)`` gradient to scale it. ``reduction="none"`` recomputes in backward with the per-row upstream
-gradient. With small chunks (``ro.recompute_weight_grad``) forward forms only ``grad_x`` (and each row's ``lse``
+gradient of 1, which backward scales (the fp32 accumulators of ``"balanced"``/``"accurate"``, when they exist, are
+rounded once in that same pass). When the whole batch is one chunk, forward stops after the row kernel's first
+sweep and backward runs its second with the upstream gradient ``g`` folded into each row's coefficients, then the
+two gradient GEMMs: every gradient is rounded once, as eager's, and no ``(V, H)`` gradient is scaled.
+``reduction="none"`` recomputes in backward with the per-row upstream gradient. With small chunks (``ro.recompute_weight_grad``) forward forms only ``grad_x`` (and each row's ``lse``
 and ``dz`` coefficients); backward runs the vocabulary-major pass that recomputes the logits for the weight and
 bias gradients, with ``g`` folded into the coefficients.
 
@@ -45,7 +45,8 @@ def forward_pass(
     need_lse: bool = True,
 ):
     """``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``: ``saved`` is the gradients for an upstream gradient
-    of 1 (the weight gradient possibly still an fp32 scratch), ``(dz,)`` when ``defer``, None for ``"none"``.
+    of 1 (possibly still fp32 accumulators), ``(logits, lse, coefs)`` for :func:`deferred_grads` when ``defer``,
+    None for ``"none"``.
 
     With ``ro.recompute_weight_grad`` the weight and bias gradients come from the vocabulary-major pass; with
     ``weight_grad_later`` that pass is left to backward, and ``saved`` is ``(grad_x, lse, coefs)`` for it.
@@ -61,11 +62,9 @@ def forward_pass(
         shares = (scales.ce[:, 0], scales.z[:, 0]) if grads.any else None
         per_row = need_lse or lp.metrics or bool(lp.z_loss)
         losses, lse, stats, saved = _sweeps(
-            x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later, per_row
+            x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later, per_row, True
         )
         loss = reduce_total(losses[:, None], None if lse is None else lse[:, None], keep, scales, lp)
-        if defer:
-            saved = (saved,)
     lse = losses.new_empty((0, 1)) if lse is None else lse[:, None]
     return loss, lse, None if stats is None else stats[:, None], saved
 
@@ -84,16 +83,45 @@ def _recomputes(ro: ResolvedOptions, grads: Grads, shard) -> bool:
     return ro.recompute_weight_grad and grads.weight and shard is None
 
 
-def _sweeps(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later=False, per_row=True):
+def _sweeps(
+    x,
+    w,
+    b,
+    target,
+    class_weight,
+    lp,
+    ro,
+    shares,
+    grads,
+    defer,
+    shard,
+    weight_grad_later=False,
+    per_row=True,
+    scaled_later=False,
+):
     """:func:`fused_sweep`, followed by :func:`weight_grad_sweep` when the weight gradient is recomputed (or its
     inputs, ``(grad_x, lse, coefs)``, in place of the gradients with ``weight_grad_later``); that pass needs every
     row's lse, so it keeps them whatever ``per_row`` says."""
     if shares is None or not _recomputes(ro, grads, shard):
-        return fused_sweep(x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, per_row=per_row)
+        return fused_sweep(
+            x,
+            w,
+            b,
+            target,
+            class_weight,
+            lp,
+            ro,
+            shares,
+            grads,
+            defer,
+            shard,
+            per_row=per_row,
+            scaled_later=scaled_later,
+        )
     coefs = torch.empty((x.shape[0], 3), dtype=torch.float32, device=x.device)
     row_grads = Grads(grads.input, False, False)
     losses, lse, stats, (gx, _, _) = fused_sweep(
-        x, w, b, target, class_weight, lp, ro, shares, row_grads, coefs_out=coefs
+        x, w, b, target, class_weight, lp, ro, shares, row_grads, coefs_out=coefs, scaled_later=scaled_later
     )
     if weight_grad_later:
         return losses, lse, stats, (gx, lse, coefs)
@@ -107,7 +135,7 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):
-        ctx.lp, ctx.ro, ctx.grads, ctx.w_dtype, ctx.shard = lp, ro, grads, w.dtype, shard
+        ctx.lp, ctx.ro, ctx.grads, ctx.x_dtype, ctx.w_dtype, ctx.shard = lp, ro, grads, x.dtype, w.dtype, shard
         ctx.deferred = lp.reduction != "none" and ro.batch_chunk_size >= x.shape[0] and grads.any
         ctx.recomputed = lp.reduction != "none" and not ctx.deferred and _recomputes(ro, grads, shard)
         loss, lse, stats, ctx.saved_grads = forward_pass(
@@ -124,10 +152,8 @@ class _FusedFunction(torch.autograd.Function):
             weight_grad_later=ctx.recomputed,
             need_lse=False,  # returned for the metrics only
         )
-        if lp.reduction == "none" or ctx.recomputed:
+        if lp.reduction == "none" or ctx.recomputed or ctx.deferred:
             ctx.save_for_backward(x, w, b, target, class_weight)
-        elif ctx.deferred:  # backward's GEMMs need x and w again
-            ctx.save_for_backward(x, w)
         stats = lse.new_empty(0) if stats is None else stats
         ctx.mark_non_differentiable(lse, stats)
         return loss, lse, stats
@@ -144,7 +170,7 @@ class _FusedFunction(torch.autograd.Function):
         gx, gw, gb = take_saved_grads(ctx)
         in_place = not ctx.ro.allow_retain_graph
         if gx is not None:
-            gx = scale_cast(gx, grad_out, out=gx if in_place else None)
+            gx = scale_cast(gx, grad_out, ctx.x_dtype, out=gx if in_place and gx.dtype == ctx.x_dtype else None)
         if gw is not None:
             gw = scale_cast(gw, grad_out, ctx.w_dtype, out=gw if in_place and gw.dtype == ctx.w_dtype else None)
         if gb is not None:
@@ -153,11 +179,14 @@ class _FusedFunction(torch.autograd.Function):
 
 
 def _deferred_grads(ctx, grad_out):
-    """The single-chunk backward: the two gradient GEMMs on the ``dz`` forward left, scaled by ``grad_out``
-    (``grad_x`` then all-reduced over a vocabulary-parallel group)."""
-    (dz,) = take_saved_grads(ctx)
-    x, w = ctx.saved_tensors
-    gx, gw, gb = deferred_grads(dz, x, w, grad_out, ctx.grads)
+    """The single-chunk backward: sweep 2 on the logits forward left, with ``grad_out`` folded into the rows'
+    coefficients, then the two gradient GEMMs (``grad_x`` then all-reduced over a vocabulary-parallel group)."""
+    logits, lse, coefs = take_saved_grads(ctx)
+    x, w, b, target, class_weight = ctx.saved_tensors
+    in_place = not ctx.ro.allow_retain_graph  # a second backward reads the logits again
+    gx, gw, gb = deferred_grads(
+        logits, lse, coefs, x, w, b, target, class_weight, ctx.lp, grad_out, ctx.grads, ctx.shard, in_place
+    )
     if gx is not None and ctx.shard is not None and ctx.shard.input_grad_all_reduce:
         ctx.shard.sum_(gx)
     return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
@@ -169,7 +198,8 @@ def _recomputed_grads(ctx, grad_out):
     gx, lse, coefs = take_saved_grads(ctx)
     x, w, b, target, class_weight = ctx.saved_tensors
     if gx is not None:
-        gx = scale_cast(gx, grad_out, out=None if ctx.ro.allow_retain_graph else gx)
+        in_place = not ctx.ro.allow_retain_graph and gx.dtype == ctx.x_dtype
+        gx = scale_cast(gx, grad_out, ctx.x_dtype, out=gx if in_place else None)
     gw, gb = weight_grad_sweep(x, w, b, target, class_weight, lse, coefs, ctx.lp, ctx.ro, ctx.grads, grad_out)
     return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
 

@@ -88,9 +88,16 @@ def input_grad_gemm(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> tor
     temporary.
     """
     tail_first = _vocab_parts(w.shape[0])[::-1]
-    torch.mm(dz[:, tail_first[0]], w[tail_first[0]], out=out)
-    for part in tail_first[1:]:
-        out.addmm_(dz[:, part], w[part])
+    if out.dtype == dz.dtype:
+        torch.mm(dz[:, tail_first[0]], w[tail_first[0]], out=out)
+        for part in tail_first[1:]:
+            out.addmm_(dz[:, part], w[part])
+    elif _has_out_dtype_mm(dz.device):  # an fp32 grad_x that the upstream gradient scales later (one rounding)
+        torch.mm(dz[:, tail_first[0]], w[tail_first[0]], out_dtype=out.dtype, out=out)
+        for part in tail_first[1:]:
+            torch.addmm(out, dz[:, part], w[part], out_dtype=out.dtype, out=out)
+    else:  # no fp32-output GEMM on this device (CPU interpreter runs): the same sums from upcast operands
+        torch.mm(dz.to(out.dtype), w.to(out.dtype), out=out)
     return out
 
 
@@ -101,18 +108,39 @@ def weight_grad_gemm(grad_w: torch.Tensor, dz: torch.Tensor, x_c: torch.Tensor, 
         _accumulate_weight_grad(grad_w[part], dz[:, part].T, x_c, first=first, fp32_mm=fp32_mm)
 
 
-def deferred_grads(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, grad_out: torch.Tensor, grads: Grads) -> tuple:
-    """The gradients of a single-chunk call from its ``dz`` ``(N, V)``, with the upstream gradient folded into the
-    small operands: ``grad_W = dzᵀ·(g·x)``, ``grad_x = (dz·W)·g``, ``grad_b = g·Σ_rows dz``."""
-    gw = gb = None
-    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grads.input else None
-    if grads.weight:  # first: g·x lives in grad_x's buffer until dz·W overwrites it (no (N, H) temporary)
+def deferred_grads(
+    logits: torch.Tensor,  # (N, C) the single chunk's logits, as forward left them (row-padded buffer)
+    lse: torch.Tensor,  # (N,) fp32
+    coefs: torch.Tensor,  # (N, 3) fp32 dz's coefficients for an upstream gradient of 1
+    x: torch.Tensor,  # (N, H)
+    w: torch.Tensor,  # (C, H)
+    b: torch.Tensor | None,  # (C,)
+    target: torch.Tensor,  # (N,) int64
+    class_weight: torch.Tensor | None,  # (C,)
+    lp: LossParams,
+    grad_out: torch.Tensor,  # () the upstream gradient g
+    grads: Grads,
+    shard: VocabShard | None = None,
+    in_place: bool = True,  # dz may overwrite the logits (no second backward)
+) -> tuple:
+    """The gradients of a single-chunk call, all formed in backward: sweep 2 writes ``dz`` with ``g`` folded into
+    each row's coefficients, so ``dz = bf16(g·∂ℓ/∂z)`` is rounded once as eager rounds it, then ``grad_x = dz·W``,
+    ``grad_W = dzᵀ·x`` and ``grad_b = Σ_rows dz``, each rounded once whatever ``g`` is."""
+    n, v = logits.shape
+    offset, total = (0, v) if shard is None else (shard.offset, shard.num_classes)
+    if in_place and logits.dtype == x.dtype:
+        dz = logits
+    else:
+        dz = _row_padded(n, v, x.dtype, x.device)
+    cross_entropy_grad(logits, dz, b, target, class_weight, lse, coefs * grad_out.float(), lp, offset, total)
+    gx = gw = gb = None
+    if grads.input:
+        gx = input_grad_gemm(dz, w, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    if grads.weight:
         gw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-        weight_grad_gemm(gw, dz, scale_cast(x, grad_out, out=gx), first=True)
-    if gx is not None:
-        scale_cast(input_grad_gemm(dz, w, gx), grad_out, out=gx)
+        weight_grad_gemm(gw, dz, x, first=True)
     if grads.bias:
-        gb = dz.sum(dim=0, dtype=torch.float32).mul_(grad_out)
+        gb = dz.sum(dim=0, dtype=torch.float32)
     return gx, gw, gb
 
 
@@ -360,11 +388,15 @@ def _fp32_logits(ro: ResolvedOptions, x: torch.Tensor) -> bool:
 def _logits_buffers(rows: int, cols: int, x: torch.Tensor, fp32_logits: bool, want_grads: bool):
     """``(logits, grad)``: ``(rows, cols)`` views of row-padded buffers (:func:`_padded`), one buffer unless
     ``fp32_logits`` with gradients."""
-    buf_dtype = torch.float32 if fp32_logits else x.dtype
-    logits = torch.empty((rows, _padded(cols, buf_dtype)), dtype=buf_dtype, device=x.device)[:, :cols]
+    logits = _row_padded(rows, cols, torch.float32 if fp32_logits else x.dtype, x.device)
     if not (fp32_logits and want_grads):
         return logits, logits
-    return logits, torch.empty((rows, _padded(cols, x.dtype)), dtype=x.dtype, device=x.device)[:, :cols]
+    return logits, _row_padded(rows, cols, x.dtype, x.device)
+
+
+def _row_padded(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``(rows, cols)`` view of a buffer whose rows start on 128-byte boundaries (:func:`_padded`)."""
+    return torch.empty((rows, _padded(cols, dtype)), dtype=dtype, device=device)[:, :cols]
 
 
 def fused_sweep(
@@ -382,6 +414,7 @@ def fused_sweep(
     shard: VocabShard | None = None,  # vocabulary parallel: w, b, class_weight are this rank's slices
     coefs_out: torch.Tensor | None = None,  # (N, 3) fp32, with scales: dz's coefficients for weight_grad_sweep
     per_row: bool = True,
+    scaled_later: bool = False,  # the caller scales the gradients by the upstream gradient (scalar reductions)
 ):
     """Per-row losses ``(N,)``, lse ``(N,)`` and statistics ``(N, 5)`` (fp32) and, with ``scales``, the gradients.
 
@@ -390,9 +423,12 @@ def fused_sweep(
 
     Returns ``(losses, lse, stats, (grad_x, grad_w, grad_b))`` (``stats`` None without ``lp.metrics``).
     ``grad_w`` is fp32 when the policy keeps an fp32 scratch (``"balanced"``/``"accurate"`` with low-precision
-    weights, over more than one chunk): the caller rounds it once, when it scales it.
-    With ``defer`` (one chunk only) the gradient GEMMs are left to the caller: the last item is then ``dz``
-    ``(N, V)`` itself.
+    weights, over more than one chunk), and so is ``grad_x`` under that policy when ``scaled_later``: the caller
+    rounds them once, when it scales them (rounding them here and again after scaling by a ``g`` that is not a
+    power of two, e.g. ``loss / 3`` for gradient accumulation, gave 1.6–1.9× eager's error at the headline shapes).
+    With ``defer`` (one chunk only) sweep 2 and the gradient GEMMs are left to the caller
+    (:func:`deferred_grads`): the last item is then ``(logits, lse, coefs)``, the ``(N, V)`` logits as the GEMM
+    wrote them, each row's logsumexp ``(N,)`` and dz's coefficients ``(N, 3)`` for an upstream gradient of 1.
 
     With a ``shard`` (:mod:`...distributed`) each chunk runs the row kernel's two sweeps as two launches around the
     combine over the group: sweep 1 writes this slice's per-row partials, :func:`...distributed.combine_partials`
@@ -417,13 +453,18 @@ def fused_sweep(
     want_grads = scales is not None and grads.any
     assert not defer or rows == n, "deferred gradient GEMMs need a single chunk"
     fp32_logits = _fp32_logits(ro, x)
-    logits_all, grad_all = _logits_buffers(rows, v, x, fp32_logits, want_grads)
+    logits_all, grad_all = _logits_buffers(rows, v, x, fp32_logits, want_grads and not defer)
 
+    fp32_policy = fp32_weight_grad_accumulation(ro.acc_policy, ro.acc_dtype, dtype)
     if want_grads and defer:
-        grads = Grads(False, False, False)  # the caller runs the gradient GEMMs on dz
-    grad_x = torch.empty((n, h), dtype=dtype, device=device) if want_grads and grads.input else None
+        grads = Grads(False, False, False)  # the caller runs sweep 2 and the gradient GEMMs
+        coefs_out = torch.empty((n, 3), dtype=torch.float32, device=device)
+    grad_x = None
+    if want_grads and grads.input:
+        x_dtype = torch.float32 if scaled_later and fp32_policy else dtype
+        grad_x = torch.empty((n, h), dtype=x_dtype, device=device)
     # fp32 accumulation of the weight gradient across chunks; one chunk's single GEMM accumulates in fp32 itself
-    scratch = fp32_weight_grad_accumulation(ro.acc_policy, ro.acc_dtype, dtype) and rows < n
+    scratch = fp32_policy and rows < n
     grad_w = None
     if want_grads and grads.weight:
         grad_w = torch.empty((v, h), dtype=torch.float32 if scratch else w.dtype, device=device)
@@ -440,7 +481,7 @@ def fused_sweep(
         row_out = slice(start, stop) if per_row else slice(0, r)  # where this chunk's losses and lse go
         logits = logits_all[:r]
         logits_gemm(x_c, w, logits, torch.float32 if fp32_logits else None)
-        grad = grad_all[:r] if want_grads else None
+        grad = grad_all[:r] if want_grads and not defer else None
         scales_c = None if scales is None else (scales[0][start:stop], scales[1][start:stop])
         if shard is None:
             cross_entropy_rows(
@@ -472,6 +513,7 @@ def fused_sweep(
                 w_sum,
                 partials_all[:r],
                 None if argmax_all is None else argmax_all[:r],
+                None if coefs_out is None else coefs_out[start:stop],
             )
         if loss_sums is not None:
             torch.sum(losses[:r], dim=0, out=loss_sums[chunk])
@@ -487,11 +529,13 @@ def fused_sweep(
         grad_w.zero_()
     if grad_x is not None and shard is not None and shard.input_grad_all_reduce:
         shard.sum_(grad_x)  # each rank's grad_x covers its classes only
+    if want_grads and defer:
+        saved = (logits_all[:n], lse, coefs_out)  # one chunk: lse holds every row whatever per_row says
+    else:
+        saved = (grad_x, grad_w, grad_b)
     if not per_row:
         losses, lse = loss_sums, None
-    if want_grads and defer:
-        return losses, lse, stats, grad_all[:n]
-    return losses, lse, stats, (grad_x, grad_w, grad_b)
+    return losses, lse, stats, saved
 
 
 def weight_grad_sweep(
@@ -566,8 +610,10 @@ def _sharded_rows(
     w_sum,
     partials,
     argmax,
+    coefs_out=None,
 ) -> None:
-    """One chunk of a vocabulary-parallel sweep: sweep 1 on this slice → combine over the group → sweep 2."""
+    """One chunk of a vocabulary-parallel sweep: sweep 1 on this slice → combine over the group → sweep 2 (or,
+    with ``coefs_out`` and no ``grad``, dz's coefficients for a later sweep 2)."""
     offset, total = shard.offset, shard.num_classes
     cross_entropy_partials(logits, bias, target, class_weight, partials, argmax, lp, offset, total)
     cols = dict(zip(PARTIALS, partials.unbind(1)))
@@ -588,6 +634,8 @@ def _sharded_rows(
     lse_out.copy_(lse)
     if stats_out is not None:
         stats_out.copy_(stats)
+    if coefs_out is not None:
+        torch.stack(coefs, dim=1, out=coefs_out)
     if grad is not None:
         coefs = torch.stack(coefs, dim=1)  # (r, 3)
         cross_entropy_grad(logits, grad, bias, target, class_weight, lse_out, coefs, lp, offset, total)
@@ -601,11 +649,11 @@ def _accumulate_weight_grad(grad_w, dz_t, x_c, *, first: bool, fp32_mm: bool) ->
             torch.mm(dz_t, x_c, out_dtype=torch.float32, out=grad_w)
         else:
             torch.addmm(grad_w, dz_t, x_c, out_dtype=torch.float32, out=grad_w)
-    elif mixed:  # no fp32-output GEMM on this device (CPU interpreter runs): round per chunk, add in fp32
+    elif mixed:  # no fp32-output GEMM on this device (CPU interpreter runs): the same sums from upcast operands
         if first:
-            grad_w.copy_(dz_t @ x_c)
+            torch.mm(dz_t.to(grad_w.dtype), x_c.to(grad_w.dtype), out=grad_w)
         else:
-            grad_w += dz_t @ x_c
+            grad_w.addmm_(dz_t.to(grad_w.dtype), x_c.to(grad_w.dtype))
     elif first:
         torch.mm(dz_t, x_c, out=grad_w)
     else:
