@@ -5,9 +5,10 @@ gradient of 1, which backward scales (the fp32 accumulators of ``"balanced"``/``
 rounded once in that same pass). When the whole batch is one chunk, forward stops after the row kernel's first
 sweep and backward runs its second with the upstream gradient ``g`` folded into each row's coefficients, then the
 two gradient GEMMs: every gradient is rounded once, as eager's, and no ``(V, H)`` gradient is scaled.
-``reduction="none"`` recomputes in backward with the per-row upstream gradient. With small chunks (``ro.recompute_weight_grad``) forward forms only ``grad_x`` (and each row's ``lse``
-and ``dz`` coefficients); backward runs the vocabulary-major pass that recomputes the logits for the weight and
-bias gradients, with ``g`` folded into the coefficients.
+``reduction="none"`` recomputes in backward with the per-row upstream gradient. With small chunks
+(``ro.recompute_weight_grad``) forward forms only ``grad_x`` (and each row's ``lse`` and ``dz`` coefficients);
+backward runs the vocabulary-major pass that recomputes the logits for the weight and bias gradients, with ``g``
+folded into the coefficients.
 
 Vocabulary parallel (a ``shard``, :mod:`...distributed`): the same, with the sweep combining per-row statistics over
 the group; ``grad_input`` is all-reduced where it is formed (in forward, or in backward for a single chunk and for
@@ -62,7 +63,20 @@ def forward_pass(
         shares = (scales.ce[:, 0], scales.z[:, 0]) if grads.any else None
         per_row = need_lse or lp.metrics or bool(lp.z_loss)
         losses, lse, stats, saved = _sweeps(
-            x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard, weight_grad_later, per_row, True
+            x,
+            w,
+            b,
+            target,
+            class_weight,
+            lp,
+            ro,
+            shares,
+            grads,
+            defer,
+            shard,
+            weight_grad_later,
+            per_row,
+            scaled_later=True,
         )
         loss = reduce_total(losses[:, None], None if lse is None else lse[:, None], keep, scales, lp)
     lse = losses.new_empty((0, 1)) if lse is None else lse[:, None]
