@@ -82,7 +82,10 @@ def _forward(
     backend, lp, ro, grads = _settings(key)
     module = _backend(backend)
     if backend == "fused":
-        loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, False)
+        # the op returns the gradients in the input dtype: no fp32 grad_input to round right away
+        loss, lse, stats, saved = module.forward_pass(
+            x, w, b, target, class_weight, lp, ro, grads, False, scaled_later=False
+        )
     else:
         loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads)
     gx, gw, gb = saved if saved is not None else (None, None, None)
@@ -90,7 +93,7 @@ def _forward(
         loss,
         lse,
         _empty(lse) if stats is None else stats,
-        _empty(x) if gx is None else gx.to(x.dtype),
+        _empty(x) if gx is None else gx,
         _empty(w) if gw is None else gw.to(w.dtype),
         _empty(lse) if gb is None else gb.to(b.dtype),
     )

@@ -44,6 +44,7 @@ def forward_pass(
     shard=None,
     weight_grad_later: bool = False,
     need_lse: bool = True,
+    scaled_later: bool = True,
 ):
     """``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``: ``saved`` is the gradients for an upstream gradient
     of 1 (possibly still fp32 accumulators), ``(logits, lse, coefs)`` for :func:`deferred_grads` when ``defer``,
@@ -52,7 +53,9 @@ def forward_pass(
     With ``ro.recompute_weight_grad`` the weight and bias gradients come from the vocabulary-major pass; with
     ``weight_grad_later`` that pass is left to backward, and ``saved`` is ``(grad_x, lse, coefs)`` for it.
     Without ``need_lse`` (and without metrics or a z-loss) ``lse`` is empty ``(0, 1)`` and the scalar reductions
-    hold nothing per row beyond one chunk (what the caller returns only for metrics)."""
+    hold nothing per row beyond one chunk (what the caller returns only for metrics). ``scaled_later``: the
+    caller scales the gradients by the upstream gradient before rounding them (so ``grad_input`` may stay in fp32
+    under the policy); off for a caller that takes them in the input dtype at once."""
     keep = keep_mask(target[:, None], lp) if lp.z_loss else None  # reduce_total reads it for the z-loss only
     if lp.reduction == "none":
         losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, grads, shard=shard)
@@ -76,7 +79,7 @@ def forward_pass(
             shard,
             weight_grad_later,
             per_row,
-            scaled_later=True,
+            scaled_later=scaled_later,
         )
         loss = reduce_total(losses[:, None], None if lse is None else lse[:, None], keep, scales, lp)
     lse = losses.new_empty((0, 1)) if lse is None else lse[:, None]

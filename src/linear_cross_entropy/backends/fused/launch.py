@@ -87,25 +87,15 @@ def input_grad_gemm(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> tor
     tail's own (a few dozen classes' share of the sum, against eager's single GEMM), with no fp32 ``(r, H)``
     temporary.
     """
-    tail_first = _vocab_parts(w.shape[0])[::-1]
-    if out.dtype == dz.dtype:
-        torch.mm(dz[:, tail_first[0]], w[tail_first[0]], out=out)
-        for part in tail_first[1:]:
-            out.addmm_(dz[:, part], w[part])
-    elif _has_out_dtype_mm(dz.device):  # an fp32 grad_x that the upstream gradient scales later (one rounding)
-        torch.mm(dz[:, tail_first[0]], w[tail_first[0]], out_dtype=out.dtype, out=out)
-        for part in tail_first[1:]:
-            torch.addmm(out, dz[:, part], w[part], out_dtype=out.dtype, out=out)
-    else:  # no fp32-output GEMM on this device (CPU interpreter runs): the same sums from upcast operands
-        torch.mm(dz.to(out.dtype), w.to(out.dtype), out=out)
+    for i, part in enumerate(_vocab_parts(w.shape[0])[::-1]):  # tail first
+        _gemm_into(out, dz[:, part], w[part], accumulate=i > 0)
     return out
 
 
 def weight_grad_gemm(grad_w: torch.Tensor, dz: torch.Tensor, x_c: torch.Tensor, *, first: bool) -> None:
     """``grad_w (+)= dzᵀ · x_c`` (``(V, r)·(r, H)``), rows of ``grad_w`` part by part (fp32 scratch or not)."""
-    fp32_mm = _has_out_dtype_mm(x_c.device)
     for part in _vocab_parts(grad_w.shape[0]):
-        _accumulate_weight_grad(grad_w[part], dz[:, part].T, x_c, first=first, fp32_mm=fp32_mm)
+        _gemm_into(grad_w[part], dz[:, part].T, x_c, accumulate=not first)
 
 
 def deferred_grads(
@@ -634,27 +624,26 @@ def _sharded_rows(
     lse_out.copy_(lse)
     if stats_out is not None:
         stats_out.copy_(stats)
-    if coefs_out is not None:
-        torch.stack(coefs, dim=1, out=coefs_out)
+    if grad is not None or coefs_out is not None:
+        coefs = torch.stack(coefs, dim=1, out=coefs_out)  # (r, 3)
     if grad is not None:
-        coefs = torch.stack(coefs, dim=1)  # (r, 3)
         cross_entropy_grad(logits, grad, bias, target, class_weight, lse_out, coefs, lp, offset, total)
 
 
-def _accumulate_weight_grad(grad_w, dz_t, x_c, *, first: bool, fp32_mm: bool) -> None:
-    """``grad_w (+)= dzᵀ·x_c``; into an fp32 scratch through cuBLAS's fp32 output when ``grad_w`` is fp32."""
-    mixed = grad_w.dtype != x_c.dtype
-    if mixed and fp32_mm:
-        if first:
-            torch.mm(dz_t, x_c, out_dtype=torch.float32, out=grad_w)
+def _gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
+    """``out (+)= a·b`` with the products summed in fp32 and rounded once to ``out``'s dtype: an fp32 ``out`` (a
+    scratch, or a gradient the upstream gradient scales later) takes cuBLAS's fp32 output for 16-bit operands."""
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
         else:
-            torch.addmm(grad_w, dz_t, x_c, out_dtype=torch.float32, out=grad_w)
-    elif mixed:  # no fp32-output GEMM on this device (CPU interpreter runs): the same sums from upcast operands
-        if first:
-            torch.mm(dz_t.to(grad_w.dtype), x_c.to(grad_w.dtype), out=grad_w)
+            torch.mm(a, b, out=out)
+    elif _has_out_dtype_mm(a.device):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
         else:
-            grad_w.addmm_(dz_t.to(grad_w.dtype), x_c.to(grad_w.dtype))
-    elif first:
-        torch.mm(dz_t, x_c, out=grad_w)
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+    elif accumulate:  # no fp32-output GEMM on this device (CPU interpreter runs): the same sums, upcast operands
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
     else:
-        grad_w.addmm_(dz_t, x_c)
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
