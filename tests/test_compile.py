@@ -14,6 +14,9 @@ import torch
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
 from linear_cross_entropy.backends import compiled
 
+# Triton kernels run on the CPU in its interpreter (CI): the Triton backends' ops are checked there too
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
 
 class TinyLM(torch.nn.Module):
     def __init__(self, vocab=61, hidden=16, **loss_kwargs):
@@ -47,7 +50,7 @@ def _device_backends():
     """(device, backend) pairs: chunked on the CPU, the Triton backends on CUDA, and the tiled backend's kernels
     on the CPU too where they run in Triton's interpreter."""
     pairs = [("cpu", "chunked")]
-    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    if TRITON_ON_CPU:
         pairs.append(("cpu", "tiled"))
     if torch.cuda.is_available():  # "fused:recompute": the vocabulary-major weight-gradient pass, forced
         pairs += [("cuda", "fused"), ("cuda", "fused:recompute"), ("cuda", "tiled")]
@@ -89,20 +92,78 @@ def test_fullgraph_compile_matches_eager(case, device, backend, force_weight_gra
             torch.testing.assert_close(got, want)
 
 
-def test_custom_op_passes_opcheck():
+def _opcheck_cases():
+    """(backend, dtype): the chunked path in fp64 (a 3-D weight); the fused path, where Triton runs on the CPU, in
+    fp16 in chunks, whose fp32 accumulators leave the op in fp32 (the fake kernel must say so)."""
+    cases = [("chunked", torch.float64)]
+    if TRITON_ON_CPU:
+        cases.append(("fused", torch.float16))
+    return cases
+
+
+@pytest.mark.parametrize("backend,dtype", _opcheck_cases(), ids=lambda c: str(c).removeprefix("torch."))
+def test_custom_op_passes_opcheck(backend, dtype):
     """Schema, fake kernel and autograd registration of the forward op agree with its real kernel."""
     from linear_cross_entropy.backends.common import Grads, LossParams
     from linear_cross_entropy.options import ResolvedOptions
 
-    x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(13, 1, 5, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 13, (9, 1))
+    fused = backend == "fused"
+    x = torch.randn(9, 5, dtype=dtype, requires_grad=True)
+    w = torch.randn(*((13, 5) if fused else (13, 1, 5)), dtype=dtype, requires_grad=True)
+    b = torch.randn(13, dtype=dtype, requires_grad=True) if fused else None
+    t = torch.randint(0, 13, (9,) if fused else (9, 1))
     lp = LossParams("mean", -100, 0.0, False, z_loss=0.01, metrics=True)
-    ro = ResolvedOptions("chunked", "compact", torch.float64, 4, True)
-    key = compiled._key("chunked", lp, ro, Grads(True, True, False))
-    assert compiled._settings(key) == ("chunked", lp, ro, Grads(True, True, False))
+    policy, acc_dtype = ("balanced", torch.float32) if fused else ("compact", torch.float64)
+    ro = ResolvedOptions(backend, policy, acc_dtype, 4, True)
+    grads = Grads(True, True, fused)
+    key = compiled._key(backend, lp, ro, grads)
+    assert compiled._settings(key) == (backend, lp, ro, grads)
+    op = torch.ops.linear_cross_entropy.forward.default
+    if fused:  # the accumulators the fake kernel promises are the ones the op returns
+        assert [g.dtype for g in op(x, w, b, t, None, key)[3:]] == [torch.float32] * 3
     torch.library.opcheck(
-        torch.ops.linear_cross_entropy.forward.default,
-        (x, w, None, t, None, key),
+        op,
+        (x, w, b, t, None, key),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+
+
+def _fused_devices():
+    devices = []
+    if TRITON_ON_CPU:
+        devices.append("cpu")
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+@pytest.mark.parametrize("device", _fused_devices())
+def test_compiled_fused_path_rounds_the_gradients_once_after_scaling(device, force_weight_grad_pass):
+    """16-bit inputs in chunks keep fp32 accumulators (the default policy); compiled, they leave the op in fp32 and
+    are rounded once after the upstream gradient scales them, as in eager. With ``g = 1/3`` (gradient
+    accumulation over three micro-batches) both give the same bits; gradients rounded in forward and scaled after
+    differ from them in some elements. (The vocabulary-major weight-gradient pass of small chunks is left out:
+    eager folds ``g`` into its ``dz``, which the compiled op, computing it in forward, cannot.)"""
+    force_weight_grad_pass("accumulate")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    n, h, v = 40, 16, 61
+    x = torch.randn(n, h, generator=gen).to(device, torch.float16)
+    w = (torch.randn(v, h, generator=gen) / h**0.5).to(device, torch.float16)
+    b = (torch.randn(v, generator=gen) * 0.1).to(device, torch.float16)
+    y = torch.randint(0, v, (n,), generator=gen).to(device)
+    options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=16)
+
+    def step(x, w, b, y):
+        return linear_cross_entropy(x, w, y, linear_bias=b, options=options)
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        (fn(*leaves, y) / 3).backward()
+        return [t.grad for t in leaves]
+
+    eager = grads(step)
+    compiled = grads(torch.compile(step, fullgraph=True))
+    for got, want, name in zip(compiled, eager, ("input", "weight", "bias")):
+        assert got.dtype == want.dtype == torch.float16, name
+        assert torch.equal(got, want), name

@@ -4,7 +4,8 @@ Dynamo cannot trace the backends' chunk loops and Triton launches into one graph
 Functions keep state (the gradients forward computed) on ``ctx`` that compiled autograd does not carry. Under
 ``torch.compile`` the functional form therefore calls :func:`run`: one opaque op per call
 (``linear_cross_entropy::forward``) with a fake kernel for shapes, whose outputs include the gradients for an
-upstream gradient of 1, and an autograd formula that scales them (``reduction="none"`` calls a second op,
+upstream gradient of 1 (the fused path's fp32 accumulators still in fp32), and an autograd formula that scales
+them and rounds them once to the parameters' dtypes (``reduction="none"`` calls a second op,
 ``linear_cross_entropy::backward_none``, which recomputes). Compiled, the gradients are always kept out of place
 (as ``allow_retain_graph=True``): compiled graphs cannot consume them in place. The settings travel as one
 string key that the ops parse back into the frozen parameter objects, so the ops' schemas stay small.
@@ -82,20 +83,21 @@ def _forward(
     backend, lp, ro, grads = _settings(key)
     module = _backend(backend)
     if backend == "fused":
-        # the op returns the gradients in the input dtype: no fp32 grad_input to round right away
-        loss, lse, stats, saved = module.forward_pass(
-            x, w, b, target, class_weight, lp, ro, grads, False, scaled_later=False
-        )
+        # fp32 accumulators stay fp32 (saved_grad_dtypes): the autograd formula rounds them once, after scaling
+        loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, False)
+        gx, gw, gb = saved if saved is not None else (None, None, None)
     else:
         loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads)
-    gx, gw, gb = saved if saved is not None else (None, None, None)
+        gx, gw, gb = saved if saved is not None else (None, None, None)
+        gw = None if gw is None else gw.to(w.dtype)
+        gb = None if gb is None else gb.to(b.dtype)
     return (
         loss,
         lse,
         _empty(lse) if stats is None else stats,
         _empty(x) if gx is None else gx,
-        _empty(w) if gw is None else gw.to(w.dtype),
-        _empty(lse) if gb is None else gb.to(b.dtype),
+        _empty(w) if gw is None else gw,
+        _empty(lse) if gb is None else gb,
     )
 
 
@@ -109,9 +111,14 @@ def _(x, w, b, target, class_weight, key):
     loss = x.new_empty((n, k) if lp.reduction == "none" else (), dtype=sdt)
     lse = x.new_empty((n, k), dtype=sdt)
     stats = x.new_empty((n, k, len(STATS)), dtype=sdt) if lp.metrics else x.new_empty(0, dtype=sdt)
-    gx = torch.empty_like(x) if scalar_grads and grads.input else x.new_empty(0)
-    gw = torch.empty_like(w) if scalar_grads and grads.weight else w.new_empty(0)
-    gb = torch.empty_like(b) if scalar_grads and grads.bias else x.new_empty(0, dtype=sdt)
+    gx_dtype, gw_dtype, gb_dtype = x.dtype, w.dtype, None if b is None else b.dtype
+    if backend == "fused" and scalar_grads:
+        from .fused.function import saved_grad_dtypes
+
+        gx_dtype, gw_dtype, gb_dtype = saved_grad_dtypes(ro, grads, n, x.dtype, w.dtype)
+    gx = torch.empty_like(x, dtype=gx_dtype) if scalar_grads and grads.input else x.new_empty(0)
+    gw = torch.empty_like(w, dtype=gw_dtype) if scalar_grads and grads.weight else w.new_empty(0)
+    gb = torch.empty_like(b, dtype=gb_dtype) if scalar_grads and grads.bias else x.new_empty(0, dtype=sdt)
     return loss, lse, stats, gx, gw, gb
 
 
@@ -157,7 +164,10 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_stats, _gx, _gw, _gb):
     if lp.reduction == "none":
         gx, gw, gb = _backward_none(x, w, b, target, class_weight, grad_loss, ctx.key)
     else:
-        gx, gw, gb = gx * grad_loss, gw * grad_loss, gb * grad_loss
+        # scaled, then rounded once to the parameters' dtypes (the fused path may save fp32 accumulators)
+        gx = (gx * grad_loss).to(x.dtype)
+        gw = (gw * grad_loss).to(w.dtype)
+        gb = gb * grad_loss if b is None else (gb * grad_loss).to(b.dtype)
     return (
         gx if grads.input else None,
         gw if grads.weight else None,

@@ -23,12 +23,12 @@ import torch
 
 from ...options import ResolvedOptions
 from ..common import Grads, LossParams, keep_mask, reduce_total, row_scales, take_saved_grads
-from .launch import deferred_grads, fused_sweep, scale_cast, weight_grad_sweep
+from .launch import accumulator_dtypes, deferred_grads, fused_sweep, scale_cast, weight_grad_sweep
 
 if TYPE_CHECKING:
     from ...distributed import VocabShard
 
-__all__ = ["linear_cross_entropy_fused", "forward_pass", "backward_none", "blas_ready"]
+__all__ = ["linear_cross_entropy_fused", "forward_pass", "backward_none", "blas_ready", "saved_grad_dtypes"]
 
 
 def forward_pass(
@@ -84,6 +84,17 @@ def forward_pass(
         loss = reduce_total(losses[:, None], None if lse is None else lse[:, None], keep, scales, lp)
     lse = losses.new_empty((0, 1)) if lse is None else lse[:, None]
     return loss, lse, None if stats is None else stats[:, None], saved
+
+
+def saved_grad_dtypes(
+    ro: ResolvedOptions, grads: Grads, num_rows: int, x_dtype: torch.dtype, w_dtype: torch.dtype
+) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """The dtypes of the gradients :func:`forward_pass` saves for a scalar reduction without ``defer`` (and with
+    ``scaled_later``): ``(grad_x, grad_w, grad_b)``, fp32 where the rounding waits for the upstream gradient."""
+    gx_dtype, gw_dtype = accumulator_dtypes(ro, num_rows, x_dtype, w_dtype, scaled_later=True)
+    if _recomputes(ro, grads, None):  # the vocabulary-major pass rounds each block once, in forward here
+        gw_dtype = w_dtype
+    return gx_dtype, gw_dtype, torch.float32
 
 
 def backward_none(

@@ -389,6 +389,22 @@ def _row_padded(rows: int, cols: int, dtype: torch.dtype, device: torch.device) 
     return torch.empty((rows, _padded(cols, dtype)), dtype=dtype, device=device)[:, :cols]
 
 
+def accumulator_dtypes(
+    ro: ResolvedOptions, num_rows: int, x_dtype: torch.dtype, w_dtype: torch.dtype, scaled_later: bool
+) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes :func:`fused_sweep` forms ``grad_x`` and ``grad_w`` in (the one rule its callers, the compiled
+    op's fake kernel among them, read): fp32 where the policy accumulates low-precision gradients in fp32
+    (:func:`...options.fp32_weight_grad_accumulation`) and the rounding has to wait — ``grad_w`` across chunks
+    (one chunk's single GEMM accumulates in fp32 itself), ``grad_x`` until the upstream gradient scales it
+    (``scaled_later``) — else the inputs' own dtypes."""
+    fp32_policy = fp32_weight_grad_accumulation(ro.acc_policy, ro.acc_dtype, x_dtype)
+    chunked = ro.batch_chunk_size < num_rows
+    return (
+        torch.float32 if fp32_policy and scaled_later else x_dtype,
+        torch.float32 if fp32_policy and chunked else w_dtype,
+    )
+
+
 def fused_sweep(
     x: torch.Tensor,  # (N, H)
     w: torch.Tensor,  # (V, H)
@@ -445,19 +461,16 @@ def fused_sweep(
     fp32_logits = _fp32_logits(ro, x)
     logits_all, grad_all = _logits_buffers(rows, v, x, fp32_logits, want_grads and not defer)
 
-    fp32_policy = fp32_weight_grad_accumulation(ro.acc_policy, ro.acc_dtype, dtype)
     if want_grads and defer:
         grads = Grads(False, False, False)  # the caller runs sweep 2 and the gradient GEMMs
         coefs_out = torch.empty((n, 3), dtype=torch.float32, device=device)
+    x_dtype, w_dtype = accumulator_dtypes(ro, n, dtype, w.dtype, scaled_later)
     grad_x = None
     if want_grads and grads.input:
-        x_dtype = torch.float32 if scaled_later and fp32_policy else dtype
         grad_x = torch.empty((n, h), dtype=x_dtype, device=device)
-    # fp32 accumulation of the weight gradient across chunks; one chunk's single GEMM accumulates in fp32 itself
-    scratch = fp32_policy and rows < n
     grad_w = None
     if want_grads and grads.weight:
-        grad_w = torch.empty((v, h), dtype=torch.float32 if scratch else w.dtype, device=device)
+        grad_w = torch.empty((v, h), dtype=w_dtype, device=device)
     grad_b = torch.zeros(v, dtype=torch.float32, device=device) if want_grads and grads.bias else None
     if shard is not None:
         partials_all = torch.empty((rows, len(PARTIALS)), dtype=torch.float32, device=device)
