@@ -184,6 +184,38 @@ def test_one_chunk_folds_any_upstream_gradient_like_eager(g, loss_dtype):
     assert_within_eager(ours, eager, ref, torch.bfloat16)
 
 
+def test_one_chunk_past_int32_indexing():
+    """More than 2^31 logits in one chunk, where ``row · stride`` overflows int32: the rows on both sides of that
+    boundary get their own loss (a forward-only call) and input gradient (the deferred backward), as good as eager's
+    against float64. 4.3 GB of bf16 logits."""
+    n, h, v = 16400, 64, 131072
+    first_past = -(-(2**31) // v)  # the first row whose logits start past 2^31 elements
+    assert first_past < n
+    x, w, _, y = _problem(n, h, v, torch.bfloat16, seed=9)
+    y[first_past - 4 : first_past + 4] = torch.arange(v - 8, v, device="cuda")  # targets near the rows' ends
+    opts = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=n)
+    rows = slice(first_past - 8, n)
+    with torch.no_grad():
+        losses = linear_cross_entropy(x, w, y, reduction="none", options=opts)[rows]
+    xr = x.detach().clone().requires_grad_()
+    linear_cross_entropy(xr, w, y, reduction="sum", options=opts).backward()
+    dx = xr.grad[rows]
+
+    def tail(x_rows, w):  # the same rows alone: per-row losses and (sum reduction) input gradients
+        x_rows = x_rows.detach().clone().requires_grad_()
+        logits = F.linear(x_rows, w).to(torch.promote_types(x_rows.dtype, torch.float32))
+        loss = F.cross_entropy(logits, y[rows], reduction="none")
+        loss.sum().backward()
+        return loss.detach().to(x_rows.dtype), x_rows.grad
+
+    ref, eager = tail(x[rows].double(), w.double()), tail(x[rows], w)
+    for name, o, e, r in zip(("loss", "dx"), (losses, dx), eager, ref):
+        keep = y[rows] != -100
+        o, e, r = o[keep], e[keep], r[keep]
+        bound = max(_SLACK * _rel(e, r) + _FLOOR[torch.bfloat16], torch.finfo(torch.bfloat16).eps)
+        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(e, r))
+
+
 @pytest.mark.parametrize("policy", ["compact", "auto"])
 def test_small_chunks_recompute_the_weight_gradient(policy):
     """Below the rule's break-even (256-row chunks) the weight gradient comes from the vocabulary-major pass: the

@@ -7,6 +7,8 @@ accumulation — its gradient summed tile by tile in the input dtype — so the 
 Atomics make the summation order vary: results are compared within tolerances, never bit for bit.
 """
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ def _eager_tile_sums(x, w, b, y, **kw):
 )
 def test_matches_float64(dtype, shape, policy, extras):
     extras = dict(extras)
-    x, w, b, y = _problem(*shape, dtype, seed=hash((shape, str(dtype))) % 2**31, bias=extras.pop("bias", False))
+    x, w, b, y = _problem(*shape, dtype, seed=zlib.crc32(repr((shape, dtype)).encode()), bias=extras.pop("bias", False))
     if extras.pop("class_weight", False):
         extras["weight"] = torch.rand(shape[2], device="cuda").to(dtype)
     as64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in extras.items()}
