@@ -82,13 +82,11 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     backend, lp, ro, grads = _settings(key)
     module = _backend(backend)
-    if backend == "fused":
-        # fp32 accumulators stay fp32 (saved_grad_dtypes): the autograd formula rounds them once, after scaling
-        loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, False)
-        gx, gw, gb = saved if saved is not None else (None, None, None)
-    else:
-        loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads)
-        gx, gw, gb = saved if saved is not None else (None, None, None)
+    fused = backend == "fused"
+    extra = (False,) if fused else ()  # fused: no deferred backward (the op returns its gradients)
+    loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, *extra)
+    gx, gw, gb = saved if saved is not None else (None, None, None)
+    if not fused:  # the fused path's fp32 accumulators stay fp32 (saved_grad_dtypes) until the formula scales them
         gw = None if gw is None else gw.to(w.dtype)
         gb = None if gb is None else gb.to(b.dtype)
     return (
