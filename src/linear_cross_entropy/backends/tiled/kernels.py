@@ -168,7 +168,10 @@ def _partial_stats_kernel(
     arg = tl.zeros((BLOCK_M,), tl.int64)
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(n_classes, BLOCK_N))
-    for tile in range(first_tile, last_tile):
+    # With TMA loads the tile loop and _logit_tile's feature loop are software-pipelined as one (flatten): the
+    # next tile's first loads are in flight during this tile's softmax epilogue (t9: 13.1 → 12.5 ms at
+    # 8192x4096x128256). Pointer loads run 1.8x slower flattened, so they keep the nested pipeline.
+    for tile in tl.range(first_tile, last_tile, flatten=USE_TMA):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = offs_n < n_classes
         z, _ = _logit_tile(
