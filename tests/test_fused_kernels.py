@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import WEIGHT_GRAD_PASSES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
 
@@ -249,3 +251,99 @@ def test_weight_and_bias_gradients_without_an_input_gradient(weight_grad_pass, f
     ours = weight_and_bias_grads(lambda *a, **kw: _fused(*a, rows=5, **kw), torch.float32)
     for o, p, r in zip(ours, plain, ref):
         assert _rel(o, r) <= _SLACK * _rel(p, r) + _FLOOR[torch.float32], (_rel(o, r), _rel(p, r))
+
+
+@st.composite
+def _drawn_problems(draw, backend):
+    """A small problem with any mix of the loss options, run through a Triton backend in some chunking and
+    policy; ``(dtype, tensors, loss kwargs, options, upstream)``. The tiled backend runs fp32 only: in fp16 its
+    default adds every tile's share into the fp16 gradients (one more rounding per tile, by design)."""
+    n, h, v = draw(st.integers(1, 11)), draw(st.integers(1, 9)), draw(st.integers(2, 37))
+    dtype = draw(st.sampled_from([torch.float32] if backend == "tiled" else [torch.float32, torch.float16]))
+    x, w, b, y, cw = _problem(
+        n, h, v, dtype, seed=draw(st.integers(0, 2**31 - 1)), bias=draw(st.booleans()), class_weight=draw(st.booleans())
+    )
+    ignore_index = draw(st.sampled_from([-100, 0, v - 1]))
+    if ignore_index != -100:  # ignore one class instead; the first row keeps a counted target
+        y = torch.where(y == -100, ignore_index, y)
+        y[0] = (ignore_index + 1) % v
+    kw = dict(
+        weight=cw,
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        ignore_index=ignore_index,
+        label_smoothing=draw(st.sampled_from([0.0, 0.1, 0.7])),
+        z_loss=draw(st.sampled_from([0.0, 1e-2])),
+        logit_scale=draw(st.sampled_from([1.0, 0.7])),
+        logit_softcap=draw(st.sampled_from([None, 2.5])),
+    )
+    options = LinearCrossEntropyOptions(
+        backend=backend,
+        batch_chunk_size=draw(st.one_of(st.none(), st.integers(1, n + 1))),
+        chunking_method=None,
+        acc_policy=draw(st.sampled_from(["auto", "balanced", "compact", "accurate"])),
+        allow_retain_graph=draw(st.booleans()),
+    )
+    upstream = (
+        torch.rand(n) + 0.5 if kw["reduction"] == "none" else torch.full((n,), draw(st.sampled_from([1.0, 1 / 3])))
+    )
+    return dtype, (x, w, b, y), kw, options, upstream
+
+
+def _ours_or_reference(x, w, y, b, options=None, **kw):
+    return linear_cross_entropy(x, w, y, linear_bias=b, options=options, **kw)
+
+
+def _summed_terms(x, w, b, y, upstream, **kw):
+    """Per gradient, a float64 bound on the sum of its terms' magnitudes before they cancel: with ``s_i`` a row's
+    share of the loss (upstream gradient, class weight, mean's divisor), ``dz = s·(p − t)`` (soft-cap and scale
+    scale it by at most ``max(a, 1)``, the z-loss its ``p`` part by ``1 + 2λ|lse|``) has terms of magnitude
+    ``m = s·(p·(1 + 2λ|lse|) + [c = y] + ε)``; the gradients sum ``m·|W|`` (grad_input), ``mᵀ·|x|`` (grad_weight)
+    and ``Σ_rows m`` (grad_bias). A sum's rounding error scales with these, not with the sum: where ``p_y ≈ 1`` or
+    terms of both signs cancel, a plain computation that happened to round well is no yardstick on its own."""
+    x64, w64 = x.double(), w.double()
+    z = F.linear(x64, w64, None if b is None else b.double()) * kw["logit_scale"]
+    if kw["logit_softcap"]:
+        z = kw["logit_softcap"] * torch.tanh(z / kw["logit_softcap"])
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    keep = y != kw["ignore_index"]
+    y_safe = torch.where(keep, y, 0)
+    cw = torch.ones(w.shape[0], dtype=torch.float64) if kw["weight"] is None else kw["weight"].double()
+    share = torch.where(keep, cw[y_safe], 0.0) * upstream.double().abs()
+    if kw["reduction"] == "mean":
+        share = share / torch.where(keep, cw[y_safe], 0.0).sum()
+    m = torch.exp(z - lse) * (1 + 2 * kw["z_loss"] * lse.abs()) + kw["label_smoothing"]
+    m = m + F.one_hot(y_safe, w.shape[0]).double()
+    m = m * (share * max(kw["logit_scale"], 1.0))[:, None]
+    return [None, m @ w64.abs(), m.T @ x64.abs(), m.sum(dim=0)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fused_matches_the_reference_on_drawn_problems(data):
+    check_drawn_problem("fused", data)
+
+
+def check_drawn_problem(backend, data):
+    """Every combination of the options the Triton backends serve (z-loss, logit scale and soft-cap, smoothing,
+    class weights, ignore_index, bias, reductions, chunking, policies, upstream gradients), drawn by hypothesis,
+    against the reference path in float64: within ``_SLACK`` times the reference path's own error in the same
+    dtype, plus a few roundings of each gradient's summed terms (tiny shapes cancel: V = 2, H = 1, p_y ≈ 1). A
+    0.05% error in dz fails it."""
+    dtype, (x, w, b, y), kw, options, upstream = data.draw(_drawn_problems(backend))
+    as64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ref = _run(_ours_or_reference, x.double(), w.double(), None if b is None else b.double(), y, upstream, **as64)
+    plain = _run(_ours_or_reference, x, w, b, y, upstream, **kw)
+    ours = _run(_ours_or_reference, x, w, b, y, upstream, options=options, **kw)
+    terms = _summed_terms(x, w, b, y, upstream, **kw)
+    eps = torch.finfo(dtype).eps
+    for name, o, p, r, t in zip(["loss", "grad_input", "grad_weight", "grad_bias"], ours, plain, ref, terms):
+        assert o.dtype == p.dtype, name
+        norm = max(r.norm().item(), 1e-30)
+        one_ulp = eps * r.abs().max().item() / norm
+        cancelled = 0.0 if t is None else _ROUNDINGS_PER_TERM * eps * t.norm().item() / norm
+        bound = _SLACK * _rel(p, r) + _FLOOR[dtype] + one_ulp + cancelled
+        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(p, r), cancelled)
+
+
+# dz carries a few roundings (the logits, exp, the coefficients), each product and partial sum one more
+_ROUNDINGS_PER_TERM = 4

@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fused_kernels import _plain, _problem, _rel, _run, check_against_float64
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fused_kernels import _plain, _problem, _rel, _run, check_against_float64, check_drawn_problem
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
 from linear_cross_entropy.backends.common import LossParams
@@ -133,3 +135,9 @@ def test_tma_forward_matches_pointer_forward(features):
     tma, pointers = (partial_stats(x, w, b, y, cw, lp, use_tma=use) for use in (True, False))
     assert torch.isfinite(pointers).all()
     assert torch.equal(tma, pointers)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_tiled_matches_the_reference_on_drawn_problems(data):
+    check_drawn_problem("tiled", data)
