@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import WEIGHT_GRAD_PASSES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fused_kernels import check_drawn_problem
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
 
@@ -331,3 +334,14 @@ def test_auto_picks_fused_on_cuda():
     lp = LossParams("mean", -100, 0.0, False)
     assert _choose_backend(LinearCrossEntropyOptions(), lp, shape, x) == "fused"
     assert _choose_backend(LinearCrossEntropyOptions(), lp, shape, x.cpu()) == "chunked"
+
+
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_matches_the_reference_on_drawn_problems(backend, data):
+    """The CPU property test (``test_fused_kernels.check_drawn_problem``) on the GPU's kernels (TMA where aligned,
+    bf16 too): up to 300 rows, 160 features, 3000 classes."""
+    check_drawn_problem(
+        backend, data, device="cuda", sizes=(300, 160, 3000), dtypes=(torch.float32, torch.float16, torch.bfloat16)
+    )

@@ -23,7 +23,7 @@ pytestmark = [
 pytest.importorskip("triton")
 
 _SLACK = 2.0
-_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4}
+_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
 def _rel(a, b):
@@ -254,12 +254,13 @@ def test_weight_and_bias_gradients_without_an_input_gradient(weight_grad_pass, f
 
 
 @st.composite
-def _drawn_problems(draw, backend):
-    """A small problem with any mix of the loss options, run through a Triton backend in some chunking and
-    policy; ``(dtype, tensors, loss kwargs, options, upstream)``. The tiled backend runs fp32 only: in fp16 its
-    default adds every tile's share into the fp16 gradients (one more rounding per tile, by design)."""
-    n, h, v = draw(st.integers(1, 11)), draw(st.integers(1, 9)), draw(st.integers(2, 37))
-    dtype = draw(st.sampled_from([torch.float32] if backend == "tiled" else [torch.float32, torch.float16]))
+def _drawn_problems(draw, backend, device="cpu", sizes=(11, 9, 37), dtypes=(torch.float32, torch.float16)):
+    """A problem of at most ``sizes`` = (N, H, V) with any mix of the loss options, run through a Triton backend in
+    some chunking and policy; ``(dtype, tensors, loss kwargs, options, upstream)``. The tiled backend's default
+    adds every tile's share into 16-bit gradients (one more rounding per tile, by design: cut-cross-entropy's
+    error); in 16 bits it is drawn with fp32 accumulators."""
+    n, h, v = draw(st.integers(1, sizes[0])), draw(st.integers(1, sizes[1])), draw(st.integers(2, sizes[2]))
+    dtype = draw(st.sampled_from(dtypes))
     x, w, b, y, cw = _problem(
         n, h, v, dtype, seed=draw(st.integers(0, 2**31 - 1)), bias=draw(st.booleans()), class_weight=draw(st.booleans())
     )
@@ -276,17 +277,23 @@ def _drawn_problems(draw, backend):
         logit_scale=draw(st.sampled_from([1.0, 0.7])),
         logit_softcap=draw(st.sampled_from([None, 2.5])),
     )
+    policy, acc_dtype = draw(st.sampled_from(["auto", "balanced", "compact", "accurate"])), None
+    if backend == "tiled" and dtype != torch.float32:
+        policy, acc_dtype = draw(st.sampled_from(["balanced", "accurate"])), torch.float32
     options = LinearCrossEntropyOptions(
         backend=backend,
         batch_chunk_size=draw(st.one_of(st.none(), st.integers(1, n + 1))),
         chunking_method=None,
-        acc_policy=draw(st.sampled_from(["auto", "balanced", "compact", "accurate"])),
+        acc_policy=policy,
+        acc_dtype=acc_dtype,
         allow_retain_graph=draw(st.booleans()),
     )
     upstream = (
         torch.rand(n) + 0.5 if kw["reduction"] == "none" else torch.full((n,), draw(st.sampled_from([1.0, 1 / 3])))
     )
-    return dtype, (x, w, b, y), kw, options, upstream
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    kw["weight"] = to(cw)
+    return dtype, (to(x), to(w), to(b), to(y)), kw, options, to(upstream)
 
 
 def _ours_or_reference(x, w, y, b, options=None, **kw):
@@ -307,7 +314,7 @@ def _summed_terms(x, w, b, y, upstream, **kw):
     lse = torch.logsumexp(z, dim=1, keepdim=True)
     keep = y != kw["ignore_index"]
     y_safe = torch.where(keep, y, 0)
-    cw = torch.ones(w.shape[0], dtype=torch.float64) if kw["weight"] is None else kw["weight"].double()
+    cw = torch.ones(w.shape[0], dtype=torch.float64, device=w.device) if kw["weight"] is None else kw["weight"].double()
     share = torch.where(keep, cw[y_safe], 0.0) * upstream.double().abs()
     if kw["reduction"] == "mean":
         share = share / torch.where(keep, cw[y_safe], 0.0).sum()
@@ -323,13 +330,13 @@ def test_fused_matches_the_reference_on_drawn_problems(data):
     check_drawn_problem("fused", data)
 
 
-def check_drawn_problem(backend, data):
+def check_drawn_problem(backend, data, **draw_kw):
     """Every combination of the options the Triton backends serve (z-loss, logit scale and soft-cap, smoothing,
     class weights, ignore_index, bias, reductions, chunking, policies, upstream gradients), drawn by hypothesis,
     against the reference path in float64: within ``_SLACK`` times the reference path's own error in the same
     dtype, plus a few roundings of each gradient's summed terms (tiny shapes cancel: V = 2, H = 1, p_y ≈ 1). A
     0.05% error in dz fails it."""
-    dtype, (x, w, b, y), kw, options, upstream = data.draw(_drawn_problems(backend))
+    dtype, (x, w, b, y), kw, options, upstream = data.draw(_drawn_problems(backend, **draw_kw))
     as64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
     ref = _run(_ours_or_reference, x.double(), w.double(), None if b is None else b.double(), y, upstream, **as64)
     plain = _run(_ours_or_reference, x, w, b, y, upstream, **kw)
