@@ -83,8 +83,8 @@ def _forward(
     backend, lp, ro, grads = _settings(key)
     module = _backend(backend)
     fused = backend == "fused"
-    extra = (False,) if fused else ()  # fused: no deferred backward (the op returns its gradients)
-    loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, *extra)
+    no_defer = {"defer": False} if fused else {}  # fused: no deferred backward (the op returns its gradients)
+    loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, **no_defer)
     gx, gw, gb = saved if saved is not None else (None, None, None)
     if not fused:  # the fused path's fp32 accumulators stay fp32 (saved_grad_dtypes) until the formula scales them
         gw = None if gw is None else gw.to(w.dtype)
