@@ -109,13 +109,27 @@ def check_against_float64(ours_fn, dtype, shape, reduction, extras, seed, **ours
     )
     plain = _run(_plain, x, w, b, y, upstream, **kw)
     ours = _run(ours_fn, x, w, b, y, upstream, **ours_kw, **kw)
-    for name, o, p, r in zip(["loss", "grad_input", "grad_weight", "grad_bias"], ours, plain, ref):
+    _assert_within_plain(ours, plain, ref, dtype)
+
+
+def _assert_within_plain(ours, plain, ref, dtype, summed_terms=(None, None, None, None)):
+    """``[loss, grad_input, grad_weight(, grad_bias)]`` of ours no further from the float64 ``ref`` than ``_SLACK``
+    times plain's error in ``dtype``, plus a floor, one ulp of the largest element (a correctly rounded result may
+    still differ from plain's by one flip: on a 9-element vector that alone exceeds the slack) and, given each
+    gradient's summed terms (:func:`_summed_terms`), a few roundings of them."""
+    eps = torch.finfo(dtype).eps
+    names = ["loss", "grad_input", "grad_weight", "grad_bias"]
+    for name, o, p, r, t in zip(names, ours, plain, ref, summed_terms):
         assert o.dtype == p.dtype, name
-        # a correctly rounded result may still differ from plain's by one unit in the last place of an element: on
-        # the 9-element vectors here, one such flip of the largest element exceeds the slack by itself
-        one_ulp = torch.finfo(dtype).eps * r.abs().max().item() / max(r.norm().item(), 1e-30)
-        bound = _SLACK * _rel(p, r) + _FLOOR[dtype] + one_ulp
-        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(p, r))
+        norm = max(r.norm().item(), 1e-30)
+        one_ulp = eps * r.abs().max().item() / norm
+        cancelled = 0.0 if t is None else _ROUNDINGS_PER_TERM * eps * t.norm().item() / norm
+        bound = _SLACK * _rel(p, r) + _FLOOR[dtype] + one_ulp + cancelled
+        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(p, r), cancelled)
+
+
+# dz carries a few roundings (the logits, exp, the coefficients), each product and partial sum one more
+_ROUNDINGS_PER_TERM = 4
 
 
 def test_all_ignored_mean_is_nan_with_zero_gradients():
@@ -261,9 +275,8 @@ def _drawn_problems(draw, backend, device="cpu", sizes=(11, 9, 37), dtypes=(torc
     error); in 16 bits it is drawn with fp32 accumulators."""
     n, h, v = draw(st.integers(1, sizes[0])), draw(st.integers(1, sizes[1])), draw(st.integers(2, sizes[2]))
     dtype = draw(st.sampled_from(dtypes))
-    x, w, b, y, cw = _problem(
-        n, h, v, dtype, seed=draw(st.integers(0, 2**31 - 1)), bias=draw(st.booleans()), class_weight=draw(st.booleans())
-    )
+    seed = draw(st.integers(0, 2**31 - 1))
+    x, w, b, y, cw = _problem(n, h, v, dtype, seed=seed, bias=draw(st.booleans()), class_weight=draw(st.booleans()))
     ignore_index = draw(st.sampled_from([-100, 0, v - 1]))
     if ignore_index != -100:  # ignore one class instead; the first row keeps a counted target
         y = torch.where(y == -100, ignore_index, y)
@@ -288,9 +301,10 @@ def _drawn_problems(draw, backend, device="cpu", sizes=(11, 9, 37), dtypes=(torc
         acc_dtype=acc_dtype,
         allow_retain_graph=draw(st.booleans()),
     )
-    upstream = (
-        torch.rand(n) + 0.5 if kw["reduction"] == "none" else torch.full((n,), draw(st.sampled_from([1.0, 1 / 3])))
-    )
+    if kw["reduction"] == "none":
+        upstream = torch.rand(n, generator=torch.Generator().manual_seed(seed)) + 0.5
+    else:
+        upstream = torch.full((n,), draw(st.sampled_from([1.0, 1 / 3])))
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     kw["weight"] = to(cw)
     return dtype, (to(x), to(w), to(b), to(y)), kw, options, to(upstream)
@@ -341,16 +355,4 @@ def check_drawn_problem(backend, data, **draw_kw):
     ref = _run(_ours_or_reference, x.double(), w.double(), None if b is None else b.double(), y, upstream, **as64)
     plain = _run(_ours_or_reference, x, w, b, y, upstream, **kw)
     ours = _run(_ours_or_reference, x, w, b, y, upstream, options=options, **kw)
-    terms = _summed_terms(x, w, b, y, upstream, **kw)
-    eps = torch.finfo(dtype).eps
-    for name, o, p, r, t in zip(["loss", "grad_input", "grad_weight", "grad_bias"], ours, plain, ref, terms):
-        assert o.dtype == p.dtype, name
-        norm = max(r.norm().item(), 1e-30)
-        one_ulp = eps * r.abs().max().item() / norm
-        cancelled = 0.0 if t is None else _ROUNDINGS_PER_TERM * eps * t.norm().item() / norm
-        bound = _SLACK * _rel(p, r) + _FLOOR[dtype] + one_ulp + cancelled
-        assert _rel(o, r) <= bound, (name, _rel(o, r), _rel(p, r), cancelled)
-
-
-# dz carries a few roundings (the logits, exp, the coefficients), each product and partial sum one more
-_ROUNDINGS_PER_TERM = 4
+    _assert_within_plain(ours, plain, ref, dtype, _summed_terms(x, w, b, y, upstream, **kw))
