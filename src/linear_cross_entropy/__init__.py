@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .functional import linear_cross_entropy
+from .log_probs import token_log_probs
 from .metrics import LinearCrossEntropyOutput, LossMetrics
 from .module import LinearCrossEntropyLoss
 from .options import LinearCrossEntropyOptions
@@ -12,5 +13,6 @@ __all__ = [
     "LinearCrossEntropyOutput",
     "LossMetrics",
     "linear_cross_entropy",
+    "token_log_probs",
     "__version__",
 ]

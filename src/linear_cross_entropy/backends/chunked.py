@@ -39,6 +39,7 @@ from .common import (
     Grads,
     IndexRowSums,
     LossParams,
+    entropy_coefs,
     index_rows,
     keep_mask,
     reduce_total,
@@ -62,6 +63,7 @@ def chunk_loss_and_grad(
     ce_scale: torch.Tensor | None,  # (r,) upstream share per row (stats dtype), or None for loss only
     z_scale: torch.Tensor | None,  # (r,) the z-loss's share per row, with ce_scale
     shard: VocabShard | None = None,  # vocabulary parallel: raw holds this rank's columns (index targets only)
+    entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (r,) H and g_H, with ce_scale (index targets)
 ):
     """Per-row cross entropy ``(r,)``, lse ``(r,)`` and statistics ``(r, len(STATS))`` (or None), in the stats
     dtype, and, when ``ce_scale`` is given, ``dr`` in ``raw``'s storage (else None).
@@ -76,6 +78,9 @@ def chunk_loss_and_grad(
     ``Σ z²``, each a sum over classes) and combined across the group by ``shard``'s all-reduces before the loss and
     ``dz`` use them; ``dz`` is then this rank's columns of the global gradient. Without a shard the combine steps
     are skipped and the arithmetic is the same.
+
+    With ``entropy_grad`` (each row's entropy ``H`` and its upstream gradient ``g_H``), ``dr`` also carries
+    ``g_H·∂H/∂z`` (:func:`.common.entropy_coefs`).
     """
     num_classes = raw.shape[1] if shard is None else shard.num_classes
     sdt = stat_dtype(raw.dtype)
@@ -157,7 +162,12 @@ def chunk_loss_and_grad(
     loss, lse, stats, coefs = index_rows(sums, target, w_sum, lp, num_classes, ce_scale, z_scale)
     if not want_grad:
         return loss, lse, stats, None
-    dz = e.mul_((coefs.coef / sum_exp)[:, None])  # coef·p
+    if entropy_grad is None:
+        dz = e.mul_((coefs.coef / sum_exp)[:, None])  # coef·p
+    else:  # coef'·p + entropy_coef·p·log p
+        coef, entropy_coef = entropy_coefs(coefs.coef, keep, *entropy_grad)
+        p = e.div_(sum_exp[:, None])
+        dz = torch.special.xlogy(p, p).mul_(entropy_coef[:, None]).add_(p.mul_(coef[:, None]))
     on_target = torch.where(in_slice, -coefs.target, 0.0)
     dz.scatter_add_(1, y[:, None], on_target[:, None].to(dz.dtype))
     if eps:
@@ -204,6 +214,7 @@ def _sweep(
     scales: tuple[torch.Tensor, torch.Tensor] | None,  # (cross entropy, z-loss) shares (N, K), or None: loss only
     grads: Grads,
     shard: VocabShard | None = None,
+    entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (N, K) each: H and g_H, with scales
 ):
     """One pass over (position, chunk): per-row losses and lse ``(N, K)``, statistics ``(N, K, len(STATS))``
     (or None) and, with ``scales``, the three gradients."""
@@ -253,7 +264,10 @@ def _sweep(
                 rows_b = slice(start + b0, start + b1)
                 s_b = None if scales is None else scales[0][rows_b, pos]
                 s_z_b = None if scales is None else scales[1][rows_b, pos]
-                loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b, s_z_b, shard)
+                eg_b = None if entropy_grad is None else tuple(t[rows_b, pos] for t in entropy_grad)
+                loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(
+                    z_b, t_b, class_weight, lp, s_b, s_z_b, shard, eg_b
+                )
                 losses[rows_b, pos] = loss_b
                 lse[rows_b, pos] = lse_b
                 if stats is not None:
@@ -302,14 +316,26 @@ def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOpti
 
 
 def backward_none(
-    x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out, shard=None
+    x,
+    w,
+    b,
+    target,
+    class_weight,
+    lp: LossParams,
+    ro: ResolvedOptions,
+    grads: Grads,
+    grad_out,
+    shard=None,
+    entropy_grad=None,
 ):
     """The gradients of ``reduction="none"``: the logits recomputed chunk by chunk, each row scaled by its
-    upstream gradient ``grad_out`` ``(N, K)``."""
+    upstream gradient ``grad_out`` ``(N, K)`` (plus, given ``entropy_grad`` = ``(H, g_H)`` ``(N, K)`` each, the
+    gradient of ``Σ g_H·H`` over the rows' entropies)."""
     sdt = stat_dtype(ro.acc_dtype)
     cw = None if class_weight is None else class_weight.to(sdt)
     share = grad_out.to(sdt)
-    return _sweep(x, w, b, target, cw, lp, ro, (share, share), grads, shard)[3]
+    eg = None if entropy_grad is None else tuple(t.to(sdt) for t in entropy_grad)
+    return _sweep(x, w, b, target, cw, lp, ro, (share, share), grads, shard, eg)[3]
 
 
 class _ChunkedFunction(torch.autograd.Function):

@@ -27,6 +27,7 @@ __all__ = [
     "reduce_total",
     "IndexRowSums",
     "GradCoefs",
+    "entropy_coefs",
     "index_rows",
     "row_stats",
     "summarize_metrics",
@@ -218,6 +219,21 @@ def index_rows(
     if lp.z_loss:  # d(λ·lse²)/dz = 2λ·lse·p
         coef = coef + torch.where(keep, z_scale, 0.0) * (2.0 * lp.z_loss) * lse
     return loss, lse, stats, GradCoefs(coef, (1.0 - eps) * s * w_y, s * (eps / num_classes))
+
+
+def entropy_coefs(
+    coef: torch.Tensor,  # (rows,) GradCoefs.coef
+    keep: torch.Tensor,  # (rows,) bool
+    entropy: torch.Tensor,  # (rows,) H = −Σ p·log p (any finite value where not kept)
+    entropy_share: torch.Tensor,  # (rows,) g_H, the upstream gradient of each row's entropy
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(coef', entropy_coef)`` with ``dz = coef'·p + entropy_coef·p·log p − ...`` adding ``g_H·∂H/∂z``:
+
+        ∂H/∂z = −p ⊙ (log p + H)   ⇒   coef' = coef − g_H·H,   entropy_coef = −g_H
+
+    (0 on the rows that do not take part)."""
+    g = torch.where(keep, entropy_share, 0.0)
+    return coef - g * torch.where(keep, entropy, 0.0), -g
 
 
 def row_stats(m, sum_exp, e_log_e, norm, correct, log_prob) -> torch.Tensor:

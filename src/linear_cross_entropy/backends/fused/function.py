@@ -47,8 +47,8 @@ def forward_pass(
     scaled_later: bool = True,
 ):
     """``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``: ``saved`` is the gradients for an upstream gradient
-    of 1 (possibly still fp32 accumulators), ``(logits, lse, coefs)`` for :func:`deferred_grads` when ``defer``,
-    None for ``"none"``.
+    of 1 (possibly still fp32 accumulators), ``(logits, lse, coefs)`` for :func:`deferred_grads` when ``defer``
+    (for ``"none"`` too: the coefficients of a per-row upstream gradient of 1), else None for ``"none"``.
 
     With ``ro.recompute_weight_grad`` the weight and bias gradients come from the vocabulary-major pass; with
     ``weight_grad_later`` that pass is left to backward, and ``saved`` is ``(grad_x, lse, coefs)`` for it.
@@ -58,8 +58,15 @@ def forward_pass(
     under the policy); off for a caller that takes them in the input dtype at once."""
     keep = keep_mask(target[:, None], lp) if lp.z_loss else None  # reduce_total reads it for the z-loss only
     if lp.reduction == "none":
-        losses, lse, stats, _ = fused_sweep(x, w, b, target, class_weight, lp, ro, None, grads, shard=shard)
-        loss, saved = reduce_total(losses[:, None], lse[:, None], keep, None, lp), None
+        shares = None
+        if defer:  # the coefficients of an upstream gradient of 1 per row; backward multiplies in each row's own
+            ones = torch.ones((), dtype=torch.float32, device=x.device).expand(x.shape[0])
+            shares = (ones, ones)
+        losses, lse, stats, saved = fused_sweep(
+            x, w, b, target, class_weight, lp, ro, shares, grads, defer, shard=shard
+        )
+        loss = reduce_total(losses[:, None], lse[:, None], keep, None, lp)
+        saved = saved if defer else None
     else:
         cw = None if class_weight is None else class_weight.float()
         scales = row_scales(target[:, None], cw, lp, torch.float32, shard, uniform=True)
@@ -98,11 +105,24 @@ def saved_grad_dtypes(
 
 
 def backward_none(
-    x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out, shard=None
+    x,
+    w,
+    b,
+    target,
+    class_weight,
+    lp: LossParams,
+    ro: ResolvedOptions,
+    grads: Grads,
+    grad_out,
+    shard=None,
+    entropy_grad=None,
 ):
-    """The gradients of ``reduction="none"``, recomputed with each row's upstream gradient ``grad_out`` (N, 1)."""
+    """The gradients of ``reduction="none"``, recomputed with each row's upstream gradient ``grad_out`` (N, 1)
+    (and, given ``entropy_grad`` = ``(H, g_H)`` ``(N,)`` fp32 each, the rows' entropies' upstream gradients)."""
     share = grad_out[:, 0].float()
-    gx, gw, gb = _sweeps(x, w, b, target, class_weight, lp, ro, (share, share), grads, False, shard)[3]
+    gx, gw, gb = _sweeps(
+        x, w, b, target, class_weight, lp, ro, (share, share), grads, False, shard, entropy_grad=entropy_grad
+    )[3]
     return gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
 
 
@@ -126,6 +146,7 @@ def _sweeps(
     weight_grad_later=False,
     per_row=True,
     scaled_later=False,
+    entropy_grad=None,
 ):
     """:func:`fused_sweep`, followed by :func:`weight_grad_sweep` when the weight gradient is recomputed (or its
     inputs, ``(grad_x, lse, coefs)``, in place of the gradients with ``weight_grad_later``); that pass needs every
@@ -145,15 +166,28 @@ def _sweeps(
             shard,
             per_row=per_row,
             scaled_later=scaled_later,
+            entropy_grad=entropy_grad,
         )
     coefs = torch.empty((x.shape[0], 3), dtype=torch.float32, device=x.device)
     row_grads = Grads(grads.input, False, False)
     losses, lse, stats, (gx, _, _) = fused_sweep(
-        x, w, b, target, class_weight, lp, ro, shares, row_grads, coefs_out=coefs, scaled_later=scaled_later
+        x,
+        w,
+        b,
+        target,
+        class_weight,
+        lp,
+        ro,
+        shares,
+        row_grads,
+        coefs_out=coefs,
+        scaled_later=scaled_later,
+        entropy_grad=entropy_grad,
     )
     if weight_grad_later:
         return losses, lse, stats, (gx, lse, coefs)
-    return losses, lse, stats, (gx, *weight_grad_sweep(x, w, b, target, class_weight, lse, coefs, lp, ro, grads))
+    gw, gb = weight_grad_sweep(x, w, b, target, class_weight, lse, coefs, lp, ro, grads, entropy_grad=entropy_grad)
+    return losses, lse, stats, (gx, gw, gb)
 
 
 class _FusedFunction(torch.autograd.Function):

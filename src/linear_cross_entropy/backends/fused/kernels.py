@@ -75,6 +75,8 @@ def _cross_entropy_rows_kernel(
     partial_ptr,  # (r, 7) fp32 per-row partial sums over this slice's columns; written (PHASE 1)
     argmax_ptr,  # (r,) int64 global index of the slice's first maximal class; written (PHASE 1 with METRICS)
     coef_ptr,  # (r, 3) fp32 coef, target_coef, smooth_coef of dz; read (PHASE 2), written (PHASE 0, STORE_COEFS)
+    entropy_ptr,  # (r,) fp32 the rows' entropies H (0 where ignored); read with ENTROPY_GRAD
+    entropy_grad_ptr,  # (r,) fp32 g_H, the upstream gradient of each row's entropy; read with ENTROPY_GRAD
     # dimensions
     n_classes,  # C_local: the columns of logits this launch sees
     n_loaded,  # >= C_local: columns loaded and stored (the rest up to it are the rows' padding: masked out of the math)
@@ -102,6 +104,7 @@ def _cross_entropy_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,  # sweep 2 runs (always with PHASE 2, never with PHASE 1)
     STORE_COEFS: tl.constexpr,  # PHASE 0 also writes dz's coefficients, for a later PHASE 2 over other columns
     PHASE: tl.constexpr,  # 0: both sweeps; 1: sweep 1 → partials; 2: sweep 2 from the global statistics
+    ENTROPY_GRAD: tl.constexpr,  # sweep 2 adds g_H·∂H/∂z (PHASE 0 or 2, with COMPUTE_GRAD)
     BLOCK_C: tl.constexpr,
 ):
     """``PHASE`` 0 (unsharded): both sweeps in one launch, as the module docstring says. A vocabulary-parallel
@@ -118,6 +121,12 @@ def _cross_entropy_rows_kernel(
 
     The vocabulary-major weight-gradient pass (``launch.weight_grad_sweep``) reuses ``PHASE`` 2 on column blocks of
     an unsharded head: ``PHASE`` 0 with ``STORE_COEFS`` leaves each row's three coefficients for it.
+
+    ``ENTROPY_GRAD`` (per-token entropies with gradients, :mod:`linear_cross_entropy.log_probs`): with ``g_H`` the
+    row's upstream gradient of its entropy ``H = lse − Σ p·z``, ``∂(g_H·H)/∂z = −g_H·p⊙(log p + H)``, so sweep 2
+    writes ``dz = p·(coef − g_H·H − g_H·log p) − target_coef·e_y − smooth_coef·w`` (``log p = z − lse``): one more
+    per-row coefficient, no extra pass. The stored coefficients (``STORE_COEFS``) leave the entropy out; ``PHASE``
+    2 adds it from the same two per-row inputs.
     """
     # One program per row; the row index is int64 because row · stride overflows int32 past 2^31 logits.
     row = tl.program_id(0).to(tl.int64)
@@ -239,6 +248,9 @@ def _cross_entropy_rows_kernel(
     if COMPUTE_GRAD:  # PHASE 0 with gradients, or PHASE 2
         # Sweep 2: dz = coef·p − target_coef·e_y − smooth_coef·w, then dr = dz·a·(1 − tanh²), written over the
         # logits just read. The target column is this slice's only where the target lies in it.
+        if ENTROPY_GRAD:  # −g_H·p⊙(log p + H): −g_H·H joins coef, −g_H multiplies p·log p
+            entropy_coef = tl.where(keep, -tl.load(entropy_grad_ptr + row).to(tl.float32), 0.0)
+            coef += entropy_coef * tl.load(entropy_ptr + row).to(tl.float32)
         y_col = tl.where(in_slice, y, -1)
         grad_row_ptr = grad_ptr + row * stride_grad_row
         for start in range(0, n_classes, BLOCK_C):
@@ -250,7 +262,11 @@ def _cross_entropy_rows_kernel(
             if HAS_BIAS:
                 r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             z, t = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
-            dz = coef * tl.exp(z - lse)
+            if ENTROPY_GRAD:
+                log_p = z - lse
+                dz = tl.exp(log_p) * (coef + entropy_coef * log_p)
+            else:
+                dz = coef * tl.exp(z - lse)
             dz -= tl.where(cols == y_col, target_coef, 0.0)
             if HAS_SMOOTHING:
                 if HAS_CLASS_WEIGHT:

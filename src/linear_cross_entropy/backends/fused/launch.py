@@ -112,17 +112,21 @@ def deferred_grads(
     grads: Grads,
     shard: VocabShard | None = None,
     in_place: bool = True,  # dz may overwrite the logits (no second backward)
+    entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (N,) fp32 each: H and g_H (see kernels.py)
 ) -> tuple:
     """The gradients of a single-chunk call, all formed in backward: sweep 2 writes ``dz`` with ``g`` folded into
     each row's coefficients, so ``dz = bf16(g·∂ℓ/∂z)`` is rounded once as eager rounds it, then ``grad_x = dz·W``,
-    ``grad_W = dzᵀ·x`` and ``grad_b = Σ_rows dz``, each rounded once whatever ``g`` is."""
+    ``grad_W = dzᵀ·x`` and ``grad_b = Σ_rows dz``, each rounded once whatever ``g`` is. ``grad_out`` may also be
+    ``(N, 1)``: a per-row upstream gradient (``reduction="none"``, the coefficients being linear in it)."""
     n, v = logits.shape
     offset, total = (0, v) if shard is None else (shard.offset, shard.num_classes)
     if in_place and logits.dtype == x.dtype:
         dz = logits
     else:
         dz = _row_padded(n, v, x.dtype, x.device)
-    cross_entropy_grad(logits, dz, b, target, class_weight, lse, coefs * grad_out.float(), lp, offset, total)
+    cross_entropy_grad(
+        logits, dz, b, target, class_weight, lse, coefs * grad_out.float(), lp, offset, total, entropy_grad
+    )
     gx = gw = gb = None
     if grads.input:
         gx = input_grad_gemm(dz, w, torch.empty(x.shape, dtype=x.dtype, device=x.device))
@@ -146,6 +150,7 @@ def cross_entropy_rows(
     stats_out: torch.Tensor | None,  # (r, 5) fp32, with lp.metrics
     lp: LossParams,
     coefs_out: torch.Tensor | None = None,  # (r, 3) fp32 dz's coefficients (common.GradCoefs), with scales
+    entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (r,) fp32 each: H and g_H, with grad
 ) -> None:
     """Per-row loss, logsumexp (and statistics); with ``grad``, ``dr`` (see kernels.py for the math): both sweeps
     in one launch. With ``coefs_out``, also each row's coefficients of ``dz`` for :func:`weight_grad_sweep`."""
@@ -165,6 +170,7 @@ def cross_entropy_rows(
         row_scale=row_scale,
         z_scale=z_scale,
         coefs=coefs_out,
+        entropy_grad=entropy_grad,
     )
 
 
@@ -213,8 +219,10 @@ def cross_entropy_grad(
     lp: LossParams,
     class_offset: int,
     total_classes: int,
+    entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (r,) fp32 each: H and g_H
 ) -> None:
-    """Sweep 2 over a vocabulary slice: ``dr`` from the row's global ``lse`` and gradient coefficients."""
+    """Sweep 2 over a vocabulary slice: ``dr`` from the row's global ``lse`` and gradient coefficients (plus the
+    entropy's term given each row's entropy and its upstream gradient)."""
     assert coefs.stride() == (3, 1) and lse.stride() == (1,)
     _launch_rows(
         logits,
@@ -228,6 +236,7 @@ def cross_entropy_grad(
         coefs=coefs,
         class_offset=class_offset,
         total_classes=total_classes,
+        entropy_grad=entropy_grad,
     )
 
 
@@ -251,6 +260,7 @@ def _launch_rows(
     class_offset: int = 0,
     total_classes: int | None = None,
     metrics: bool | None = None,
+    entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """One launch of the row kernel, one program per row; pointers a phase does not read stand in as ``logits``.
 
@@ -269,6 +279,8 @@ def _launch_rows(
     unused = logits
     row_scale = unused if row_scale is None else row_scale
     z_scale = unused if z_scale is None else z_scale
+    assert entropy_grad is None or (grad is not None and all(t.stride() == (1,) for t in entropy_grad))
+    entropy, entropy_share = (unused, unused) if entropy_grad is None else entropy_grad
     _cross_entropy_rows_kernel[(rows,)](
         logits,
         logits if grad is None else grad,
@@ -283,6 +295,8 @@ def _launch_rows(
         unused if partials is None else partials,
         unused if argmax is None else argmax,
         unused if coefs is None else coefs,
+        entropy,
+        entropy_share,
         num_classes,
         loaded,
         num_classes if total_classes is None else total_classes,
@@ -306,6 +320,7 @@ def _launch_rows(
         COMPUTE_GRAD=grad is not None,
         STORE_COEFS=phase == 0 and coefs is not None,
         PHASE=phase,
+        ENTROPY_GRAD=entropy_grad is not None,
         BLOCK_C=block_c,
         num_warps=row_kernel_warps(block_c),
     )
@@ -421,6 +436,7 @@ def fused_sweep(
     coefs_out: torch.Tensor | None = None,  # (N, 3) fp32, with scales: dz's coefficients for weight_grad_sweep
     per_row: bool = True,
     scaled_later: bool = False,  # the caller scales the gradients by the upstream gradient (scalar reductions)
+    entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (N,) fp32 each: H and g_H, with scales
 ):
     """Per-row losses ``(N,)``, lse ``(N,)`` and statistics ``(N, 5)`` (fp32) and, with ``scales``, the gradients.
 
@@ -445,8 +461,11 @@ def fused_sweep(
 
     ``coefs_out`` (unsharded): the row kernel also writes each row's coefficients of ``dz``, which
     :func:`weight_grad_sweep` needs (with ``lse``) to form ``dz`` again over blocks of classes.
+
+    ``entropy_grad`` (unsharded, not deferred): ``dz`` also carries each row's ``g_H·∂H/∂z`` (see kernels.py).
     """
     assert coefs_out is None or shard is None
+    assert entropy_grad is None or (shard is None and not defer)
     assert per_row or not lp.metrics
     n, h = x.shape
     v = w.shape[0]
@@ -499,6 +518,7 @@ def fused_sweep(
                 None if stats is None else stats[start:stop],
                 lp,
                 None if coefs_out is None else coefs_out[start:stop],
+                None if entropy_grad is None or grad is None else tuple(t[start:stop] for t in entropy_grad),
             )
         else:
             _sharded_rows(
@@ -553,6 +573,7 @@ def weight_grad_sweep(
     ro: ResolvedOptions,
     grads: Grads,  # .weight / .bias: which of the two to form
     scale: torch.Tensor | None = None,  # () the upstream gradient, folded into the coefficients
+    entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (N,) fp32 each: H and g_H
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(grad_w, grad_b)`` from a vocabulary-major pass that recomputes the logits (``ro.recompute_weight_grad``).
 
@@ -586,6 +607,7 @@ def weight_grad_sweep(
             lp,
             class_offset=part.start,
             total_classes=v,
+            entropy_grad=entropy_grad,
         )
         if grad_w is not None:
             weight_grad_gemm(grad_w[part], grad, x, first=True)
