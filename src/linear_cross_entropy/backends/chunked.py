@@ -265,9 +265,7 @@ def _sweep(
                 s_b = None if scales is None else scales[0][rows_b, pos]
                 s_z_b = None if scales is None else scales[1][rows_b, pos]
                 eg_b = None if entropy_grad is None else tuple(t[rows_b, pos] for t in entropy_grad)
-                loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(
-                    z_b, t_b, class_weight, lp, s_b, s_z_b, shard, eg_b
-                )
+                loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b, s_z_b, shard, eg_b)
                 losses[rows_b, pos] = loss_b
                 lse[rows_b, pos] = lse_b
                 if stats is not None:
