@@ -260,3 +260,96 @@ def test_gpu_fused_has_no_host_sync():
         (log_probs.sum() + 0.1 * entropy.sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hugging Face: next_token_log_probs against the model's own logits; the GRPO example.
+
+_HF_COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+    attn_implementation="eager",
+)
+
+
+def _hf_model(family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_HF_COMMON))
+    elif family == "gemma2":  # final-logit soft-capping, small enough to bend these logits
+        config = transformers.Gemma2Config(**_HF_COMMON, head_dim=8, final_logit_softcapping=2.0)
+        model = transformers.Gemma2ForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        model = transformers.GPT2LMHeadModel(config)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("options", [None, PATHS["chunked"]], ids=["reference", "chunked"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_hf_next_token_log_probs_match_the_models_logits(family, options):
+    from linear_cross_entropy.integrations.log_probs import next_token_log_probs
+
+    model = _hf_model(family)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 97, (3, 12), generator=g)
+    attention = torch.ones_like(ids)
+    attention[1, 9:] = 0  # right padding
+    completion = torch.zeros_like(ids)
+    completion[:, 5:] = 1
+    a, c = (torch.randn(3, 11, generator=g, dtype=torch.float64) for _ in range(2))
+    temperature = 0.7
+
+    def grads_of(fn):
+        model.zero_grad()
+        log_probs, entropy = fn()
+        ((a * log_probs).sum() + (c * entropy).sum()).backward()
+        return [log_probs.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    def from_logits():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1] / temperature
+        log_p = torch.log_softmax(logits, dim=-1)
+        keep = (attention[:, 1:] * completion[:, 1:]).bool()
+        return log_p.gather(-1, ids[:, 1:, None])[..., 0] * keep, -(log_p.exp() * log_p).sum(-1) * keep
+
+    ref = grads_of(from_logits)
+    ours = grads_of(
+        lambda: next_token_log_probs(
+            model, ids, attention, completion, temperature=temperature, return_entropy=True, options=options
+        )
+    )
+    assert ours[0].shape == (3, 11) and ours[0][1, 8:].abs().sum() == 0 and ours[0][:, :4].abs().sum() == 0
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        assert rel_err(o, r) <= 1e-12, (i, rel_err(o, r))
+
+
+def test_hf_unsupported_model_is_refused():
+    transformers = pytest.importorskip("transformers")
+    from linear_cross_entropy.integrations.log_probs import next_token_log_probs
+
+    model = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
+    with pytest.raises(ValueError, match="BertModel is not supported"):
+        next_token_log_probs(model, torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_grpo_example_agrees_with_the_full_logits():
+    pytest.importorskip("transformers")
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "grpo_step.py"
+    spec = importlib.util.spec_from_file_location("grpo_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main() == 0
