@@ -165,8 +165,8 @@ def _weight_placement(linear_weight) -> bool:
             f"(DTensor splits as torch.chunk, {-(-classes // world)} per rank); the vocabulary-parallel loss needs "
             "every rank to hold at least one class"
         )
-    group = mesh.get_group(0)
-    if mesh.get_coordinate()[0] != dist.get_rank(group):
+    # The same verdict on every rank (the mesh is global): no rank may go on to a collective the others skip.
+    if mesh.mesh.tolist() != dist.get_process_group_ranks(mesh.get_group(0)):
         raise ValueError(
             f"linear_weight's device mesh {mesh.mesh.tolist()} orders its ranks differently from its process "
             "group (sorted global ranks): the vocabulary slices would be combined out of order. Build the mesh "
