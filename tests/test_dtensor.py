@@ -310,3 +310,53 @@ def _dtensor_cases(rank, world, errors):
 @pytest.mark.parametrize("world", [2, 3], ids=["2ranks", "3ranks"])
 def test_dtensor_head_matches_single_process(world, tmp_path):
     run_in_gloo_group(_dtensor_cases, world, tmp_path)
+
+
+class _TinyLM(torch.nn.Module):
+    """A body and our loss module (class weights, smoothing, z-loss): the head is the loss's ``linear``."""
+
+    def __init__(self, class_weights):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 8, dtype=torch.float64), torch.nn.Tanh())
+        self.loss = LinearCrossEntropyLoss(
+            8, V, bias=True, dtype=torch.float64, weight=class_weights, label_smoothing=0.1, z_loss=0.01
+        )
+
+    def forward(self, features, target):
+        return self.loss(self.body(features), target)
+
+
+def _fsdp_tp_step(rank, world, errors):
+    """A torchtitan-style 2-D mesh (dp × tp = 2 × 2): the head ``ColwiseParallel`` on "tp", the whole model
+    ``fully_shard`` on "dp"; each dp rank its own batch. Two AdamW steps equal the single-process steps on the
+    mean of the dp ranks' losses (FSDP averages gradients over dp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    _, _, _, cw, _, _ = _data()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = _TinyLM(cw)
+    reference = copy.deepcopy(model)
+    parallelize_module(model.loss, mesh["tp"], {"linear": ColwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(13, 6, dtype=torch.float64, generator=g), torch.randint(0, V, (13,), generator=g))]
+    batches.append((torch.randn(13, 6, dtype=torch.float64, generator=g), torch.randint(0, V, (13,), generator=g)))
+    mine = batches[mesh.get_coordinate()[0]]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.01) for m in (model, reference)]
+    for _ in range(2):
+        for opt in optimizers:
+            opt.zero_grad()
+        model(*mine).backward()
+        reference_loss = sum(reference(*batch) for batch in batches) / len(batches)
+        reference_loss.backward()
+        for opt in optimizers:
+            opt.step()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        _check(errors, f"fsdp x tp after 2 steps: {name}", _full(p.detach()), q.detach())
+
+
+def test_fsdp_times_tensor_parallel_step(tmp_path):
+    run_in_gloo_group(_fsdp_tp_step, 4, tmp_path)
