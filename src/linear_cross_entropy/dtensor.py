@@ -119,8 +119,8 @@ def to_local_call(
     sharded = _weight_placement(linear_weight)
     if isinstance(input, DTensor) and not input_grad_all_reduce:
         raise ValueError(
-            "input_grad_all_reduce=False applies to a plain input; a DTensor input's gradient is a Partial() "
-            "DTensor that DTensor reduces where it is next needed"
+            "input_grad_all_reduce=False applies to a plain input; a DTensor input's gradient is a DTensor "
+            "(Partial() for a Replicate() input, reduced where it is next needed; Shard(0) for Shard(0) rows)"
         )
     rows = _gathered(input, "input", mesh, allow_shard=input.dim() == 2)
     if isinstance(input, DTensor):
