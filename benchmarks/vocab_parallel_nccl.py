@@ -14,6 +14,10 @@ Timing (bf16, N×H×V = 8192×4096×128256, forward + backward, CUDA events, med
 slowest rank's median for the 2-rank runs): 2 ranks fused (V/2 each), 2 ranks chunked (V/2 each, 2048-row chunks),
 1 rank fused and 1 rank chunked with the whole head. Exits non-zero when a correctness check fails.
 
+``--dtensor``: also time the fused 2-rank run with the head as a ``Shard(0)`` DTensor on a 1-D mesh (no
+``process_group=``; :mod:`linear_cross_entropy.dtensor`). On CUDA every timed row also prints the larger rank's
+peak allocated memory.
+
 ``--cpu``: the same logic on 2 CPU processes with gloo and the fused kernels in Triton's interpreter, at small
 shapes (a dry run of this script without GPUs; its timings mean nothing).
 """
@@ -178,7 +182,7 @@ def check(rank, dev, cpu):
     return failures
 
 
-def timing(rank, world, dev, cpu):
+def timing(rank, world, dev, cpu, dtensor=False):
     n, h, v = (64, 32, 1000) if cpu else (8192, 4096, 128256)
     dtype = torch.float32 if cpu else torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(1)
@@ -202,15 +206,33 @@ def timing(rank, world, dev, cpu):
 
         return step
 
-    results = {}
-    for label, step in (
-        ("2 ranks fused (V/2 each)", sharded("fused")),
-        ("2 ranks chunked (V/2 each)", sharded("chunked", **rows)),
-    ):
+    steps = [("2 ranks fused (V/2 each)", sharded("fused")), ("2 ranks chunked (V/2 each)", sharded("chunked", **rows))]
+    if dtensor:  # the same head as a Shard(0) DTensor on a 1-D mesh: no process_group argument
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = init_device_mesh(dev.type, (world,))
+        assert hi - lo == -(-v // world) or rank == world - 1, "DTensor's Shard(0) split differs from these slices"
+        w_dt = DTensor.from_local(w.detach(), mesh, [Shard(0)], run_check=False, shape=(v, h), stride=(h, 1))
+        w_dt.requires_grad_()
+
+        def dtensor_step():
+            x.grad = w_dt.grad = None
+            linear_cross_entropy(x, w_dt, y, options=LinearCrossEntropyOptions(backend="fused")).backward()
+
+        steps.append(("2 ranks fused, DTensor head", dtensor_step))
+    results, peaks = {}, {}
+    for label, step in steps:
         dist.barrier()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         ms = torch.tensor([_time(step, dev)], dtype=torch.float64, device=dev)
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank's median
         results[label] = ms.item()
+        if dev.type == "cuda":  # the larger rank's peak allocation, inputs included
+            peak = torch.tensor([torch.cuda.max_memory_allocated(dev) / 2**20], dtype=torch.float64, device=dev)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            peaks[label] = peak.item()
     dist.barrier()
     if rank == 0:
         wf = w_full.requires_grad_()
@@ -222,15 +244,23 @@ def timing(rank, world, dev, cpu):
 
             return step
 
-        results["1 rank fused (whole V)"] = _time(whole("fused"), dev)
-        results["1 rank chunked (whole V)"] = _time(whole("chunked", **rows), dev)
+        for label, step in (
+            ("1 rank fused (whole V)", whole("fused")),
+            ("1 rank chunked (whole V)", whole("chunked", **rows)),
+        ):
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            results[label] = _time(step, dev)
+            if dev.type == "cuda":
+                peaks[label] = torch.cuda.max_memory_allocated(dev) / 2**20
         print(f"\n{n}x{h}x{v} {str(dtype).removeprefix('torch.')}, forward + backward, median ms:", flush=True)
         for label, ms in results.items():
-            print(f"  {label:<28} {ms:8.2f}", flush=True)
+            peak = f"  peak {peaks[label]:8.0f} MiB" if label in peaks else ""
+            print(f"  {label:<28} {ms:8.2f}{peak}", flush=True)
     dist.barrier()
 
 
-def worker(rank, world, port, cpu, status_dir):
+def worker(rank, world, port, cpu, status_dir, dtensor=False):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if cpu:
         dev = torch.device("cpu")
@@ -244,7 +274,7 @@ def worker(rank, world, port, cpu, status_dir):
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         failures = check(rank, dev, cpu)
-        timing(rank, world, dev, cpu)
+        timing(rank, world, dev, cpu, dtensor)
     finally:
         dist.destroy_process_group()
     with open(os.path.join(status_dir, f"rank{rank}"), "w") as f:
@@ -254,6 +284,7 @@ def worker(rank, world, port, cpu, status_dir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="dry run: gloo, CPU, Triton interpreter, small shapes")
+    parser.add_argument("--dtensor", action="store_true", help="also time the head as a Shard(0) DTensor")
     args = parser.parse_args()
     if args.cpu:
         os.environ["TRITON_INTERPRET"] = "1"  # inherited by the workers before they import triton
@@ -267,7 +298,7 @@ def main():
     import tempfile
 
     with tempfile.TemporaryDirectory() as status_dir:
-        mp.spawn(worker, args=(2, port, args.cpu, status_dir), nprocs=2, join=True)
+        mp.spawn(worker, args=(2, port, args.cpu, status_dir, args.dtensor), nprocs=2, join=True)
         failures = sum(int(open(os.path.join(status_dir, f"rank{r}")).read()) for r in range(2))
     print(f"\ncorrectness: {'all checks passed' if not failures else f'{failures} FAILED'}")
     sys.exit(1 if failures else 0)

@@ -345,7 +345,8 @@ def _count_sharded_fused_chunks(launch) -> None:
     launch._sharded_rows = counting
 
 
-def _worker(rank, world, port, sizes, out_dir):
+def _gloo_process(rank, world, port, out_dir, body, args):
+    """One spawned rank: joins the gloo group, runs ``body(rank, world, errors, *args)`` and writes ``errors``."""
     errors = []
     try:
         dist.init_process_group(
@@ -355,29 +356,7 @@ def _worker(rank, world, port, sizes, out_dir):
             world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
-        group = dist.group.WORLD
-        bounds = [0]
-        for s in sizes:
-            bounds.append(bounds[-1] + s)
-        assert bounds[-1] == V
-        for name, kwargs, use_bias, use_cw in _cases():
-            _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
-        _run_case(rank, group, bounds, "no-grad-all-reduce", {"reduction": "sum"}, True, True, errors, False)
-        _module_case(rank, group, bounds, errors)
-        _tie_case(rank, group, bounds, errors)
-        if INTERPRET and _fused_available():
-            from linear_cross_entropy.backends.fused import launch
-
-            launch._MAX_BLOCK_C = 8  # several column tiles per row (slices of 7 to 25 classes)
-            _count_sharded_fused_chunks(launch)
-            for name, kwargs, use_bias, use_cw in _fused_cases():
-                _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
-            fused = {"options": LinearCrossEntropyOptions(backend="fused"), "label_smoothing": 0.1}
-            _run_case(rank, group, bounds, "fused-no-grad-all-reduce", fused, True, True, errors, False)
-            chunks = {"options": LinearCrossEntropyOptions(backend="fused", batch_chunk_size=5)}
-            _run_case(rank, group, bounds, "fused-chunks-no-grad-all-reduce", chunks, True, False, errors, False)
-            _tie_case(rank, group, bounds, errors, fused=True)
-        _error_cases(rank, group, bounds, errors)
+        body(rank, world, errors, *args)
     except Exception:  # noqa: BLE001
         errors.append(traceback.format_exc())
     finally:
@@ -387,22 +366,53 @@ def _worker(rank, world, port, sizes, out_dir):
             dist.destroy_process_group()
 
 
-# Uneven slices whose own sizes would give the ranks different aspect-ratio chunks (12 vs 25 classes: 8 vs 4 rows;
-# 7 vs 13: 13 vs 8 rows) and different softmax blocks.
-@pytest.mark.parametrize("sizes", [(25, 12), (7, 13, 17)], ids=["2ranks-25-12", "3ranks-7-13-17"])
-def test_vocab_parallel_matches_single_process(sizes, tmp_path):
-    world = len(sizes)
-    ctx = mp.spawn(_worker, args=(world, _free_port(), sizes, str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + WALL_LIMIT_S
+def run_in_gloo_group(body, world: int, tmp_path, *args, wall_limit_s: float = WALL_LIMIT_S) -> None:
+    """Run ``body(rank, world, errors, *args)`` (a module-level function) on ``world`` spawned CPU processes in one
+    gloo group; fail on a hang past ``wall_limit_s`` or on any mismatch a rank appended to ``errors``."""
+    ctx = mp.spawn(_gloo_process, args=(world, _free_port(), str(tmp_path), body, args), nprocs=world, join=False)
+    deadline = time.monotonic() + wall_limit_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
-            pytest.fail(f"vocabulary-parallel workers still running after {WALL_LIMIT_S} s (hang?)")
+            pytest.fail(f"workers still running after {wall_limit_s} s (hang?)")
     reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
     failures = [f"rank {r}:\n{text}" for r, text in enumerate(reports) if text]
     assert not failures, "\n\n".join(failures)
+
+
+def _vocab_parallel_cases(rank, world, errors, sizes):
+    group = dist.group.WORLD
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    assert bounds[-1] == V
+    for name, kwargs, use_bias, use_cw in _cases():
+        _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
+    _run_case(rank, group, bounds, "no-grad-all-reduce", {"reduction": "sum"}, True, True, errors, False)
+    _module_case(rank, group, bounds, errors)
+    _tie_case(rank, group, bounds, errors)
+    if INTERPRET and _fused_available():
+        from linear_cross_entropy.backends.fused import launch
+
+        launch._MAX_BLOCK_C = 8  # several column tiles per row (slices of 7 to 25 classes)
+        _count_sharded_fused_chunks(launch)
+        for name, kwargs, use_bias, use_cw in _fused_cases():
+            _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
+        fused = {"options": LinearCrossEntropyOptions(backend="fused"), "label_smoothing": 0.1}
+        _run_case(rank, group, bounds, "fused-no-grad-all-reduce", fused, True, True, errors, False)
+        chunks = {"options": LinearCrossEntropyOptions(backend="fused", batch_chunk_size=5)}
+        _run_case(rank, group, bounds, "fused-chunks-no-grad-all-reduce", chunks, True, False, errors, False)
+        _tie_case(rank, group, bounds, errors, fused=True)
+    _error_cases(rank, group, bounds, errors)
+
+
+# Uneven slices whose own sizes would give the ranks different aspect-ratio chunks (12 vs 25 classes: 8 vs 4 rows;
+# 7 vs 13: 13 vs 8 rows) and different softmax blocks.
+@pytest.mark.parametrize("sizes", [(25, 12), (7, 13, 17)], ids=["2ranks-25-12", "3ranks-7-13-17"])
+def test_vocab_parallel_matches_single_process(sizes, tmp_path):
+    run_in_gloo_group(_vocab_parallel_cases, len(sizes), tmp_path, sizes)
 
 
 def test_check_backend_names_process_group():

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import distributed, validate
+from . import distributed, dtensor, validate
 from .backends import chunked, compiled, fused, tiled
 from .backends.common import LossParams, keep_mask, summarize_metrics
 from .backends.reference import linear_cross_entropy_reference, reference_with_extras
@@ -81,6 +81,29 @@ def linear_cross_entropy(
         ``input`` (fp32 under autocast, as ``cross_entropy``; ``options.loss_dtype`` when set). With
         ``return_metrics``, a :class:`LinearCrossEntropyOutput` ``(loss, metrics)``.
     """
+    if dtensor.involves_dtensor(input, linear_weight, target, linear_bias, weight):
+        # Tensor parallel (see .dtensor): the same call on the local tensors, vocabulary-parallel over the mesh.
+        local = dtensor.to_local_call(
+            input, linear_weight, target, linear_bias, weight, reduction, process_group, input_grad_all_reduce
+        )
+        out = linear_cross_entropy(
+            local.input,
+            local.linear_weight,
+            local.target,
+            linear_bias=local.linear_bias,
+            weight=local.weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            options=options,
+            z_loss=z_loss,
+            logit_scale=logit_scale,
+            logit_softcap=logit_softcap,
+            return_metrics=return_metrics,
+            process_group=local.process_group,
+            input_grad_all_reduce=local.input_grad_all_reduce,
+        )
+        return local.wrap(out)
     shape = validate.check_call(
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing
     )
