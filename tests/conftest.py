@@ -307,6 +307,43 @@ def assert_identical(actual, expected, what: str = ""):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Multi-process tests (gloo on the CPU)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free now (for ``init_process_group``'s ``tcp://`` rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world: int, args: tuple, out_dir, limit_s: float) -> None:
+    """Run ``worker(rank, world, port, *args, str(out_dir))`` in ``world`` spawned processes.
+
+    Each rank writes the mismatches it found to ``out_dir/rank{rank}.txt`` (empty: none) instead of raising at the
+    first, so that no rank leaves the others waiting in a collective. Fails the test on any mismatch, or when the
+    processes still run after ``limit_s`` seconds (a hang), terminating them."""
+    import pathlib
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=(world, free_port(), *args, str(out_dir)), nprocs=world, join=False)
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"{world} worker processes still running after {limit_s} s (hang?)")
+    reports = [(pathlib.Path(out_dir) / f"rank{r}.txt").read_text() for r in range(world)]
+    failures = [f"rank {r}:\n{text}" for r, text in enumerate(reports) if text]
+    assert not failures, "\n\n".join(failures)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Hypothesis: deterministic by default (CI must be reproducible); HYPOTHESIS_PROFILE=explore for fresh examples.
 
 try:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_ranks
 
 from linear_cross_entropy import LinearCrossEntropyLoss, LinearCrossEntropyOptions, linear_cross_entropy
 from linear_cross_entropy.backends import chunked
@@ -39,12 +37,6 @@ METRICS = ("lse", "z_loss", "max_logit", "entropy", "logit_norm", "accuracy", "l
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # fused (fp32) against float64: within _SLACK × plain PyTorch's fp32 error + _FLOOR (relative norm errors)
 _SLACK, _FLOOR = 2.0, 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -391,18 +383,7 @@ def _worker(rank, world, port, sizes, out_dir):
 # 7 vs 13: 13 vs 8 rows) and different softmax blocks.
 @pytest.mark.parametrize("sizes", [(25, 12), (7, 13, 17)], ids=["2ranks-25-12", "3ranks-7-13-17"])
 def test_vocab_parallel_matches_single_process(sizes, tmp_path):
-    world = len(sizes)
-    ctx = mp.spawn(_worker, args=(world, _free_port(), sizes, str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + WALL_LIMIT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"vocabulary-parallel workers still running after {WALL_LIMIT_S} s (hang?)")
-    reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
-    failures = [f"rank {r}:\n{text}" for r, text in enumerate(reports) if text]
-    assert not failures, "\n\n".join(failures)
+    run_ranks(_worker, len(sizes), (sizes,), tmp_path, WALL_LIMIT_S)
 
 
 def test_check_backend_names_process_group():
