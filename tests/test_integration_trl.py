@@ -81,7 +81,7 @@ def llama():
     return transformers.LlamaForCausalLM(config)
 
 
-def sft_trainer(model, tmp_path, **config):
+def sft_trainer(model, tmp_path, peft_config=None, **config):
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
         report_to=[],
@@ -94,7 +94,12 @@ def sft_trainer(model, tmp_path, **config):
         **config,
     )
     return trl.SFTTrainer(
-        model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(4), processing_class=tokenizer()
+        model=model,
+        args=args,
+        train_dataset=dataset(),
+        eval_dataset=dataset(4),
+        processing_class=tokenizer(),
+        peft_config=peft_config,
     )
 
 
@@ -117,10 +122,20 @@ def calls(monkeypatch):
     return counts
 
 
-def test_sft_trainer_trains_with_our_kernel(tmp_path, calls):
-    trainer = lce_trl.apply(sft_trainer(llama(), tmp_path, max_steps=2))  # SFTConfig's defaults: bf16 autocast
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_sft_trainer_trains_with_our_kernel(tmp_path, calls, adapter):
+    config = {}
+    if adapter:  # SFTTrainer wraps the model in a PeftModel; TRL's head (and ours) sit on its base model
+        peft = pytest.importorskip("peft")
+        config["peft_config"] = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    trainer = lce_trl.apply(sft_trainer(llama(), tmp_path, max_steps=2, **config))  # SFTConfig's defaults: bf16
     assert lce_trl.is_applied(trainer.model) and lce_hf.is_applied(trainer.model)
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapter == all("lora_" in n for n in trainable)
     trainer.train()
+    for n, p in trainer.model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, trainable[n]), f"{n} was not trained"
     assert calls == {"ours": 2, "trl": 0}
     steps = [log for log in trainer.state.log_history if "loss" in log]
     assert len(steps) == 2
