@@ -180,6 +180,22 @@ def operands(head: Head, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(inputs, dim=-1), torch.cat(weights, dim=-1), bias
 
 
+@contextlib.contextmanager
+def fsdp_unsharded(model: torch.nn.Module):
+    """``model``'s own FSDP2 parameters gathered (``FSDPModule.unshard``) for the duration, as in its forward.
+
+    A collective: every rank must enter it. A no-op for a model that ``fully_shard`` did not wrap."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not isinstance(model, getattr(fsdp, "FSDPModule", ())):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def zero3_partitioned(head: Head) -> list[torch.Tensor]:
     """The head's directly read parameters that DeepSpeed ZeRO-3 manages (they carry ``ds_id``)."""
     return [p for p in head.parameters() if hasattr(p, "ds_id")]
