@@ -61,6 +61,7 @@ _COMMON = dict(
 _MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.3, experts_implementation="eager")
 _MROPE = dict(_COMMON, head_dim=8, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
 _QWEN_VL_TOKENS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=7, vision_end_token_id=8)
+_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8)
 _QWEN_VL_VISION = dict(depth=1, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
 
 
@@ -113,22 +114,7 @@ FAMILIES = {
             "Qwen3MoeConfig", **{**_COMMON, **_MOE, "head_dim": 8, "num_experts": 4, "moe_intermediate_size": 32, **kw}
         )
     ),
-    "gpt_neox": lambda **kw: transformers.GPTNeoXForCausalLM(
-        _config(
-            "GPTNeoXConfig",
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            initializer_range=0.2,
-            bos_token_id=None,
-            eos_token_id=None,
-            attn_implementation="eager",
-            **kw,
-        )
-    ),
+    "gpt_neox": lambda **kw: transformers.GPTNeoXForCausalLM(_config("GPTNeoXConfig", **{**_COMMON, **kw})),
     "gpt2": lambda **kw: transformers.GPT2LMHeadModel(
         _config(
             "GPT2Config",
@@ -179,15 +165,7 @@ FAMILIES = {
             "LlavaConfig",
             text_config=dict(_COMMON, model_type="llama"),
             image_token_index=5,
-            vision_config=dict(
-                model_type="clip_vision_model",
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=8,
-                patch_size=4,
-            ),
+            vision_config=dict(_VISION, model_type="clip_vision_model", patch_size=4),
             vision_feature_layer=-1,
             attn_implementation="eager",
             **kw,
@@ -198,15 +176,7 @@ FAMILIES = {
             "Gemma3Config",
             text_config=dict(_COMMON, head_dim=8, model_type="gemma3_text"),
             image_token_index=5,
-            vision_config=dict(
-                model_type="siglip_vision_model",
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=8,
-                patch_size=2,
-            ),
+            vision_config=dict(_VISION, model_type="siglip_vision_model", patch_size=2),
             mm_tokens_per_image=4,
             boi_token_index=7,
             eoi_token_index=8,
