@@ -9,7 +9,9 @@ A head is served when its forward is a known linear map of ``hidden``, computed 
   adapters, computed as one product of operands concatenated along the feature dimension,
   ``[x, s₁·A₁·drop₁(x), …]·[W, B₁, …]ᵀ + (b + Σ sₐ·b_{B,a})``; ``A_a`` and the dropout are called as modules (in
   training the dropout draws from the RNG as PEFT's forward does, in the same order). Disabled or merged adapters
-  use the base layer, as PEFT does;
+  use the base layer, as PEFT does. Adapters kept in another dtype than the base weight (PEFT's fp32 adapters on a
+  bf16 model) enter the product cast to the base weight's dtype: ``s·A·drop(x)`` and ``B`` are rounded once to it,
+  where PEFT adds the adapter's fp32 output to the rounded base output and rounds the sum;
 - PEFT's ``ModulesToSaveWrapper``: the copy PEFT's forward would call (the active adapter's, or the original when
   adapters are disabled).
 
