@@ -584,6 +584,12 @@ def test_zero3_partitioned_head_is_gathered(monkeypatch):
     patched = lce_hf.apply(copy.deepcopy(model), options=F64)
     weight = patched.lm_head.weight
     _partition(weight)
+
+    def zero3_hook(module, args):  # ZeRO-3 hooks every module; the head's are replaced by the gather
+        pass
+
+    zero3_hook.__module__ = "deepspeed.runtime.zero.parameter_offload"
+    patched.lm_head.register_forward_pre_hook(zero3_hook)
     _GatheredParameters.calls.clear()
     patched.zero_grad(set_to_none=True)
     loss = 3 * patched(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=30).loss

@@ -18,7 +18,7 @@ A head is served when its forward is a known linear map of ``hidden``, computed 
 Anything else is refused (``ValueError`` naming what was found, what is served and what to do): other PEFT tuners
 and LoRA variants (DoRA, ...), a mixed-adapter batch, and forward hooks or a replaced ``forward`` on a module the
 loss bypasses (they would see no call; FSDP2's ``fully_shard`` of the head alone and accelerate's device hooks are
-of this kind).
+of this kind; DeepSpeed's own hooks are not counted: the ZeRO-3 gathering below does their work).
 
 DeepSpeed ZeRO-3 partitions every parameter to an empty placeholder, gathered only around its own module's forward
 and backward. Head parameters carrying ``ds_id`` are (1) registered as external parameters of the patched model
@@ -114,8 +114,8 @@ def _refuse_bypassed_hooks(module: torch.nn.Module, where: str) -> None:
     hooks = [
         kind
         for kind, registry in (
-            ("forward pre-hooks", module._forward_pre_hooks),
-            ("forward hooks", module._forward_hooks),
+            ("forward pre-hooks", _foreign(module._forward_pre_hooks)),
+            ("forward hooks", _foreign(module._forward_hooks)),
             ("a forward replaced on the instance", {"forward": 1} if "forward" in vars(module) else {}),
         )
         if registry
@@ -128,6 +128,15 @@ def _refuse_bypassed_hooks(module: torch.nn.Module, where: str) -> None:
             "them (shard the head together with its parent model), or call "
             "linear_cross_entropy.integrations.transformers.remove(model) to train with the model's own head."
         )
+
+
+def _foreign(hooks: dict) -> list:
+    """The hooks not DeepSpeed's: ZeRO-3's own gather/release hooks are replaced by :func:`zero3_gathered`."""
+    return [
+        hook
+        for hook in hooks.values()
+        if not getattr(getattr(hook, "func", hook), "__module__", "").startswith("deepspeed")
+    ]
 
 
 def _active_copy(wrapper: torch.nn.Module) -> torch.nn.Module:
