@@ -160,9 +160,8 @@ def test_transformers_apply_before_sft_trainer_warns_once(tmp_path, calls):
     assert "linear_cross_entropy.integrations.trl.apply(trainer)" in str(ours[0].message)
     assert calls == {"ours": 0, "trl": 2}  # what the warning says: TRL's kernel ran
 
-    lce_trl.apply(trainer)  # the fix, on the same trainer
-    trainer.train()
-    assert calls == {"ours": 2, "trl": 2}
+    with pytest.raises(ValueError, match="before train"):  # accelerate's bf16 wrapper now sits on TRL's head
+        lce_trl.apply(trainer)
 
 
 def test_apply_refuses_a_model_without_trl_head():

@@ -73,6 +73,12 @@ def apply(trainer, *, options=None):
             "an SFTTrainer right after constructing it; for a plain transformers Trainer use "
             "linear_cross_entropy.integrations.transformers.apply(model) instead."
         )
+    if not _is_trl_fused_head(forward, outermost=True):
+        raise ValueError(
+            f"linear_cross_entropy.integrations.trl.apply: TRL's fused LM head on this {type(target).__name__} is "
+            "wrapped by another forward (accelerate's mixed-precision wrapper, installed when training starts); "
+            "call apply() right after constructing the SFTTrainer, before train()."
+        )
     state = getattr(target, lce_hf._STATE, None)
     if options is None and state is not None:
         options = state.options
@@ -95,7 +101,7 @@ def apply(trainer, *, options=None):
 def is_applied(model: torch.nn.Module) -> bool:
     """Whether :func:`apply` installed its fused-head forward on ``model`` (or the model inside its wrappers)."""
     forward = vars(lce_hf._unwrap(model)).get("forward")
-    return getattr(getattr(forward, "__func__", None), "_linear_cross_entropy_trl", False)
+    return any(getattr(f, "_linear_cross_entropy_trl", False) for f in _wrapped(forward))
 
 
 def watch(model: torch.nn.Module) -> None:
@@ -125,12 +131,24 @@ def _warn_if_trl_head_runs(model, args, kwargs):
     )
 
 
-def _is_trl_fused_head(forward) -> bool:
-    """Whether ``forward`` is the function ``trl.trainer.utils.add_fused_lm_head`` installs (its code object is one
-    of that function's constants; ``functools.wraps`` gave it the model's name and module)."""
+def _wrapped(forward):
+    """The function of ``forward`` and those it wraps (``functools.wraps``' ``__wrapped__``), outermost first:
+    accelerate's mixed-precision wrapper (installed on ``model.forward`` when training starts), TRL's head, ours."""
+    function = getattr(forward, "__func__", forward)
+    while function is not None:
+        yield function
+        function = getattr(function, "__wrapped__", None)
+        function = getattr(function, "__func__", function)
+
+
+def _is_trl_fused_head(forward, outermost: bool = False) -> bool:
+    """Whether ``forward`` is (``outermost``) or wraps the function ``trl.trainer.utils.add_fused_lm_head``
+    installs: its code object is one of that function's constants (``functools.wraps`` gave it the model's name)."""
     utils = sys.modules.get("trl.trainer.utils")  # a model carrying TRL's head has imported it
-    code = getattr(getattr(forward, "__func__", None), "__code__", None)
-    return utils is not None and code is not None and code in utils.add_fused_lm_head.__code__.co_consts
+    if utils is None or forward is None:
+        return False
+    functions = list(_wrapped(forward))[:1] if outermost else _wrapped(forward)
+    return any(getattr(f, "__code__", None) in utils.add_fused_lm_head.__code__.co_consts for f in functions)
 
 
 def _fused_lm_head(model, args, kwargs):
