@@ -195,16 +195,21 @@ def operands(head: Head, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def fsdp_unsharded(model: torch.nn.Module):
     """``model``'s own FSDP2 parameters gathered (``FSDPModule.unshard``) for the duration, as in its forward.
 
-    A collective: every rank must enter it. A no-op for a model that ``fully_shard`` did not wrap."""
+    A collective: every rank must enter it. A no-op for a model that ``fully_shard`` did not wrap or whose
+    parameters are not sharded (no ``DTensor``)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is None or not isinstance(model, getattr(fsdp, "FSDPModule", ())):
-        yield
-        return
-    model.unshard()
+    sharded = fsdp is not None and isinstance(model, getattr(fsdp, "FSDPModule", ()))
+    if sharded:
+        from torch.distributed.tensor import DTensor
+
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded:
+        model.unshard()
     try:
         yield
     finally:
-        model.reshard()
+        if sharded:
+            model.reshard()
 
 
 def zero3_partitioned(head: Head) -> list[torch.Tensor]:

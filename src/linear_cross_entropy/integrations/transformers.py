@@ -193,7 +193,8 @@ def apply(
             f"This {name}'s forward was already replaced on the instance (accelerate's device-map hooks, "
             "torch.compile(model.forward), another patch); apply() must come first, on the plain model."
         )
-    _head.resolve(target.get_output_embeddings(), f"{name}.lm_head")  # fail now, not at the first training step
+    with _head.fsdp_unsharded(target):  # FSDP2 keeps DTensor shards between forwards; its forward reads these
+        _head.resolve(target.get_output_embeddings(), f"{name}.lm_head")  # fail now, not at the first training step
 
     state = _Patch(
         cls=cls,
@@ -213,6 +214,9 @@ def apply(
         forward._linear_cross_entropy = True
 
         target.forward = types.MethodType(forward, target)  # this instance only; copy.deepcopy rebinds it
+        from .trl import watch  # (here, not at the top: trl imports this module)
+
+        watch(target)  # TRL's SFTTrainer replaces this forward with its own fused head: warn once when that runs
     return model
 
 
