@@ -13,9 +13,7 @@ softmax blocks: the chunking must follow the global vocabulary or the collective
 
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 
 import pytest
 import torch
@@ -337,46 +335,30 @@ def _count_sharded_fused_chunks(launch) -> None:
     launch._sharded_rows = counting
 
 
-def _worker(rank, world, port, sizes, out_dir):
-    errors = []
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        group = dist.group.WORLD
-        bounds = [0]
-        for s in sizes:
-            bounds.append(bounds[-1] + s)
-        assert bounds[-1] == V
-        for name, kwargs, use_bias, use_cw in _cases():
-            _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
-        _run_case(rank, group, bounds, "no-grad-all-reduce", {"reduction": "sum"}, True, True, errors, False)
-        _module_case(rank, group, bounds, errors)
-        _tie_case(rank, group, bounds, errors)
-        if INTERPRET and _fused_available():
-            from linear_cross_entropy.backends.fused import launch
+def _worker(rank, world, sizes, errors):
+    group = dist.group.WORLD
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    assert bounds[-1] == V
+    for name, kwargs, use_bias, use_cw in _cases():
+        _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
+    _run_case(rank, group, bounds, "no-grad-all-reduce", {"reduction": "sum"}, True, True, errors, False)
+    _module_case(rank, group, bounds, errors)
+    _tie_case(rank, group, bounds, errors)
+    if INTERPRET and _fused_available():
+        from linear_cross_entropy.backends.fused import launch
 
-            launch._MAX_BLOCK_C = 8  # several column tiles per row (slices of 7 to 25 classes)
-            _count_sharded_fused_chunks(launch)
-            for name, kwargs, use_bias, use_cw in _fused_cases():
-                _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
-            fused = {"options": LinearCrossEntropyOptions(backend="fused"), "label_smoothing": 0.1}
-            _run_case(rank, group, bounds, "fused-no-grad-all-reduce", fused, True, True, errors, False)
-            chunks = {"options": LinearCrossEntropyOptions(backend="fused", batch_chunk_size=5)}
-            _run_case(rank, group, bounds, "fused-chunks-no-grad-all-reduce", chunks, True, False, errors, False)
-            _tie_case(rank, group, bounds, errors, fused=True)
-        _error_cases(rank, group, bounds, errors)
-    except Exception:  # noqa: BLE001
-        errors.append(traceback.format_exc())
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write("\n".join(errors))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        launch._MAX_BLOCK_C = 8  # several column tiles per row (slices of 7 to 25 classes)
+        _count_sharded_fused_chunks(launch)
+        for name, kwargs, use_bias, use_cw in _fused_cases():
+            _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
+        fused = {"options": LinearCrossEntropyOptions(backend="fused"), "label_smoothing": 0.1}
+        _run_case(rank, group, bounds, "fused-no-grad-all-reduce", fused, True, True, errors, False)
+        chunks = {"options": LinearCrossEntropyOptions(backend="fused", batch_chunk_size=5)}
+        _run_case(rank, group, bounds, "fused-chunks-no-grad-all-reduce", chunks, True, False, errors, False)
+        _tie_case(rank, group, bounds, errors, fused=True)
+    _error_cases(rank, group, bounds, errors)
 
 
 # Uneven slices whose own sizes would give the ranks different aspect-ratio chunks (12 vs 25 classes: 8 vs 4 rows;

@@ -32,11 +32,11 @@ tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("accelerate")
 
 import trl.trainer.utils as trl_utils  # noqa: E402
+from test_integration_transformers import V, make  # noqa: E402
 
 from linear_cross_entropy.integrations import transformers as lce_hf  # noqa: E402
 from linear_cross_entropy.integrations import trl as lce_trl  # noqa: E402
 
-V = 97
 WORDS = [f"w{i}" for i in range(60)]
 SLACK, FLOOR = 2.0, 2.0**-23  # ours and TRL's against float64: within SLACK × plain float32's error + one fp32 rounding
 
@@ -65,20 +65,7 @@ def dataset(rows: int = 8):
 
 
 def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.2,  # logits of order 1: a loss and an entropy far from log V
-        pad_token_id=0,
-        attn_implementation="eager",
-    )
-    return transformers.LlamaForCausalLM(config)
+    return make("llama", torch.float32)  # seeded, training mode
 
 
 def sft_trainer(model, tmp_path, peft_config=None, **config):
