@@ -219,6 +219,20 @@ def test_parity_with_trl_own_head(tmp_path, calls, loss_type, with_num_items):
         for name, g in grads.items():
             check(f"{who} grad {name}", g, plain[1][name], exact[1][name])
 
+    # the output's own fields: TRL's shapes and mask; its loss (the NLL, read under sequence parallelism)
+    with torch.no_grad():
+        fused = {
+            who: trainer.model(**inputs, fused_lm_head=True, num_items_in_batch=num_items)
+            for who, trainer in (("trl", theirs), ("ours", ours))
+        }
+    for field in ("log_probs", "entropy", "is_top1", "label_mask"):
+        assert fused["ours"][field].shape == fused["trl"][field].shape, field
+        assert fused["ours"][field].dtype == fused["trl"][field].dtype, field
+    assert torch.equal(fused["ours"].label_mask, fused["trl"].label_mask)
+    if loss_type == "nll":
+        for who, out in fused.items():
+            check(f"{who} FusedCausalLMOutput.loss", out.loss, plain[0], exact[0])
+
     # evaluate(): TRL's eval loop through each head, against the oracle on the (single) eval batch
     eval_inputs = theirs._prepare_inputs(next(iter(theirs.get_eval_dataloader())))
     exact = _oracle(copy.deepcopy(base).double().eval(), eval_inputs, loss_type, None)
