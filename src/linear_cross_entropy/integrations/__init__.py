@@ -2,4 +2,6 @@
 
 - :mod:`linear_cross_entropy.integrations.transformers`: ``apply(model)`` makes a Hugging Face causal LM compute its
   training loss with :func:`~linear_cross_entropy.linear_cross_entropy`, without the logits (extra ``transformers``).
+- :mod:`linear_cross_entropy.integrations.trl`: ``apply(trainer)`` puts it in place of TRL's own fused LM head in an
+  ``SFTTrainer`` (needs ``trl``).
 """
