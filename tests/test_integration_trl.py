@@ -160,13 +160,17 @@ def _oracle(model, inputs, loss_type, num_items):
     """TRL's loss, mean entropy and token accuracy from ``model``'s logits (dtype of the model) and the parameter
     gradients of the loss."""
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    moe = hasattr(model.config, "output_router_logits")  # TRL adds router_aux_loss_coef × the router loss
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_router_logits=moe)
+    logits = out.logits[:, :-1]
     labels = inputs["labels"][:, 1:]
     mask = labels != -100
     log_softmax = logits.log_softmax(-1)
     log_probs = log_softmax.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
     per_token = -log_probs * (log_probs.exp().detach() if loss_type == "dft" else 1)
     loss = per_token.sum() / (mask.sum() if num_items is None else num_items)
+    if moe:
+        loss = loss + model.config.router_aux_loss_coef * out.aux_loss
     loss.backward()
     entropy = -(log_softmax.exp() * log_softmax).sum(-1)[mask].mean()
     accuracy = (logits.argmax(-1) == labels)[mask].float().mean()
@@ -189,9 +193,11 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-@pytest.mark.parametrize("loss_type, with_num_items", [("nll", True), ("dft", False)])
-def test_parity_with_trl_own_head(tmp_path, calls, loss_type, with_num_items):
-    base = llama()
+@pytest.mark.parametrize(
+    "family, loss_type, with_num_items", [("llama", "nll", True), ("llama", "dft", False), ("qwen3_moe", "nll", False)]
+)
+def test_parity_with_trl_own_head(tmp_path, calls, family, loss_type, with_num_items):
+    base = make(family, torch.float32)
     theirs = sft_trainer(copy.deepcopy(base), tmp_path / "trl", bf16=False, loss_type=loss_type)
     ours = lce_trl.apply(sft_trainer(copy.deepcopy(base), tmp_path / "ours", bf16=False, loss_type=loss_type))
     theirs.model.train(), ours.model.train()
@@ -229,6 +235,7 @@ def test_parity_with_trl_own_head(tmp_path, calls, loss_type, with_num_items):
         assert fused["ours"][field].shape == fused["trl"][field].shape, field
         assert fused["ours"][field].dtype == fused["trl"][field].dtype, field
     assert torch.equal(fused["ours"].label_mask, fused["trl"].label_mask)
+    assert (fused["ours"].aux_loss is None) == (fused["trl"].aux_loss is None) == (family != "qwen3_moe")
     if loss_type == "nll":
         for who, out in fused.items():
             check(f"{who} FusedCausalLMOutput.loss", out.loss, plain[0], exact[0])
