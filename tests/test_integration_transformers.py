@@ -370,13 +370,13 @@ def test_lm_head_bias():
     check_against_both(model, *batch(4))
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_final_logit_softcapping(family):
+@pytest.mark.parametrize(("family", "num_items_in_batch"), [("gemma2", None), ("gemma3", 40)])
+def test_final_logit_softcapping(family, num_items_in_batch):
     """Gemma-2 style c·tanh(z/c) on the final logits, passed as logit_softcap=."""
     model = make(family, final_logit_softcapping=2.0)  # small cap: it bends logits of order 1
     ids, mask, labels, _ = batch(5)
-    check_against_both(model, ids, mask, labels)
-    check_against_both(model, ids, mask, labels, num_items_in_batch=torch.tensor(40))
+    items = None if num_items_in_batch is None else torch.tensor(num_items_in_batch)
+    check_against_both(model, ids, mask, labels, num_items_in_batch=items)
 
 
 def test_shift_labels_keyword():
@@ -446,29 +446,26 @@ def _fsdp_class(model):
     return model
 
 
-@pytest.mark.parametrize("order", ["apply_then_shard", "shard_then_apply"])
-def test_recognised_through_fsdp_and_plain_subclasses(order):
+def test_recognised_through_fsdp_and_plain_subclasses():
     """Recognition by isinstance + the class's own forward: FSDP2's dynamic subclass in either order, a user
     subclass that keeps forward; the forward never looks the class up by name."""
     model = make("llama")
-    if order == "apply_then_shard":
-        patched = _fsdp_class(lce_hf.apply(copy.deepcopy(model), options=F64))
-    else:
-        patched = lce_hf.apply(_fsdp_class(copy.deepcopy(model)), options=F64)
-    assert type(patched).__name__ == "FSDPLlamaForCausalLM"
     ids, mask, labels, _ = batch(8)
-    got = loss_and_grads(patched, lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
-    assert_same(got, loss_and_grads(model, lambda m: oracle(m, ids, mask, labels)), EXACT, order)
+    exact = loss_and_grads(model, lambda m: oracle(m, ids, mask, labels))
+    apply_then_shard = _fsdp_class(lce_hf.apply(copy.deepcopy(model), options=F64))
+    shard_then_apply = lce_hf.apply(_fsdp_class(copy.deepcopy(model)), options=F64)
+    for patched in (apply_then_shard, shard_then_apply):
+        assert type(patched).__name__ == "FSDPLlamaForCausalLM"
+        got = loss_and_grads(patched, lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        assert_same(got, exact, EXACT, "fsdp")
 
     class MyLlama(transformers.LlamaForCausalLM):
         pass
 
     mine = copy.deepcopy(model)
     mine.__class__ = MyLlama
-    assert (
-        rel(lce_hf.apply(mine, options=F64)(input_ids=ids, labels=labels).loss, oracle(model, ids, None, labels))
-        <= EXACT
-    )
+    loss = lce_hf.apply(mine, options=F64)(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert rel(loss, exact[0]) <= EXACT
 
 
 def test_compiled_model():
