@@ -13,17 +13,13 @@ softmax blocks: the chunking must follow the global vocabulary or the collective
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_ranks
 
 from linear_cross_entropy import LinearCrossEntropyLoss, LinearCrossEntropyOptions, linear_cross_entropy
 from linear_cross_entropy.backends import chunked
@@ -39,12 +35,6 @@ METRICS = ("lse", "z_loss", "max_logit", "entropy", "logit_norm", "accuracy", "l
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # fused (fp32) against float64: within _SLACK × plain PyTorch's fp32 error + _FLOOR (relative norm errors)
 _SLACK, _FLOOR = 2.0, 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -345,44 +335,7 @@ def _count_sharded_fused_chunks(launch) -> None:
     launch._sharded_rows = counting
 
 
-def _gloo_process(rank, world, port, out_dir, body, args):
-    """One spawned rank: joins the gloo group, runs ``body(rank, world, errors, *args)`` and writes ``errors``."""
-    errors = []
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        body(rank, world, errors, *args)
-    except Exception:  # noqa: BLE001
-        errors.append(traceback.format_exc())
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write("\n".join(errors))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_in_gloo_group(body, world: int, tmp_path, *args, wall_limit_s: float = WALL_LIMIT_S) -> None:
-    """Run ``body(rank, world, errors, *args)`` (a module-level function) on ``world`` spawned CPU processes in one
-    gloo group; fail on a hang past ``wall_limit_s`` or on any mismatch a rank appended to ``errors``."""
-    ctx = mp.spawn(_gloo_process, args=(world, _free_port(), str(tmp_path), body, args), nprocs=world, join=False)
-    deadline = time.monotonic() + wall_limit_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"workers still running after {wall_limit_s} s (hang?)")
-    reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)]
-    failures = [f"rank {r}:\n{text}" for r, text in enumerate(reports) if text]
-    assert not failures, "\n\n".join(failures)
-
-
-def _vocab_parallel_cases(rank, world, errors, sizes):
+def _worker(rank, world, sizes, errors):
     group = dist.group.WORLD
     bounds = [0]
     for s in sizes:
@@ -412,7 +365,8 @@ def _vocab_parallel_cases(rank, world, errors, sizes):
 # 7 vs 13: 13 vs 8 rows) and different softmax blocks.
 @pytest.mark.parametrize("sizes", [(25, 12), (7, 13, 17)], ids=["2ranks-25-12", "3ranks-7-13-17"])
 def test_vocab_parallel_matches_single_process(sizes, tmp_path):
-    run_in_gloo_group(_vocab_parallel_cases, len(sizes), tmp_path, sizes)
+    run_ranks(_worker, len(sizes), (sizes,), tmp_path, WALL_LIMIT_S)
+
 
 
 def test_check_backend_names_process_group():

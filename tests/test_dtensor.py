@@ -1,6 +1,6 @@
 """Tensor parallel through DTensor: gloo, 2 and 3 CPU processes, every rank against the single-process float64 result.
 
-One spawned group per world size runs every case (``test_distributed.run_in_gloo_group``: a wall-clock limit turns
+One spawned group per world size runs every case (``conftest.run_ranks``: a wall-clock limit turns
 a hang into a failure). The head is ``distribute_tensor(W, mesh, [Shard(0)])`` with V = 37: DTensor's own uneven
 split (19 + 18 on 2 ranks, 13 + 13 + 11 on 3), which the vocabulary-parallel path must agree with. Inputs are
 plain, ``Replicate()`` and ``Shard(0)`` (sequence parallel, 13 rows: uneven too); each case checks the loss,
@@ -19,7 +19,8 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import INTERPRET, METRICS, V, _check, _compare, _data, _single_process, run_in_gloo_group
+from conftest import run_ranks
+from test_distributed import INTERPRET, METRICS, WALL_LIMIT_S, V, _check, _compare, _data, _single_process
 
 from linear_cross_entropy import LinearCrossEntropyLoss, LinearCrossEntropyOptions, linear_cross_entropy
 
@@ -328,7 +329,7 @@ def _dtensor_cases(rank, world, errors):
 
 @pytest.mark.parametrize("world", [2, 3], ids=["2ranks", "3ranks"])
 def test_dtensor_head_matches_single_process(world, tmp_path):
-    run_in_gloo_group(_dtensor_cases, world, tmp_path)
+    run_ranks(_dtensor_cases, world, (), tmp_path, WALL_LIMIT_S)
 
 
 class _TinyLM(torch.nn.Module):
@@ -378,4 +379,4 @@ def _fsdp_tp_step(rank, world, errors):
 
 
 def test_fsdp_times_tensor_parallel_step(tmp_path):
-    run_in_gloo_group(_fsdp_tp_step, 4, tmp_path)
+    run_ranks(_fsdp_tp_step, 4, (), tmp_path, WALL_LIMIT_S)
