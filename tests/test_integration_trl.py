@@ -34,6 +34,7 @@ pytest.importorskip("accelerate")
 import trl.trainer.utils as trl_utils  # noqa: E402
 from test_integration_transformers import V, make  # noqa: E402
 
+from linear_cross_entropy import LinearCrossEntropyOptions  # noqa: E402
 from linear_cross_entropy.integrations import transformers as lce_hf  # noqa: E402
 from linear_cross_entropy.integrations import trl as lce_trl  # noqa: E402
 
@@ -149,6 +150,14 @@ def test_transformers_apply_before_sft_trainer_warns_once(tmp_path, calls):
 
     with pytest.raises(ValueError, match="before train"):  # accelerate's bf16 wrapper now sits on TRL's head
         lce_trl.apply(trainer)
+
+
+def test_apply_keeps_an_earlier_transformers_apply_choices(tmp_path):
+    options = LinearCrossEntropyOptions(loss_dtype=torch.float32, backend="chunked")
+    model = lce_hf.apply(llama(), options=options, eval_without_logits=True)
+    lce_trl.apply(sft_trainer(model, tmp_path, max_steps=1))
+    state = getattr(model, lce_hf._STATE)
+    assert state.options == options and state.eval_without_logits
 
 
 def test_apply_refuses_a_model_without_trl_head():

@@ -51,7 +51,8 @@ def apply(trainer, *, options=None):
     Args:
         trainer: a ``trl.SFTTrainer`` (or subclass) whose model carries TRL's fused LM head.
         options: passed to :func:`linear_cross_entropy.integrations.transformers.apply`; ``None`` keeps the options
-            of an earlier ``transformers.apply`` on the model, else its default (fp32 loss).
+            of an earlier ``transformers.apply`` on the model, else its default (fp32 loss). An earlier ``apply``'s
+            ``eval_without_logits`` is kept too.
 
     Returns:
         ``trainer`` itself.
@@ -61,8 +62,12 @@ def apply(trainer, *, options=None):
             it), or :func:`~linear_cross_entropy.integrations.transformers.apply` refuses the model.
     """
     target = lce_hf._unwrap(trainer.model)  # TRL patches the PEFT base model, as transformers.apply does
+    state = getattr(target, lce_hf._STATE, None)  # an earlier transformers.apply's choices are kept
+    if options is None and state is not None:
+        options = state.options
+    flags = {} if state is None else {"eval_without_logits": state.eval_without_logits}
     if is_applied(target):
-        lce_hf.apply(target, options=options if options is not None else getattr(target, lce_hf._STATE).options)
+        lce_hf.apply(target, options=options, **flags)
         return trainer
     forward = vars(target).get("forward")
     if not _is_trl_fused_head(forward):
@@ -79,11 +84,8 @@ def apply(trainer, *, options=None):
             "wrapped by another forward (accelerate's mixed-precision wrapper, installed when training starts); "
             "call apply() right after constructing the SFTTrainer, before train()."
         )
-    state = getattr(target, lce_hf._STATE, None)
-    if options is None and state is not None:
-        options = state.options
     del target.forward  # TRL's head, and with it the forward it wrapped: the class's own shows through
-    lce_hf.apply(target, options=options)
+    lce_hf.apply(target, options=options, **flags)
     patched = vars(target)["forward"]
 
     @functools.wraps(patched)
