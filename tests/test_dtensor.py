@@ -289,6 +289,7 @@ def _hf_llama(rank, world, mesh, errors):
     for label, model in (("hf lm_head ColwiseParallel", head_only), ("hf tp_plan=auto", native)):
         if not isinstance(model.lm_head.weight, DTensor):
             errors.append(f"{label}: lm_head.weight is not a DTensor")
+        model.train()  # from_pretrained leaves eval mode, where a labelled call runs the model's own forward
         loss = lce_hf.apply(model)(input_ids=ids, labels=ids).loss
         loss.backward()
         if isinstance(loss, DTensor):

@@ -49,7 +49,12 @@ _SERVED = (
     "of active adapters) on a Linear with a plain weight, PEFT modules_to_save copies of it"
 )
 # Hooks that only move the head's input and output between layouts (tensor parallel): the loss reads neither.
-_TENSOR_PARALLEL_HOOKS = ("torch.distributed.tensor", "transformers.integrations.tensor_parallel")
+# transformers' tp_plan replaces the head's forward with one doing the same (transformers.distributed.tensor_parallel).
+_TENSOR_PARALLEL_HOOKS = (
+    "torch.distributed.tensor",
+    "transformers.distributed.tensor_parallel",
+    "transformers.integrations.tensor_parallel",
+)
 
 
 @dataclasses.dataclass
@@ -130,7 +135,10 @@ def _refuse_bypassed_hooks(module: torch.nn.Module, where: str, tensor_parallel:
         for kind, registry in (
             ("forward pre-hooks", _foreign(module._forward_pre_hooks, allowed)),
             ("forward hooks", _foreign(module._forward_hooks, allowed)),
-            ("a forward replaced on the instance", {"forward": 1} if "forward" in vars(module) else {}),
+            (
+                "a forward replaced on the instance",
+                _foreign({"forward": vars(module)["forward"]}, allowed) if "forward" in vars(module) else [],
+            ),
         )
         if registry
     ]
