@@ -196,7 +196,8 @@ def test_chunk_size_invariance(kind, reduction, device, seed):
 
 
 def test_chunks_bound_the_logits(monkeypatch, seed):
-    """No chunk's logits have more rows than the resolved chunk size, and every row is covered once per position."""
+    """No block of logits has more loss rows than a resolved chunk's input rows hold (K per input row: the positions
+    of a K-dimensional loss are rows of the chunk's one GEMM), and every loss row is covered once."""
     seen = []
     original = chunked_mod.chunk_loss_and_grad
 
@@ -214,14 +215,14 @@ def test_chunks_bound_the_logits(monkeypatch, seed):
             backend="chunked",
             num_rows=n,
             in_features=f,
-            num_classes=c,
+            num_classes=c * math.prod(out),
             dtype=case.input.dtype,
             device=case.input.device,
         ).batch_chunk_size
         assert rows < n
         forward_backward(linear_cross_entropy, case, options=options)
         assert seen, "chunk_loss_and_grad was not called"
-        assert all(r <= rows and cc == c for r, cc in seen), (rows, seen)
+        assert all(r <= rows * math.prod(out) and cc == c for r, cc in seen), (rows, seen)
         assert sum(r for r, _ in seen) == n * math.prod(out)  # scalar reduction: one sweep in forward
 
 

@@ -198,8 +198,9 @@ def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, s
         backend=backend,
         num_rows=shape.num_rows,
         in_features=shape.in_features,
+        # logits per input row: C·K (a K-dimensional loss's positions are rows of one GEMM on the chunked path);
         # vocabulary parallel: chunk sizes from the global V, so that every rank runs the same chunks (collectives)
-        num_classes=shape.num_classes if shard is None else shard.num_classes,
+        num_classes=shape.num_classes * shape.positions if shard is None else shard.num_classes,
         dtype=x.dtype,
         device=x.device,
         weight_grad=torch.is_grad_enabled() and linear_weight.requires_grad,
