@@ -243,7 +243,10 @@ def _sweep(
     # PyTorch's rule: off CUDA, mixed-precision "compact" behaves as "balanced" (no fast low-precision addmm there).
     compact = ro.acc_policy == "compact" and (x.device.type == "cuda" or acc == w.dtype)
     wgrad_dtype = w.dtype if (compact or acc == w.dtype) else acc
-    grad_w = torch.zeros((kc, f), dtype=wgrad_dtype, device=x.device) if want and grads.weight else None
+    # The first chunk writes the weight gradient, later chunks add to it (zeros only when there is no chunk).
+    grad_w = None
+    if want and grads.weight:
+        grad_w = (torch.empty if n else torch.zeros)((kc, f), dtype=wgrad_dtype, device=x.device)
     grad_b = torch.zeros(kc, dtype=sdt, device=x.device) if want and grads.bias else None
 
     rows = min(ro.batch_chunk_size, max(n, 1))  # input rows per chunk
@@ -297,11 +300,18 @@ def _sweep(
                 grad_x[start:stop] = dz @ w_rows
         if grad_w is not None:
             if product is None:
-                grad_w.addmm_(dz.T, x_c)
+                if start == 0:
+                    torch.mm(dz.T, x_c, out=grad_w)
+                else:
+                    grad_w.addmm_(dz.T, x_c)
             else:
                 for c0 in range(0, kc, product.shape[0]):
                     c1 = min(c0 + product.shape[0], kc)
-                    grad_w[c0:c1] += torch.mm(dz[:, c0:c1].T, x_c, out=product[: c1 - c0])
+                    part = torch.mm(dz[:, c0:c1].T, x_c, out=product[: c1 - c0])
+                    if start == 0:
+                        grad_w[c0:c1].copy_(part)
+                    else:
+                        grad_w[c0:c1] += part
     if grad_x is not None and shard is not None and shard.input_grad_all_reduce:
         shard.sum_(grad_x)  # each rank's grad_x covers its classes only
     if grad_w is not None:  # (K·C, F) -> (C, K, F)
