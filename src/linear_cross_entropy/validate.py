@@ -199,9 +199,9 @@ def check_extras(z_loss: float, logit_scale: float, logit_softcap: float | None)
 
 
 def _holds_values(target: torch.Tensor) -> bool:
-    """Whether ``bool(tensor)`` on ``target`` reads its values: not while compiling, not for a tensor subclass
-    (fake, functional, composite-compliance and other wrapper tensors), not for a functorch-wrapped tensor (a
-    ``vmap`` batch or a ``grad`` level), which cannot take part in data-dependent control flow."""
+    """Whether Python can branch on ``target``'s values: not while compiling, not for a tensor subclass (fake,
+    functional, composite-compliance and other wrapper tensors), not for a functorch-wrapped tensor (a ``vmap``
+    batch or a ``grad`` level), none of which may take part in data-dependent control flow."""
     return not (
         torch.compiler.is_compiling()
         or type(target) is not torch.Tensor
@@ -210,8 +210,8 @@ def _holds_values(target: torch.Tensor) -> bool:
 
 
 def check_label_smoothing(label_smoothing: float) -> None:
-    """ValueError for a NaN ``label_smoothing``, which the reference would turn into a NaN loss (its range checks
-    compare, and NaN passes every comparison)."""
+    """ValueError for a NaN ``label_smoothing``, which the reference would turn into a NaN loss (NaN compares
+    false with everything, so it slips through range checks)."""
     if math.isnan(label_smoothing):
         raise ValueError(f"label_smoothing must be a number in [0.0, 1.0], got {label_smoothing!r}")
 
