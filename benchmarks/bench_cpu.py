@@ -72,8 +72,8 @@ def child(variant: str, dtype_name: str, shape: str, runs: int) -> None:
         return time.perf_counter() - t0
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up: first-call allocations and one-time set-up
-    seconds = [step() for _ in range(runs)]
+    first = step()  # warm-up: first-call allocations and one-time set-up
+    seconds = [step() for _ in range(runs)] or [first]  # --runs 0: the first call's time (memory only)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"seconds": seconds, "max_rss_mb": peak / 1024, "rss_before_mb": base_rss / 1024}))
 
@@ -98,7 +98,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxHxC or NxHxCxK (K-dimensional)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--states", nargs="+", default=["idle", "busy"], choices=["idle", "busy"])
-    ap.add_argument("--runs", type=int, default=3, help="timed calls per process (after one warm-up call)")
+    ap.add_argument(
+        "--runs", type=int, default=3, help="timed calls per process (after one warm-up call; 0: time the first call)"
+    )
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--timeout", type=float, default=None, help="seconds per process; a slower one is reported as such")
     ap.add_argument("--child", nargs=4, metavar=("VARIANT", "DTYPE", "SHAPE", "RUNS"), help=argparse.SUPPRESS)
