@@ -189,12 +189,12 @@ def _into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return buffer.copy_(value)
 
 
-# Logits per block of the softmax arithmetic. On the CPU 2^24 (64 MiB in fp32): every operation over a block is one
-# OpenMP parallel region, and on a machine where another process holds a core each region can wait a scheduler time
-# slice for its second thread, so blocks are few and large (2^20-logit blocks made 2048x512x24000 bf16 run 3-8x its
-# idle time with one core busy); an fp32 chunk is one block, processed in place. On a GPU 2^26, where smaller
-# blocks make it launch-bound (8-row blocks at V = 128k ran 12x slower than the fused path on an H200). Either way
-# a low-precision chunk never has a chunk-sized fp32 twin beyond one block.
+# Logits per block of the softmax arithmetic. On the CPU 2^24 (64 MiB in fp32): every operation over a block (and
+# every GEMM) is one OpenMP parallel region, and where another process holds a core each region can wait a
+# scheduler time slice for its second thread, so a call's regions must be few: blocks are large and an fp32 chunk
+# (at most 64 MiB, options.budget_chunk_rows) is one block, processed in place. On a GPU 2^26, where smaller blocks
+# make it launch-bound (8-row blocks at V = 128k ran 12x slower than the fused path on an H200). Either way a
+# low-precision chunk never has a chunk-sized fp32 twin beyond one block.
 _BLOCK_LOGITS = 1 << 24
 _BLOCK_LOGITS_GPU = 1 << 26
 
