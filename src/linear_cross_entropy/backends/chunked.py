@@ -243,6 +243,8 @@ def _sweep(
     # PyTorch's rule: off CUDA, mixed-precision "compact" behaves as "balanced" (no fast low-precision addmm there).
     compact = ro.acc_policy == "compact" and (x.device.type == "cuda" or acc == w.dtype)
     wgrad_dtype = w.dtype if (compact or acc == w.dtype) else acc
+    if ro.batch_chunk_size >= n:  # one chunk: its one GEMM is the whole sum (accumulated inside the GEMM)
+        wgrad_dtype = gemm_dtype
     # The first chunk writes the weight gradient, later chunks add to it (zeros only when there is no chunk).
     grad_w = None
     if want and grads.weight:
@@ -314,10 +316,10 @@ def _sweep(
                         grad_w[c0:c1] += part
     if grad_x is not None and shard is not None and shard.input_grad_all_reduce:
         shard.sum_(grad_x)  # each rank's grad_x covers its classes only
-    if grad_w is not None:  # (K·C, F) -> (C, K, F)
-        grad_w = grad_w.view(k, c, f).transpose(0, 1).to(w.dtype).contiguous()
+    if grad_w is not None:  # (K·C, F) -> (C, K, F), one copy at most
+        grad_w = grad_w.view(k, c, f).transpose(0, 1).to(w.dtype, memory_format=torch.contiguous_format)
     if grad_b is not None:
-        grad_b = grad_b.view(k, c).T.to(b.dtype).contiguous()
+        grad_b = grad_b.view(k, c).T.to(b.dtype, memory_format=torch.contiguous_format)
     stats = None if stats is None else stats.view(n, k, len(STATS))
     return losses.view(n, k), lse.view(n, k), stats, (grad_x, grad_w, grad_b)
 
