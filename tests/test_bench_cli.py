@@ -78,6 +78,16 @@ def test_plots_of_a_sweep(tmp_path):
     assert sorted(os.path.basename(p) for p in paths) == ["again_by_shape.png", "again_over_N.png"]
 
 
+def test_plot_title_names_the_backends_that_ran():
+    from linear_cross_entropy.bench.plots import _our_backends
+
+    def backends(*methods):
+        return _our_backends([{"method": m} for m in methods])
+
+    assert backends("floor (3 GEMMs)", "eager", "ours-chunked[auto]", "ours[reference]") == "chunked/reference"
+    assert backends("ours[auto]", "ours[auto,fp32 loss]", "ours-tiled[compact]") == "fused/tiled"
+
+
 def test_parse_shape():
     assert parse_shape("8192x4096x128256") == (8192, 4096, 128256)
     with pytest.raises(ValueError):

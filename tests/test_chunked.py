@@ -196,7 +196,8 @@ def test_chunk_size_invariance(kind, reduction, device, seed):
 
 
 def test_chunks_bound_the_logits(monkeypatch, seed):
-    """No chunk's logits have more rows than the resolved chunk size, and every row is covered once per position."""
+    """No block of logits has more loss rows than a resolved chunk's input rows hold (K per input row: the positions
+    of a K-dimensional loss are rows of the chunk's one GEMM), and every loss row is covered once."""
     seen = []
     original = chunked_mod.chunk_loss_and_grad
 
@@ -214,15 +215,39 @@ def test_chunks_bound_the_logits(monkeypatch, seed):
             backend="chunked",
             num_rows=n,
             in_features=f,
-            num_classes=c,
+            num_classes=c * math.prod(out),
             dtype=case.input.dtype,
             device=case.input.device,
         ).batch_chunk_size
         assert rows < n
         forward_backward(linear_cross_entropy, case, options=options)
         assert seen, "chunk_loss_and_grad was not called"
-        assert all(r <= rows and cc == c for r, cc in seen), (rows, seen)
+        assert all(r <= rows * math.prod(out) and cc == c for r, cc in seen), (rows, seen)
         assert sum(r for r, _ in seen) == n * math.prod(out)  # scalar reduction: one sweep in forward
+
+
+def test_k_dimensional_positions_are_rows_of_one_gemm(monkeypatch, seed):
+    """A K-dimensional loss whose logits fit in one chunk runs as one block of ``N·K`` loss rows: one GEMM for the
+    logits and one per gradient, as the 2-D problem of ``N·K`` rows would (no loop over positions)."""
+    seen, gemms = [], []
+    original_block, original_mm = chunked_mod.chunk_loss_and_grad, torch.mm
+
+    def spy_block(z, *args, **kwargs):
+        seen.append(tuple(z.shape))
+        return original_block(z, *args, **kwargs)
+
+    def spy_mm(*args, **kwargs):
+        gemms.append(tuple(args[0].shape))
+        return original_mm(*args, **kwargs)
+
+    monkeypatch.setattr(chunked_mod, "chunk_loss_and_grad", spy_block)
+    monkeypatch.setattr(chunked_mod.torch, "mm", spy_mm)
+    n, f, c, out = 6, 4, 5, (4, 3)
+    case = make_case(n, f, c, out, seed=seed)
+    actual = forward_backward(linear_cross_entropy, case, options=chunked())
+    assert seen == [(n * math.prod(out), c)]
+    assert len(gemms) == 3  # logits, grad_input, grad_weight (no bias: each one torch.mm)
+    assert_results_close(actual, reference_grads(case), FLOAT64_TOL)
 
 
 def test_backend_auto_is_chunked_on_cpu(seed):

@@ -54,11 +54,11 @@ def _device_backends():
         pairs.append(("cpu", "tiled"))
     if torch.cuda.is_available():  # "fused:recompute": the vocabulary-major weight-gradient pass, forced
         pairs += [("cuda", "fused"), ("cuda", "fused:recompute"), ("cuda", "tiled")]
-    return pairs
+    return [pytest.param(device, backend, id=f"{device}-{backend}") for device, backend in pairs]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("device,backend", _device_backends(), ids="-".join)
+@pytest.mark.parametrize("device,backend", _device_backends())
 def test_fullgraph_compile_matches_eager(case, device, backend, force_weight_grad_pass):
     backend, _, weight_grad_pass = backend.partition(":")
     if weight_grad_pass:

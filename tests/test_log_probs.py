@@ -286,6 +286,13 @@ def _hf_model(family):
     elif family == "gemma2":  # final-logit soft-capping, small enough to bend these logits
         config = transformers.Gemma2Config(**_HF_COMMON, head_dim=8, final_logit_softcapping=2.0)
         model = transformers.Gemma2ForCausalLM(config)
+    elif family == "granite":  # logits divided by config.logits_scaling
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**_HF_COMMON, logits_scaling=0.25))
+    elif family == "llama-lora":  # PEFT LoRA on lm_head: the head is [x, s·A·x]·[W, B]ᵀ
+        peft = pytest.importorskip("peft")
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_HF_COMMON))
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+        return peft.get_peft_model(model.double(), lora).eval()
     else:
         config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
         model = transformers.GPT2LMHeadModel(config)
@@ -293,7 +300,7 @@ def _hf_model(family):
 
 
 @pytest.mark.parametrize("options", [None, PATHS["chunked"]], ids=["reference", "chunked"])
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite", "llama-lora", "gpt2"])
 def test_hf_next_token_log_probs_match_the_models_logits(family, options):
     from linear_cross_entropy.integrations.log_probs import next_token_log_probs
 
@@ -311,7 +318,7 @@ def test_hf_next_token_log_probs_match_the_models_logits(family, options):
         model.zero_grad()
         log_probs, entropy = fn()
         ((a * log_probs).sum() + (c * entropy).sum()).backward()
-        return [log_probs.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters()]
+        return [log_probs.detach(), entropy.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     def from_logits():
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1] / temperature
@@ -339,7 +346,7 @@ def test_hf_unsupported_model_is_refused():
             vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
         )
     )
-    with pytest.raises(ValueError, match="BertModel is not supported"):
+    with pytest.raises(ValueError, match="BertModel.*not a supported causal LM"):
         next_token_log_probs(model, torch.zeros(1, 4, dtype=torch.long))
 
 

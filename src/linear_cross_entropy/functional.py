@@ -8,6 +8,8 @@ results and errors for every argument combination.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 
 import torch
@@ -81,6 +83,7 @@ def linear_cross_entropy(
         ``input`` (fp32 under autocast, as ``cross_entropy``; ``options.loss_dtype`` when set). With
         ``return_metrics``, a :class:`LinearCrossEntropyOutput` ``(loss, metrics)``.
     """
+    options = validate.check_options(options)
     if dtensor.involves_dtensor(input, linear_weight, target, linear_bias, weight):
         # Tensor parallel (see .dtensor): the same call on the local tensors, vocabulary-parallel over the mesh.
         local = dtensor.to_local_call(
@@ -105,9 +108,24 @@ def linear_cross_entropy(
         )
         return local.wrap(out)
     shape = validate.check_call(
-        input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        any_float_class_weight=options is not None or process_group is not None,
     )
     validate.check_extras(z_loss, logit_scale, logit_softcap)
+    reference_weight = weight
+    if weight is not None and weight.dtype != input.dtype:
+        # Class weights of another floating dtype (the options path only, as PyTorch's chunked path): the backends
+        # use them in the precision the loss accumulates in (fp32, fp64 for fp64 input), the reference routes below
+        # in the input's dtype, the only one the reference takes.
+        reference_weight = weight.to(input.dtype)
+        weight = weight.to(torch.promote_types(input.dtype, torch.float32))
     shard = None
     if process_group is not None:
         shard = _vocab_shard(
@@ -118,7 +136,7 @@ def linear_cross_entropy(
     extras = bool(z_loss) or logit_scale != 1.0 or logit_softcap is not None or return_metrics
     reference_kwargs = dict(
         linear_bias=linear_bias,
-        weight=weight,
+        weight=reference_weight,
         reduction=reduction,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
@@ -144,10 +162,9 @@ def linear_cross_entropy(
         # Gradients no backend computes: the reference differentiates probability targets (and their class
         # weights) and raises for class weights that require grad with index targets. It serves the call.
         if shape.target_is_probs:
-            warnings.warn(
+            _warn(
                 "linear_cross_entropy: target or weight (class weights) requires grad, which the chunked and fused "
-                "paths do not compute; using the reference path (logits materialised) for this call.",
-                stacklevel=2,
+                "paths do not compute; using the reference path (logits materialised) for this call."
             )
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
     if not shape.target_is_probs and options is not None:
@@ -206,6 +223,8 @@ def _vocab_shard(process_group, input_grad_all_reduce, shape, input, linear_weig
         raise NotImplementedError("linear_cross_entropy: process_group with weight (class weights) requiring grad")
     if torch.compiler.is_compiling():
         raise NotImplementedError("linear_cross_entropy: process_group under torch.compile")
+    if _under_functorch():
+        raise NotImplementedError("linear_cross_entropy: process_group under a torch.func transform (vmap, grad)")
     return distributed.make_shard(
         process_group, input, linear_weight, target, linear_bias, weight, input_grad_all_reduce
     )
@@ -221,8 +240,9 @@ def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, s
         backend=backend,
         num_rows=shape.num_rows,
         in_features=shape.in_features,
+        # logits per input row: C·K (a K-dimensional loss's positions are rows of one GEMM on the chunked path);
         # vocabulary parallel: chunk sizes from the global V, so that every rank runs the same chunks (collectives)
-        num_classes=shape.num_classes if shard is None else shard.num_classes,
+        num_classes=shape.num_classes * shape.positions if shard is None else shard.num_classes,
         dtype=x.dtype,
         device=x.device,
         weight_grad=torch.is_grad_enabled() and linear_weight.requires_grad,
@@ -233,7 +253,9 @@ def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, s
     else:  # normalised to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K)
         w, b = _per_position(shape, linear_weight, linear_bias)
         run = chunked.linear_cross_entropy_chunked
-    if torch.compiler.is_compiling():  # one opaque custom op with a fake kernel (backends/compiled.py)
+    if torch.compiler.is_compiling() or _under_functorch():
+        # One opaque custom op with a fake kernel (backends/compiled.py). Under torch.func.vmap it runs once per
+        # batch entry (functorch's fallback for ops without a batching rule); the autograd Functions could not run.
         return compiled.run(backend, x, w, b, t, weight, lp, ro)
     if shard is not None:
         return run(x, w, b, t, weight, lp, ro, shard)
@@ -266,8 +288,22 @@ def _choose_backend(options: LinearCrossEntropyOptions, lp: LossParams, shape, x
     if reason is None:
         return "fused" if options.backend == "auto" else options.backend
     if options.backend != "auto":
-        warnings.warn(
-            f"linear_cross_entropy: backend={options.backend!r} unsupported here ({reason}); using 'chunked'.",
-            stacklevel=3,
-        )
+        _warn(f"linear_cross_entropy: backend={options.backend!r} unsupported here ({reason}); using 'chunked'.")
     return "chunked"
+
+
+def _under_functorch() -> bool:
+    """Whether a torch.func transform (vmap, grad, ...) is active."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules[__package__], torch))
+
+
+def _warn(message: str) -> None:
+    """A UserWarning attributed to the user's line: the first caller outside this package and torch (module calls
+    pass through torch.nn.Module's frames), so that the default filter shows it once per call site."""
+    level, frame = 2, sys._getframe(1)  # level 2: _warn's caller
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

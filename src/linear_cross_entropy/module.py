@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules.loss import _WeightedLoss
 
+from . import validate
 from .functional import linear_cross_entropy
 from .metrics import LossMetrics
 from .options import LinearCrossEntropyOptions
@@ -51,6 +52,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
     ) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        validate.check_label_smoothing(label_smoothing)
         if label_smoothing < 0 or label_smoothing > 1.0:
             raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
         super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
@@ -61,7 +63,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         self.linear = nn.Linear(
             in_features, math.prod(out_features, start=num_classes), bias=bias, device=device, dtype=dtype
         )
-        self.options = options
+        self.options = validate.check_options(options)
         # Ours (off by default): see linear_cross_entropy. With monitoring on, forward stores the in-pass
         # LossMetrics of its last call in self.metrics (tensors; reading them is the caller's host sync).
         self.z_loss = z_loss

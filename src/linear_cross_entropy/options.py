@@ -14,7 +14,8 @@ import torch
 
 __all__ = ["LinearCrossEntropyOptions", "ResolvedOptions", "resolve"]
 
-ACC_POLICIES = ("accurate", "balanced", "compact", "auto")
+TORCH_FIELDS = ("allow_retain_graph", "batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype")
+ACC_POLICIES = ("auto", "accurate", "balanced", "compact")
 BACKENDS = ("auto", "chunked", "fused", "tiled")
 _ACC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -94,11 +95,15 @@ class LinearCrossEntropyOptions:
     sparse_backward_eps: float = 0.0
 
     def __post_init__(self):
+        # PyTorch's messages first (what users' tests match), then the accepted values.
         if self.acc_policy not in ACC_POLICIES:
-            raise ValueError(f"invalid acc_policy: {self.acc_policy!r}")
+            raise ValueError(f"invalid acc_policy: {self.acc_policy!r}; expected one of {ACC_POLICIES}")
         if self.chunking_method is not None and self.chunking_method != "auto":
-            if _aspect_ratio_factor(self.chunking_method) is None:
-                raise ValueError(f"invalid chunking_method: {self.chunking_method!r}")
+            if not isinstance(self.chunking_method, str) or _aspect_ratio_factor(self.chunking_method) is None:
+                raise ValueError(
+                    f"invalid chunking_method: {self.chunking_method!r}; expected 'auto', None, 'aspect_ratio' or "
+                    "'aspect_ratio:k' with an integer k > 0"
+                )
         if not (
             self.batch_chunk_size is None or (isinstance(self.batch_chunk_size, int) and self.batch_chunk_size > 0)
         ):
@@ -108,8 +113,10 @@ class LinearCrossEntropyOptions:
                 f"acc_dtype must be one of {{None, torch.float16, torch.bfloat16, torch.float32, torch.float64}}, "
                 f"got {self.acc_dtype!r}. Pass acc_dtype=None to let the op pick automatically."
             )
-        if self.loss_dtype is not None and self.loss_dtype not in _ACC_DTYPES:
-            raise ValueError(f"loss_dtype must be None or a floating dtype in {_ACC_DTYPES}, got {self.loss_dtype!r}")
+        if self.loss_dtype not in (None, torch.float32):
+            raise ValueError(
+                f"loss_dtype must be None (the input's dtype, as PyTorch) or torch.float32, got {self.loss_dtype!r}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"invalid backend: {self.backend!r}; expected one of {BACKENDS}")
         eps = self.sparse_backward_eps

@@ -1,8 +1,9 @@
 """Every input check of ``linear_cross_entropy``, with the reference path's exception types.
 
 The reference (``options=None``) is ``cross_entropy(linear(input, W, b).reshape(logits_shape), target, ...)``; these
-checks raise what it raises (same type, same or clearer message naming the argument) before any backend runs, so
-every backend fails the same way. :func:`check_call` returns what the checks learned about the call.
+checks raise what it raises before any backend runs, so every backend fails the same way: the same type, and
+PyTorch 2.13's own message first (what users' tests match), followed by ours where it names the argument that
+PyTorch's leaves unnamed. :func:`check_call` returns what the checks learned about the call.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ import math
 
 import torch
 
-__all__ = ["CallShape", "check_call", "check_extras", "check_target_range", "REDUCTIONS"]
+from .options import TORCH_FIELDS, LinearCrossEntropyOptions
+
+__all__ = [
+    "CallShape",
+    "check_call",
+    "check_extras",
+    "check_label_smoothing",
+    "check_options",
+    "check_target_range",
+    "REDUCTIONS",
+]
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -43,8 +54,14 @@ def check_call(
     reduction: str,
     ignore_index: int | None,
     label_smoothing: float,
+    *,
+    any_float_class_weight: bool = False,
 ) -> CallShape:
-    """Raise the reference's exception for bad input; return the call's shape description."""
+    """Raise the reference's exception for bad input; return the call's shape description.
+
+    ``any_float_class_weight``: the call runs on the options path, which takes class weights (``weight``) of any
+    floating dtype (as PyTorch's chunked path does; the reference requires the input's dtype).
+    """
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
     if linear_weight.dim() < 2:
@@ -76,12 +93,23 @@ def check_call(
         if tensor.device != input.device:
             raise RuntimeError(f"expected {name} on the device of input ({input.device}), got {tensor.device}")
         if tensor.dtype != input.dtype:
-            raise RuntimeError(f"expected {name} dtype to match input dtype ({input.dtype}), got {tensor.dtype}")
+            # PyTorch's words come from the GEMM that meets the mismatch: mm for the weight, addmm for the bias.
+            torch_words = (
+                f"expected m1 and m2 to have the same dtype, but got: {_cpp_name(input.dtype)} != "
+                f"{_cpp_name(tensor.dtype)}"
+                if name == "linear_weight"
+                else f"self and mat2 must have the same dtype, but got {_scalar_name(tensor.dtype)} and "
+                f"{_scalar_name(input.dtype)}"
+            )
+            raise RuntimeError(
+                f"{torch_words}. Expected {name} dtype to match input dtype ({input.dtype}), got {tensor.dtype}"
+            )
     if not input.dtype.is_floating_point:
         raise RuntimeError(f"expected a floating-point input, got {input.dtype}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    if label_smoothing > 1.0:
+    check_label_smoothing(label_smoothing)
+    if label_smoothing > 1.0:  # negative values act as 0, as in the reference
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if weight is not None:
         if tuple(weight.shape) != (num_classes,):
@@ -89,8 +117,13 @@ def check_call(
                 f"weight tensor should be defined either for all {num_classes} classes or no classes "
                 f"but got weight tensor of shape: {list(weight.shape)}"
             )
-        if weight.dtype != input.dtype:
-            raise RuntimeError(f"expected weight (class weights) dtype {input.dtype}, got {weight.dtype}")
+        if not weight.dtype.is_floating_point or (weight.dtype != input.dtype and not any_float_class_weight):
+            raise RuntimeError(
+                f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}. Expected "
+                f"weight (class weights) of dtype {input.dtype}"
+                + (" or another floating dtype" if any_float_class_weight else "")
+                + f", got {weight.dtype}"
+            )
         if weight.device != input.device:
             raise RuntimeError(
                 f"expected weight (class weights) on the device of input ({input.device}), got {weight.device}"
@@ -100,7 +133,9 @@ def check_call(
 
     if target_is_probs:
         if not target.dtype.is_floating_point:
-            raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
+            raise RuntimeError(
+                f"Expected floating point type for target with class probabilities, got {_scalar_name(target.dtype)}"
+            )
     else:
         _check_index_target(target, input, out_features)
     return CallShape(
@@ -126,20 +161,28 @@ def _check_index_target(target: torch.Tensor, input: torch.Tensor, out_features:
             f"{(*input.shape[:-1], '(C)', *out_features)}), got {tuple(target.shape)}"
         )
     if target.dtype not in (torch.int64, torch.uint8):
-        dtype_name = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool"}.get(
-            target.dtype, str(target.dtype).replace("torch.", "").capitalize()
-        )
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {dtype_name}")
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_scalar_name(target.dtype)}")
+
+
+def _scalar_name(dtype: torch.dtype) -> str:
+    """PyTorch's ScalarType name of ``dtype`` (``Double``, ``Long``, ``BFloat16``), as its C++ messages spell it."""
+    return torch.empty(0, dtype=dtype).type().rpartition(".")[2].removesuffix("Tensor")
+
+
+def _cpp_name(dtype: torch.dtype) -> str:
+    """The C++ type name of ``dtype`` in PyTorch's messages (``double``, ``float``, ``c10::BFloat16``)."""
+    return {torch.float64: "double", torch.float32: "float"}.get(dtype) or f"c10::{_scalar_name(dtype)}"
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise the reference's IndexError for a class index outside [0, C) that is not ``ignore_index``.
 
     Only for CPU tensors: on an accelerator this check would be a host-device sync, so there the backends mark
-    such rows with a NaN loss instead (the reference raises a device-side assert).
+    such rows with a NaN loss instead (the reference raises a device-side assert). The same marking serves a target
+    whose values cannot decide a Python branch (:func:`_holds_values`).
     """
-    if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
-        return  # compiled graphs cannot branch on tensor values: the NaN marking in the backends takes over
+    if target.device.type != "cpu" or target.numel() == 0 or not _holds_values(target):
+        return  # the NaN marking in the backends takes over
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
@@ -153,3 +196,33 @@ def check_extras(z_loss: float, logit_scale: float, logit_softcap: float | None)
         raise ValueError(f"logit_scale must be finite, got {logit_scale!r}")
     if logit_softcap is not None and not (math.isfinite(logit_softcap) and logit_softcap > 0):
         raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+
+
+def _holds_values(target: torch.Tensor) -> bool:
+    """Whether Python can branch on ``target``'s values: not while compiling, not for a tensor subclass (fake,
+    functional, composite-compliance and other wrapper tensors), not for a functorch-wrapped tensor (a ``vmap``
+    batch or a ``grad`` level), none of which may take part in data-dependent control flow."""
+    return not (
+        torch.compiler.is_compiling()
+        or type(target) is not torch.Tensor
+        or torch._C._functorch.is_functorch_wrapped_tensor(target)
+    )
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """ValueError for a NaN ``label_smoothing``, which the reference would turn into a NaN loss (NaN compares
+    false with everything, so it slips through range checks)."""
+    if math.isnan(label_smoothing):
+        raise ValueError(f"label_smoothing must be a number in [0.0, 1.0], got {label_smoothing!r}")
+
+
+def check_options(options):
+    """``options`` as a :class:`.LinearCrossEntropyOptions` or None; PyTorch's own ``LinearCrossEntropyOptions``
+    (torch >= 2.13) is taken as ours with the same five fields. TypeError for anything else."""
+    if options is None or isinstance(options, LinearCrossEntropyOptions):
+        return options
+    torch_options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if torch_options is not None and isinstance(options, torch_options):
+        return LinearCrossEntropyOptions(**{name: getattr(options, name) for name in TORCH_FIELDS})
+    hint = " (build one with LinearCrossEntropyOptions(**options))" if isinstance(options, dict) else ""
+    raise TypeError(f"options must be None or a LinearCrossEntropyOptions, got {type(options).__name__}{hint}")

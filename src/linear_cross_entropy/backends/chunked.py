@@ -199,7 +199,13 @@ def _into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return buffer.copy_(value)
 
 
-_BLOCK_LOGITS = 1 << 20
+# Logits per block of the softmax arithmetic. On the CPU 2^24 (64 MiB in fp32): every operation over a block (and
+# every GEMM) is one OpenMP parallel region, and where another process holds a core each region can wait a
+# scheduler time slice for its second thread, so a call's regions must be few: blocks are large and an fp32 chunk
+# (at most 64 MiB, options.budget_chunk_rows) is one block, processed in place. On a GPU 2^26, where smaller blocks
+# make it launch-bound (8-row blocks at V = 128k ran 12x slower than the fused path on an H200). Either way a
+# low-precision chunk never has a chunk-sized fp32 twin beyond one block.
+_BLOCK_LOGITS = 1 << 24
 _BLOCK_LOGITS_GPU = 1 << 26
 
 
@@ -216,86 +222,119 @@ def _sweep(
     shard: VocabShard | None = None,
     entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (N, K) each: H and g_H, with scales
 ):
-    """One pass over (position, chunk): per-row losses and lse ``(N, K)``, statistics ``(N, K, len(STATS))``
-    (or None) and, with ``scales``, the three gradients."""
+    """One pass over the chunks of rows: per-row losses and lse ``(N, K)``, statistics ``(N, K, len(STATS))`` (or
+    None) and, with ``scales``, the three gradients.
+
+    The K positions of a row are K loss rows: with the weight in ``(K, C, F)`` order (a copy only for K > 1), one
+    GEMM per chunk of ``r`` input rows gives ``(r, K·C)``, which is the ``(r·K, C)`` logits of the loss rows
+    ``n·K + k`` as a view; the targets, shares and outputs are flattened in that order, and the gradients
+    ``grad_x = dz·W`` and ``grad_W = dzᵀ·x`` are again one GEMM each per chunk. Per chunk the GEMMs write into
+    buffers allocated once per call.
+    """
     n, f = x.shape
     c, k, _ = w.shape
+    kc = k * c
     acc, sdt = ro.acc_dtype, stat_dtype(ro.acc_dtype)
     accurate = ro.acc_policy == "accurate" and acc != x.dtype
     gemm_dtype = acc if accurate else x.dtype
-    w_gemm = w.to(gemm_dtype)  # no copy unless "accurate" upcasts
-    b_gemm = None if b is None else b.to(gemm_dtype)
-    losses = torch.empty((n, k), dtype=sdt, device=x.device)
-    lse = torch.empty((n, k), dtype=sdt, device=x.device)
-    stats = torch.empty((n, k, len(STATS)), dtype=sdt, device=x.device) if lp.metrics else None
+    w_rows = w.to(gemm_dtype).transpose(0, 1).reshape(kc, f)  # (K·C, F): a view unless K > 1 or "accurate" upcasts
+    b_rows = None if b is None else b.to(gemm_dtype).T.reshape(kc)
+    if lp.target_is_probs:
+        target_rows = target.transpose(1, 2).reshape(n * k, c)  # (N·K, C): a view for K = 1
+    else:
+        target_rows = target.reshape(n * k)
+    scale_rows = None if scales is None else tuple(s.reshape(n * k) for s in scales)
+    entropy_rows = None if entropy_grad is None else tuple(t.reshape(n * k) for t in entropy_grad)
+    losses = torch.empty(n * k, dtype=sdt, device=x.device)
+    lse = torch.empty(n * k, dtype=sdt, device=x.device)
+    stats = torch.empty((n * k, len(STATS)), dtype=sdt, device=x.device) if lp.metrics else None
     want = scales is not None
-    grad_x = torch.zeros((n, f), dtype=x.dtype, device=x.device) if want and grads.input else None  # (N, F)
-    # The weight gradient accumulates across chunks: in acc_dtype (a (C, K, F) scratch) unless "compact" or the
+    grad_x = torch.empty((n, f), dtype=x.dtype, device=x.device) if want and grads.input else None  # every row set
+    # The weight gradient accumulates across chunks: in acc_dtype (a (K·C, F) scratch) unless "compact" or the
     # dtypes agree, in which case it accumulates in place in the parameter's dtype.
     # PyTorch's rule: off CUDA, mixed-precision "compact" behaves as "balanced" (no fast low-precision addmm there).
     compact = ro.acc_policy == "compact" and (x.device.type == "cuda" or acc == w.dtype)
     wgrad_dtype = w.dtype if (compact or acc == w.dtype) else acc
-    grad_w = torch.zeros((c, k, f), dtype=wgrad_dtype, device=x.device) if want and grads.weight else None
-    grad_b = torch.zeros((c, k), dtype=sdt, device=x.device) if want and grads.bias else None
-    rows = ro.batch_chunk_size
-    # The softmax arithmetic walks a chunk in blocks of logits: on the CPU ~2^20, so that its fp32 temporaries stay
-    # in cache; on a GPU ~2^26, where smaller blocks make it launch-bound (8-row blocks at V = 128k ran 12x slower
-    # than the fused path on an H200). Either way a low-precision chunk never has a chunk-sized fp32 twin beyond it.
-    # Vocabulary parallel: sized by the global V, so that every rank's blocks (and collectives) are the same rows.
+    if ro.batch_chunk_size >= n:  # one chunk: its one GEMM is the whole sum (accumulated inside the GEMM)
+        wgrad_dtype = gemm_dtype
+    # The first chunk writes the weight gradient, later chunks add to it (zeros only when there is no chunk).
+    grad_w = None
+    if want and grads.weight:
+        grad_w = (torch.empty if n else torch.zeros)((kc, f), dtype=wgrad_dtype, device=x.device)
+    grad_b = torch.zeros(kc, dtype=sdt, device=x.device) if want and grads.bias else None
+
+    rows = min(ro.batch_chunk_size, max(n, 1))  # input rows per chunk
+    # Vocabulary parallel: blocks sized by the global V, so that every rank's blocks (and collectives) are the same
+    # rows.
     block_classes = c if shard is None else shard.num_classes
     block = max(1, (_BLOCK_LOGITS if x.device.type == "cpu" else _BLOCK_LOGITS_GPU) // max(block_classes, 1))
-    for pos in range(k):
-        w_k = w_gemm[:, pos, :]  # (C, F), strided view for K > 1
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            x_c = x[start:stop].to(gemm_dtype)
-            if b_gemm is None:
-                z = x_c @ w_k.T  # (r, C) in the GEMM dtype; becomes dz in place
+    logits = torch.empty((rows, kc), dtype=gemm_dtype, device=x.device)  # one chunk's GEMM output, then dz
+    # A low-precision GEMM output is upcast a block at a time into this buffer (the softmax runs in acc_dtype).
+    upcast = None if acc == gemm_dtype else torch.empty((min(block, rows * k), c), dtype=acc, device=x.device)
+    # The low-precision product dzᵀ·x, added into an acc_dtype weight-gradient scratch, in blocks of classes no
+    # larger than the logits buffer (one block where the chunk has at least F rows).
+    product = None
+    if grad_w is not None and grad_w.dtype != gemm_dtype:
+        product = torch.empty((max(1, min(kc, logits.numel() // max(f, 1))), f), dtype=gemm_dtype, device=x.device)
+
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        x_c = x[start:stop].to(gemm_dtype)
+        z = logits[: stop - start]  # (r, K·C)
+        if b_rows is None:
+            torch.mm(x_c, w_rows.T, out=z)
+        else:
+            torch.addmm(b_rows, x_c, w_rows.T, out=z)
+        z_rows = z.view(-1, c)  # (r·K, C): becomes dz in place
+        for b0 in range(0, z_rows.shape[0], block):
+            b1 = min(b0 + block, z_rows.shape[0])
+            z_b = z_rows[b0:b1]
+            work = z_b if upcast is None else upcast[: b1 - b0].copy_(z_b)
+            rows_b = slice(start * k + b0, start * k + b1)
+            s_b = None if scale_rows is None else scale_rows[0][rows_b]
+            s_z_b = None if scale_rows is None else scale_rows[1][rows_b]
+            eg_b = None if entropy_rows is None else tuple(t[rows_b] for t in entropy_rows)
+            loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(
+                work, target_rows[rows_b], class_weight, lp, s_b, s_z_b, shard, eg_b
+            )
+            losses[rows_b] = loss_b
+            lse[rows_b] = lse_b
+            if stats is not None:
+                stats[rows_b] = stats_b
+            if dz_b is not None and dz_b.data_ptr() != z_b.data_ptr():
+                z_b.copy_(dz_b)
+        if not want:
+            continue
+        dz = z
+        if grad_b is not None:
+            grad_b += dz.sum(dim=0, dtype=sdt)
+        if grad_x is not None:
+            if grad_x.dtype == gemm_dtype:
+                torch.mm(dz, w_rows, out=grad_x[start:stop])
             else:
-                z = torch.addmm(b_gemm[:, pos], x_c, w_k.T)
-            for b0 in range(0, stop - start, block):
-                b1 = min(b0 + block, stop - start)
-                z_b = z[b0:b1].to(acc)  # a view when the GEMM ran in acc_dtype
-                t_b = (
-                    target[start + b0 : start + b1, :, pos]
-                    if lp.target_is_probs
-                    else target[start + b0 : start + b1, pos]
-                )
-                rows_b = slice(start + b0, start + b1)
-                s_b = None if scales is None else scales[0][rows_b, pos]
-                s_z_b = None if scales is None else scales[1][rows_b, pos]
-                eg_b = None if entropy_grad is None else tuple(t[rows_b, pos] for t in entropy_grad)
-                loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(z_b, t_b, class_weight, lp, s_b, s_z_b, shard, eg_b)
-                losses[rows_b, pos] = loss_b
-                lse[rows_b, pos] = lse_b
-                if stats is not None:
-                    stats[rows_b, pos] = stats_b
-                if dz_b is not None and dz_b.data_ptr() != z.data_ptr() + b0 * z.stride(0) * z.element_size():
-                    z[b0:b1] = dz_b
-            if not want:
-                continue
-            dz = z
-            if grad_b is not None:
-                grad_b[:, pos] += dz.sum(dim=0, dtype=sdt)
-            if grad_x is not None:
-                if k == 1 and grad_x.dtype == gemm_dtype:
-                    torch.mm(dz, w_k, out=grad_x[start:stop])
+                grad_x[start:stop] = dz @ w_rows
+        if grad_w is not None:
+            if product is None:
+                if start == 0:
+                    torch.mm(dz.T, x_c, out=grad_w)
                 else:
-                    grad_x[start:stop] += (dz @ w_k).to(x.dtype)
-            if grad_w is not None:
-                if grad_w.dtype == gemm_dtype:
-                    grad_w[:, pos].addmm_(dz.T, x_c)
-                else:  # low-precision product into the acc_dtype scratch, a cache-sized block of classes at a time
-                    for c0 in range(0, c, block):
-                        grad_w[c0 : c0 + block, pos] += dz[:, c0 : c0 + block].T @ x_c
+                    grad_w.addmm_(dz.T, x_c)
+            else:
+                for c0 in range(0, kc, product.shape[0]):
+                    c1 = min(c0 + product.shape[0], kc)
+                    part = torch.mm(dz[:, c0:c1].T, x_c, out=product[: c1 - c0])
+                    if start == 0:
+                        grad_w[c0:c1].copy_(part)
+                    else:
+                        grad_w[c0:c1] += part
     if grad_x is not None and shard is not None and shard.input_grad_all_reduce:
         shard.sum_(grad_x)  # each rank's grad_x covers its classes only
-    out = (
-        grad_x,
-        None if grad_w is None else grad_w.to(w.dtype),
-        None if grad_b is None else grad_b.to(b.dtype),
-    )
-    return losses, lse, stats, out
+    if grad_w is not None:  # (K·C, F) -> (C, K, F), one copy at most
+        grad_w = grad_w.view(k, c, f).transpose(0, 1).to(w.dtype, memory_format=torch.contiguous_format)
+    if grad_b is not None:
+        grad_b = grad_b.view(k, c).T.to(b.dtype, memory_format=torch.contiguous_format)
+    stats = None if stats is None else stats.view(n, k, len(STATS))
+    return losses.view(n, k), lse.view(n, k), stats, (grad_x, grad_w, grad_b)
 
 
 def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):

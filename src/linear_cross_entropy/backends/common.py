@@ -263,9 +263,9 @@ def take_saved_grads(ctx) -> tuple:
     """The gradients forward computed for an upstream gradient of 1; consumed unless ``allow_retain_graph``."""
     saved = ctx.saved_grads
     if saved is None:
-        raise RuntimeError(
-            "linear_cross_entropy: backward through the chunked/fused loss a second time; its gradients were "
-            "computed in forward and consumed by the first backward. Pass "
+        raise RuntimeError(  # PyTorch's message first (what users' tests match), then why and what to do
+            "linear_cross_entropy chunked backward called twice; retain_graph=True / double backward are not "
+            "supported. Its gradients were computed in forward and consumed by the first backward: pass "
             "LinearCrossEntropyOptions(allow_retain_graph=True) to keep them for repeated backward."
         )
     if not ctx.ro.allow_retain_graph:

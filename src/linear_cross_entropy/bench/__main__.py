@@ -6,7 +6,7 @@ multiples of 128), eager, torch.compile of eager, ours per backend and acc_polic
 cut-cross-entropy (CUDA, when importable) and PyTorch's built-in ``F.linear_cross_entropy`` (torch >= 2.13).
 Reported per method: median fwd+bwd time, ×floor, peak memory beyond the inputs and the two gradients, relative
 L2 errors of the loss, grad_input and grad_weight against float64, and the first call's time. Prints a table;
-writes ``TAG.csv`` and PNG plots (with ``matplotlib``: ``pip install 'linear-cross-entropy[bench]'``) under --out.
+writes ``TAG.csv`` and PNG plots (with ``matplotlib``: ``pip install -e ".[bench]"`` in a checkout) under --out.
 
 Defaults by device:
   CUDA: shapes 8192x4096x128256 16384x2048x131072, bfloat16, backend fused with policies auto, compact,
@@ -233,7 +233,7 @@ def main(argv=None, prog=None, **defaults) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("plots skipped: matplotlib is not installed (pip install 'linear-cross-entropy[bench]')")
+            print('plots skipped: matplotlib is not installed (pip install -e ".[bench]" in a checkout of this repository)')
         else:
             from .plots import plot_results
 

@@ -135,10 +135,23 @@ def plot_results(rows, out_dir, tag):
     for dtype, dtype_rows in by_dtype.items():
         prefix = tag if len(by_dtype) == 1 else f"{tag}_{dtype}"
         devices = sorted({r.get("device") or "cuda" for r in dtype_rows})
-        title = f"{tag}: fused linear + cross-entropy, {_SHORT.get(dtype, dtype)}, {'/'.join(devices)}"
+        title = f"{tag}: linear + cross-entropy, ours {_our_backends(dtype_rows)}, {_SHORT.get(dtype, dtype)}, {'/'.join(devices)}"
         paths += _plot_by_shape(plt, dtype_rows, out_dir, prefix, title, colors)
         paths += _plot_sweeps(plt, dtype_rows, out_dir, prefix, title, colors)
     return paths
+
+
+def _our_backends(rows):
+    """The backends of our rows as the method labels name them (:mod:`.peers`: ``ours-chunked[auto]`` -> chunked,
+    ``ours[reference]`` -> reference, ``ours[auto]`` -> fused), e.g. ``"chunked/reference"``."""
+    names = set()
+    for r in rows:
+        family, bracket, spec = r["method"].partition("[")
+        if family == "ours":
+            names.add("reference" if spec == "reference]" else "fused")
+        elif family.startswith("ours-") and bracket:
+            names.add(family.removeprefix("ours-"))
+    return "/".join(sorted(names)) or "(none)"
 
 
 def read_csv(path):

@@ -25,6 +25,7 @@ import torch
 
 from ..log_probs import token_log_probs
 from ..options import LinearCrossEntropyOptions
+from . import _head
 
 __all__ = ["ModelHead", "model_head", "next_token_log_probs"]
 
@@ -32,32 +33,28 @@ _BACKENDS = LinearCrossEntropyOptions()  # fused on CUDA, chunked elsewhere
 
 
 class ModelHead(NamedTuple):
-    """What turns a causal LM's last hidden states into its logits: ``z = c·tanh(s·(h·Wᵀ + b)/c)``."""
+    """What turns a causal LM's last hidden states into its logits: ``z = c·tanh(s·head(h)/c)``."""
 
     base: torch.nn.Module  # called with input_ids, attention_mask, ...; returns last_hidden_state (B, T, H)
-    weight: torch.Tensor  # (V, H) the output embedding
-    bias: torch.Tensor | None  # (V,)
+    head: _head.Head  # the output head's linear map (plain, LoRA, modules_to_save), read without calling it
     logit_scale: float  # s
     logit_softcap: float | None  # c, or None
 
 
 def model_head(model: torch.nn.Module) -> ModelHead:
-    """The base model, head, logit scale and soft-cap of a causal LM the transformers integration recognises.
-
-    Raises ``ValueError`` for another class (its head might scale or post-process the logits)."""
+    """The base model, head, logit scale and soft-cap of a causal LM the transformers integration recognises (the
+    same classes, wrappers and heads as :func:`~linear_cross_entropy.integrations.transformers.apply`, patched or
+    not). ``ValueError`` for anything else, saying what was found; ``NotImplementedError`` for a DeepSpeed ZeRO-3
+    partitioned head."""
     from . import transformers as hf
 
-    name = type(model).__name__
-    if name not in hf.SUPPORTED_CLASSES:
-        raise ValueError(
-            f"next_token_log_probs: {name} is not supported; supported classes: {', '.join(hf.SUPPORTED_CLASSES)}."
-        )
-    base = getattr(model, hf.SUPPORTED_CLASSES[name][0])
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{name}'s output embedding is {type(head).__name__}, expected torch.nn.Linear.")
-    softcap = hf._softcap_kwargs(model.config).get("logit_softcap")
-    return ModelHead(base, head.weight, head.bias, 1.0, softcap)  # the supported families do not scale logits
+    caller = "linear_cross_entropy.integrations.log_probs.next_token_log_probs"
+    target, cls, family = hf.recognise(model, caller)
+    head = _head.resolve(target.get_output_embeddings(), f"{cls.__name__}.lm_head")
+    if _head.zero3_partitioned(head):
+        raise NotImplementedError(f"{caller}: a DeepSpeed ZeRO-3 partitioned lm_head is not supported.")
+    transform = hf.head_transform(target, family)
+    return ModelHead(getattr(target, family.base), head, transform["logit_scale"], transform["logit_softcap"])
 
 
 def next_token_log_probs(
@@ -99,11 +96,14 @@ def next_token_log_probs(
         if mask is not None:
             keep = keep & mask[:, 1:].bool()
     ignore_index = -100
+    device = head.head.base.weight.device
+    hidden = hidden[:, :-1].to(device)
+    input, weight, bias = _head.operands(head.head, hidden.reshape(-1, hidden.shape[-1]))  # LoRA: [x, s·A·x]
     return token_log_probs(
-        hidden[:, :-1].to(head.weight.device),
-        head.weight,
-        torch.where(keep, next_tokens, ignore_index).to(head.weight.device),
-        linear_bias=head.bias,
+        input.reshape(*hidden.shape[:-1], input.shape[-1]),
+        weight,
+        torch.where(keep, next_tokens, ignore_index).to(device),
+        linear_bias=bias,
         logit_scale=head.logit_scale / temperature,
         logit_softcap=None if head.logit_softcap is None else head.logit_softcap / temperature,
         ignore_index=ignore_index,

@@ -141,6 +141,50 @@ class _Patch:
     load_balancing_loss: Callable | None  # the family module's own load_balancing_loss_func
 
 
+def recognise(model: torch.nn.Module, caller: str) -> tuple[torch.nn.Module, type, Family]:
+    """``(target, cls, family)``: the transformers model inside ``model``'s wrappers (PEFT, ``torch.compile``), the
+    supported class it is an instance of, and that class's :class:`Family`; ``ValueError`` (prefixed with
+    ``caller``) saying what was found, what is supported and what to do for anything else."""
+    target = _unwrap(model)
+    name = type(target).__name__
+    cls = next((c for c in type(target).__mro__ if c in _supported()), None)
+    if cls is None:
+        raise ValueError(
+            f"{caller}: {type(model).__module__}.{type(model).__name__}"
+            f" (config.model_type={getattr(getattr(target, 'config', None), 'model_type', None)!r}) is not a "
+            f"supported causal LM; supported: {', '.join(c.__name__ for c in _supported())} and their subclasses "
+            "that keep their forward. Other families may transform their logits or loss differently; train them "
+            "without apply()."
+        )
+    if type(target).forward is not cls.forward:
+        raise ValueError(
+            f"{caller}: {name} subclasses {cls.__name__} but overrides forward; the integration reproduces "
+            f"{cls.__name__}.forward and would bypass yours. Use a model whose forward is the library's, or compute "
+            "the loss in yours with linear_cross_entropy directly."
+        )
+    if getattr(target, "loss_function", None) is not ForCausalLMLoss:
+        raise ValueError(
+            f"{caller}: {name} has a custom loss (loss_function={getattr(target, 'loss_function', None)!r}, "
+            f"loss_type={getattr(target, 'loss_type', None)!r}); the integration would replace it with "
+            "transformers' ForCausalLMLoss."
+        )
+    family = _supported()[cls]
+    base = getattr(target, family.base, None)
+    if not isinstance(base, torch.nn.Module) or base is target:
+        raise ValueError(f"{caller}: {name} has no base model at .{family.base}; unknown transformers layout.")
+    return target, cls, family
+
+
+def head_transform(model: torch.nn.Module, family: Family) -> dict:
+    """The ``logit_scale`` and ``logit_softcap`` keywords of :func:`linear_cross_entropy` that reproduce what the
+    family's forward does to ``lm_head``'s output."""
+    cap = model.config.final_logit_softcapping if family.softcap else None
+    return {
+        "logit_scale": 1.0 if family.logit_scale is None else float(family.logit_scale(model)),
+        "logit_softcap": None if cap is None else float(cap),
+    }
+
+
 def apply(
     model: torch.nn.Module,
     *,
@@ -164,32 +208,8 @@ def apply(
         ValueError: an unsupported model (class, subclass with its own ``forward``, custom loss, replaced forward,
             layout) or an output head that cannot be read without calling it.
     """
-    target = _unwrap(model)
+    target, cls, family = recognise(model, "linear_cross_entropy.integrations.transformers.apply")
     name = type(target).__name__
-    cls = next((c for c in type(target).__mro__ if c in _supported()), None)
-    if cls is None:
-        raise ValueError(
-            f"linear_cross_entropy.integrations.transformers.apply: {type(model).__module__}.{type(model).__name__}"
-            f" (config.model_type={getattr(getattr(target, 'config', None), 'model_type', None)!r}) is not a "
-            f"supported causal LM; supported: {', '.join(c.__name__ for c in _supported())} and their subclasses "
-            "that keep their forward. Other families may transform their logits or loss differently; train them "
-            "without apply()."
-        )
-    if type(target).forward is not cls.forward:
-        raise ValueError(
-            f"{name} subclasses {cls.__name__} but overrides forward; apply() reproduces {cls.__name__}.forward and "
-            "would bypass yours. Apply it to a model whose forward is the library's, or compute the loss in yours "
-            "with linear_cross_entropy directly."
-        )
-    if getattr(target, "loss_function", None) is not ForCausalLMLoss:
-        raise ValueError(
-            f"{name} has a custom loss (loss_function={getattr(target, 'loss_function', None)!r}, loss_type="
-            f"{getattr(target, 'loss_type', None)!r}); apply() would replace it with transformers' ForCausalLMLoss."
-        )
-    family = _supported()[cls]
-    base = getattr(target, family.base, None)
-    if not isinstance(base, torch.nn.Module) or base is target:
-        raise ValueError(f"{name} has no base model at .{family.base}; unknown transformers layout.")
     if "forward" in vars(target) and not is_applied(target):
         raise ValueError(
             f"This {name}'s forward was already replaced on the instance (accelerate's device-map hooks, "
@@ -320,14 +340,7 @@ def _head_loss(model, state: _Patch, hidden: torch.Tensor, labels: torch.Tensor,
     """The loss of ``lm_head(hidden)`` (N, H) → (scale, soft-cap) against ``labels`` (N,), without the logits."""
     where = f"{state.cls.__name__}.lm_head"
     head = _head.resolve(model.get_output_embeddings(), where)
-    family, config = state.family, model.config
-    cap = config.final_logit_softcapping if family.softcap else None
-    kwargs = dict(
-        loss_kwargs,
-        options=state.options,
-        logit_scale=1.0 if family.logit_scale is None else float(family.logit_scale(model)),
-        logit_softcap=None if cap is None else float(cap),
-    )
+    kwargs = dict(loss_kwargs, options=state.options, **head_transform(model, state.family))
     device = head.base.weight.device
     hidden, labels = hidden.to(device), labels.to(device)
     partitioned = _head.zero3_partitioned(head)
