@@ -184,7 +184,7 @@ def test_row_kernel_ignores_the_padding_it_loads(metrics):
     """At an odd C the row kernel loads and stores 16-wide through the rows' padding (vectorised accesses): NaN
     there must reach neither the loss, lse, statistics nor dz, and the result must equal the unpadded launch's."""
     from linear_cross_entropy.backends.common import LossParams
-    from linear_cross_entropy.backends.fused.launch import _loaded_columns, cross_entropy_rows
+    from linear_cross_entropy.backends.fused.rows import _loaded_columns, cross_entropy_rows
 
     r, c, padded = 5, 37, 64
     g = torch.Generator().manual_seed(7)
@@ -224,7 +224,7 @@ def test_row_kernel_ignores_the_padding_it_loads(metrics):
 def test_row_kernel_step_rule(num_classes, heavy, block):
     """The widest power-of-two step leaving about 3.5 steps per sweep, 8192 to 32768 columns (4096 with soft-cap or
     metrics), one warp per 1024 columns (benchmarks/NOTES.md, v11)."""
-    from linear_cross_entropy.backends.fused.launch import row_kernel_block, row_kernel_warps
+    from linear_cross_entropy.backends.fused.rows import row_kernel_block, row_kernel_warps
 
     assert row_kernel_block(num_classes, heavy) == block
     assert row_kernel_warps(block) == (4 if block < 2048 else max(8, block // 1024))
@@ -234,7 +234,7 @@ def test_row_kernel_step_rule(num_classes, heavy, block):
 def test_scale_cast_in_place_and_out_of_place(scale):
     """In place, an upstream gradient of exactly 1 leaves the gradient as it is (the kernel masks its accesses
     off, deciding on the device); any other scale, and every out-of-place cast, writes ``src · scale`` rounded once."""
-    from linear_cross_entropy.backends.fused.launch import scale_cast
+    from linear_cross_entropy.backends.fused.rows import scale_cast
 
     g = torch.Generator().manual_seed(11)
     src = torch.randn(3, 4099, generator=g)

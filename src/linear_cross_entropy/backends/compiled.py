@@ -82,11 +82,10 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     backend, lp, ro, grads = _settings(key)
     module = _backend(backend)
-    fused = backend == "fused"
-    no_defer = {"defer": False} if fused else {}  # fused: no deferred backward (the op returns its gradients)
-    loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, **no_defer)
+    loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads)
     gx, gw, gb = saved if saved is not None else (None, None, None)
-    if not fused:  # the fused path's fp32 accumulators stay fp32 (saved_grad_dtypes) until the formula scales them
+    # the fused path's fp32 accumulators stay fp32 (saved_grad_dtypes) until the formula scales them
+    if backend != "fused":
         gw = None if gw is None else gw.to(w.dtype)
         gb = None if gb is None else gb.to(b.dtype)
     return (
@@ -113,7 +112,7 @@ def _(x, w, b, target, class_weight, key):
     if backend == "fused" and scalar_grads:
         from .fused.function import saved_grad_dtypes
 
-        gx_dtype, gw_dtype, gb_dtype = saved_grad_dtypes(ro, grads, n, x.dtype, w.dtype)
+        gx_dtype, gw_dtype, gb_dtype = saved_grad_dtypes(lp, ro, grads, x, w)
     gx = torch.empty_like(x, dtype=gx_dtype) if scalar_grads and grads.input else x.new_empty(0)
     gw = torch.empty_like(w, dtype=gw_dtype) if scalar_grads and grads.weight else w.new_empty(0)
     gb = torch.empty_like(b, dtype=gb_dtype) if scalar_grads and grads.bias else x.new_empty(0, dtype=sdt)
