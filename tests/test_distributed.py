@@ -347,10 +347,10 @@ def _worker(rank, world, sizes, errors):
     _module_case(rank, group, bounds, errors)
     _tie_case(rank, group, bounds, errors)
     if INTERPRET and _fused_available():
-        from linear_cross_entropy.backends.fused import launch
+        from linear_cross_entropy.backends.fused import chunks, rows
 
-        launch._MAX_BLOCK_C = 8  # several column tiles per row (slices of 7 to 25 classes)
-        _count_sharded_fused_chunks(launch)
+        rows._MAX_BLOCK_C = 8  # several column tiles per row (slices of 7 to 25 classes)
+        _count_sharded_fused_chunks(chunks)
         for name, kwargs, use_bias, use_cw in _fused_cases():
             _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors)
         fused = {"options": LinearCrossEntropyOptions(backend="fused"), "label_smoothing": 0.1}
@@ -407,9 +407,10 @@ def test_fused_two_phases_match_the_single_launch(reduction, monkeypatch):
     """The sharded sweep on a one-rank "group" (sweep 1 → host combine → sweep 2, two launches) against the
     single-launch kernel: same loss, lse, statistics and gradients up to fp32 rounding, over several column tiles."""
     pytest.importorskip("triton")
-    from linear_cross_entropy.backends.fused import launch
+    from linear_cross_entropy.backends.fused import chunks, rows
+    from linear_cross_entropy.backends.fused.policy import make_plan
 
-    monkeypatch.setattr(launch, "_MAX_BLOCK_C", 8)
+    monkeypatch.setattr(rows, "_MAX_BLOCK_C", 8)
     g = torch.Generator().manual_seed(3)
     n, h, v = 11, 8, 29
     x, w, b = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g), torch.randn(v, generator=g)
@@ -421,8 +422,9 @@ def test_fused_two_phases_match_the_single_launch(reduction, monkeypatch):
     shares = (torch.rand(n, generator=g), torch.rand(n, generator=g))
     grads = Grads(True, True, True)
     shard = _Alone(group=None, offset=0, local_classes=v, num_classes=v, class_weight_sum=cw.double().sum())
-    one = launch.fused_sweep(x, w, b, t, cw, lp, ro, shares, grads)
-    two = launch.fused_sweep(x, w, b, t, cw, lp, ro, shares, grads, shard=shard)
+    plan = make_plan("backward", lp, ro, grads, x, w.dtype, sharded=True)
+    one = chunks.accumulated(x, w, b, t, cw, lp, plan, shares)
+    two = chunks.accumulated(x, w, b, t, cw, lp, plan, shares, shard=shard)
     assert one[2] is not None
     keep = (t != -100)[:, None]
     # the correct/log p_y statistics of an ignored row are unused (summarize_metrics masks them)

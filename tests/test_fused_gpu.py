@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import WEIGHT_GRAD_PASSES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fused_kernels import check_drawn_problem
+from test_fused_kernels import _rel, check_drawn_problem
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
 
@@ -25,10 +25,6 @@ triton = pytest.importorskip("triton")
 
 _SLACK = 1.25
 _FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-4, torch.float16: 1e-5}
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _problem(n, h, v, dtype, seed, bias=False):
@@ -293,11 +289,12 @@ def sync_free_graph_run(opts):
     return expected, [loss.detach(), x.grad, w.grad, b.grad], fresh
 
 
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
 @pytest.mark.parametrize("where", ["input", "weight"])
-def test_nan_reaches_the_loss(where):
+def test_nan_reaches_the_loss(where, backend):
     x, w, b, y = _problem(256, 64, 3000, torch.bfloat16, seed=2)
     (x if where == "input" else w)[3, 5] = float("nan")
-    loss = _ours(x, w, y, None, options=LinearCrossEntropyOptions(backend="fused"))
+    loss = _ours(x, w, y, None, options=LinearCrossEntropyOptions(backend=backend))
     assert torch.isnan(loss)
 
 

@@ -184,7 +184,7 @@ def test_row_kernel_ignores_the_padding_it_loads(metrics):
     """At an odd C the row kernel loads and stores 16-wide through the rows' padding (vectorised accesses): NaN
     there must reach neither the loss, lse, statistics nor dz, and the result must equal the unpadded launch's."""
     from linear_cross_entropy.backends.common import LossParams
-    from linear_cross_entropy.backends.fused.launch import _loaded_columns, cross_entropy_rows
+    from linear_cross_entropy.backends.fused.rows import _loaded_columns, cross_entropy_rows
 
     r, c, padded = 5, 37, 64
     g = torch.Generator().manual_seed(7)
@@ -224,7 +224,7 @@ def test_row_kernel_ignores_the_padding_it_loads(metrics):
 def test_row_kernel_step_rule(num_classes, heavy, block):
     """The widest power-of-two step leaving about 3.5 steps per sweep, 8192 to 32768 columns (4096 with soft-cap or
     metrics), one warp per 1024 columns (benchmarks/NOTES.md, v11)."""
-    from linear_cross_entropy.backends.fused.launch import row_kernel_block, row_kernel_warps
+    from linear_cross_entropy.backends.fused.rows import row_kernel_block, row_kernel_warps
 
     assert row_kernel_block(num_classes, heavy) == block
     assert row_kernel_warps(block) == (4 if block < 2048 else max(8, block // 1024))
@@ -234,7 +234,7 @@ def test_row_kernel_step_rule(num_classes, heavy, block):
 def test_scale_cast_in_place_and_out_of_place(scale):
     """In place, an upstream gradient of exactly 1 leaves the gradient as it is (the kernel masks its accesses
     off, deciding on the device); any other scale, and every out-of-place cast, writes ``src · scale`` rounded once."""
-    from linear_cross_entropy.backends.fused.launch import scale_cast
+    from linear_cross_entropy.backends.fused.rows import scale_cast
 
     g = torch.Generator().manual_seed(11)
     src = torch.randn(3, 4099, generator=g)
@@ -356,3 +356,41 @@ def check_drawn_problem(backend, data, **draw_kw):
     plain = _run(_ours_or_reference, x, w, b, y, upstream, **kw)
     ours = _run(_ours_or_reference, x, w, b, y, upstream, options=options, **kw)
     _assert_within_plain(ours, plain, ref, dtype, _summed_terms(x, w, b, y, upstream, **kw))
+
+
+@pytest.mark.parametrize(
+    "stage,reduction,rows,recompute,sharded,grads,mode",
+    [
+        ("forward", "mean", 8, False, False, (True, True, False), "DEFERRED"),  # one chunk
+        ("forward", "mean", 3, False, False, (True, True, False), "ACCUMULATED"),
+        ("forward", "sum", 3, True, False, (True, True, False), "RECOMPUTE"),
+        ("forward", "sum", 3, True, True, (True, True, False), "ACCUMULATED"),  # no vocabulary-major pass sharded
+        ("forward", "sum", 3, True, False, (True, False, False), "ACCUMULATED"),  # no weight gradient to recompute
+        ("forward", "none", 8, False, False, (True, True, False), "LOSS_ONLY"),  # "none" recomputes in backward
+        ("forward", "mean", 8, False, False, (False, False, False), "LOSS_ONLY"),
+        ("op", "mean", 8, False, False, (True, True, True), "ACCUMULATED"),  # the compiled op never defers
+        ("none_forward", "none", 8, False, False, (True, False, False), "DEFERRED"),
+        ("none_forward", "none", 3, False, False, (True, False, False), "LOSS_ONLY"),
+        ("backward", "none", 3, True, False, (False, True, True), "RECOMPUTE"),
+    ],
+)
+def test_plan_modes(stage, reduction, rows, recompute, sharded, grads, mode):
+    """The fused plan's one decision table (backends/fused/policy.py), and the fields each mode implies."""
+    from linear_cross_entropy.backends.common import Grads, LossParams
+    from linear_cross_entropy.backends.fused.policy import Mode, make_plan
+    from linear_cross_entropy.options import ResolvedOptions
+
+    lp = LossParams(reduction, -100, 0.0, False)
+    ro = ResolvedOptions("fused", "balanced", torch.float32, rows, False, recompute_weight_grad=recompute)
+    x = torch.empty(8, 4, dtype=torch.bfloat16)
+    plan = make_plan(stage, lp, ro, Grads(*grads), x, torch.bfloat16, sharded=sharded)
+    assert plan.mode is Mode[mode]
+    assert plan.chunk_rows == min(rows, 8)
+    assert plan.weight_grad_later == (mode == "RECOMPUTE" and stage == "forward")
+    if mode == "RECOMPUTE":
+        assert plan.grads == Grads(grads[0], False, False) and plan.weight_grads == Grads(False, *grads[1:])
+        assert plan.per_row and plan.grad_w_dtype == torch.bfloat16
+    # fp32 accumulation waits for the upstream gradient only where the caller scales later
+    assert plan.grad_x_dtype == (torch.float32 if stage in ("forward", "op") else torch.bfloat16)
+    if mode == "ACCUMULATED":  # an fp32 scratch across chunks; one chunk's single GEMM accumulates in fp32 itself
+        assert plan.grad_w_dtype == (torch.float32 if rows < 8 else torch.bfloat16)

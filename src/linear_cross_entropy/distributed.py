@@ -16,7 +16,7 @@ block) sizes follow the global ``V``, so every rank runs the same chunks and the
 
 Per block of rows, on ``(rows,)`` statistics: the chunked path (:func:`..backends.chunked.chunk_loss_and_grad`; a
 block is at most ``batch_chunk_size`` rows) in the stats dtype (fp32; fp64 for fp64 inputs); the fused path
-(:func:`..backends.fused.launch.fused_sweep`; a block is one chunk) in fp32, between its row kernel's two sweeps —
+(:mod:`..backends.fused.chunks`; a block is one chunk) in fp32, between its row kernel's two sweeps —
 sweep 1 writes this slice's per-row partials relative to the slice's own max ``m_r``, :func:`combine_partials`
 rescales them by ``exp(m_r − M)`` after step 1, and sweep 2 writes this slice's ``dz`` from the global ``lse``:
 

@@ -162,9 +162,9 @@ class _TokenLogProbs(torch.autograd.Function):
         # The fused path keeps one chunk's logits for backward, whose second sweep then needs no recomputation.
         ctx.deferred = backend == "fused" and grads.any and ro.batch_chunk_size >= x.shape[0]
         if backend == "fused":
-            from .backends.fused.function import forward_pass
+            from .backends.fused.function import forward_none
 
-            loss, _, stats, ctx.saved_grads = forward_pass(x, w, b, target, None, lp, ro, grads, ctx.deferred)
+            loss, _, stats, ctx.saved_grads = forward_none(x, w, b, target, None, lp, ro, grads, ctx.deferred)
         else:
             loss, _, stats, _ = chunked.forward_pass(
                 x, w[:, None], None if b is None else b[:, None], target[:, None], None, lp, ro, grads
@@ -193,7 +193,7 @@ class _TokenLogProbs(torch.autograd.Function):
         )
         if ctx.backend == "fused":
             from .backends.fused import function as fused
-            from .backends.fused.launch import deferred_grads
+            from .backends.fused.vocab_major import deferred_grads
 
             if entropy_grad is not None:
                 entropy_grad = tuple(t.float().contiguous() for t in entropy_grad)

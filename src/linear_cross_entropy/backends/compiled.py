@@ -25,31 +25,34 @@ __all__ = ["run"]
 
 
 def _key(backend: str, lp: LossParams, ro: ResolvedOptions, grads: Grads) -> str:
-    """The settings as one string (from the fields: a dataclass ``repr`` is not traceable); :func:`_settings`
-    reads it back. Self-describing, because the fake kernel runs while Dynamo traces, before any side effect."""
-    return "|".join([backend] + [str(getattr(obj, f.name)) for obj in (lp, ro, grads) for f in dataclasses.fields(obj)])
+    """The settings as one string, the custom ops' one settings argument (their schemas take no dataclass on the
+    torch versions we support): the fields' values in declaration order (from the fields: a dataclass ``repr`` is
+    not traceable). Self-describing, because the fake kernel runs while Dynamo traces, before any side effect;
+    :func:`_settings` reads it back by each field's declared type."""
+    return _SEP.join(
+        [backend] + [str(getattr(obj, f.name)) for obj in (lp, ro, grads) for f in dataclasses.fields(obj)]
+    )
 
 
-def _parse(text: str):
-    if text in ("True", "False"):
-        return text == "True"
-    if text.startswith("torch."):
-        return getattr(torch, text.removeprefix("torch."))
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+_SEP = "|"
+_SETTINGS_TYPES = (LossParams, ResolvedOptions, Grads)
+_DECODE = {  # a field's declared type (the annotation's text) -> how its str() is read back
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": lambda text: {"True": True, "False": False}[text],
+    "torch.dtype": lambda text: getattr(torch, text.removeprefix("torch.")),
+}
 
 
 @functools.cache
 def _settings(key: str) -> tuple[str, LossParams, ResolvedOptions, Grads]:
-    backend, *values = key.split("|")
+    backend, *values = key.split(_SEP)
     objects = []
-    for cls in (LossParams, ResolvedOptions, Grads):
-        names = [f.name for f in dataclasses.fields(cls)]
-        objects.append(cls(**{name: _parse(values.pop(0)) for name in names}))
+    for cls in _SETTINGS_TYPES:
+        fields = dataclasses.fields(cls)
+        objects.append(cls(**{f.name: _DECODE[str(f.type)](values.pop(0)) for f in fields}))
+    assert not values, key
     return (backend, *objects)
 
 
@@ -82,11 +85,10 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     backend, lp, ro, grads = _settings(key)
     module = _backend(backend)
-    fused = backend == "fused"
-    no_defer = {"defer": False} if fused else {}  # fused: no deferred backward (the op returns its gradients)
-    loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads, **no_defer)
+    loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads)
     gx, gw, gb = saved if saved is not None else (None, None, None)
-    if not fused:  # the fused path's fp32 accumulators stay fp32 (saved_grad_dtypes) until the formula scales them
+    # the fused path's fp32 accumulators stay fp32 (saved_grad_dtypes) until the formula scales them
+    if backend != "fused":
         gw = None if gw is None else gw.to(w.dtype)
         gb = None if gb is None else gb.to(b.dtype)
     return (
@@ -113,7 +115,7 @@ def _(x, w, b, target, class_weight, key):
     if backend == "fused" and scalar_grads:
         from .fused.function import saved_grad_dtypes
 
-        gx_dtype, gw_dtype, gb_dtype = saved_grad_dtypes(ro, grads, n, x.dtype, w.dtype)
+        gx_dtype, gw_dtype, gb_dtype = saved_grad_dtypes(lp, ro, grads, x, w)
     gx = torch.empty_like(x, dtype=gx_dtype) if scalar_grads and grads.input else x.new_empty(0)
     gw = torch.empty_like(w, dtype=gw_dtype) if scalar_grads and grads.weight else w.new_empty(0)
     gb = torch.empty_like(b, dtype=gb_dtype) if scalar_grads and grads.bias else x.new_empty(0, dtype=sdt)

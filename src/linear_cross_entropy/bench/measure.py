@@ -420,7 +420,7 @@ def kernel_sweep(rows=2048, v=128256, dtype=torch.bfloat16):
 
     CUDA only."""
     from ..backends.common import LossParams
-    from ..backends.fused import launch
+    from ..backends.fused import rows as launch
 
     logits = torch.randn(rows, v, device="cuda", dtype=dtype)
     target = torch.randint(0, v, (rows,), device="cuda")
@@ -430,17 +430,14 @@ def kernel_sweep(rows=2048, v=128256, dtype=torch.bfloat16):
     lp = LossParams("mean", -100, 0.0, False)
     min_bytes = 2 * logits.numel() * logits.element_size()
     print(f"row kernel on a {rows}x{v} {dtype} chunk (one read + one write = {min_bytes / 2**20:.0f} MiB)")
-    saved = (launch.row_kernel_block, launch.row_kernel_warps)  # the plain kernel's (no soft-cap, no metrics)
-    for block in (4096, 8192, 16384, 32768):
+    for block in (4096, 8192, 16384, 32768):  # the plain kernel's configurations (no soft-cap, no metrics)
         for warps in (8, 16, 32):
-            launch.row_kernel_block = lambda _num_classes, _heavy, block=block: block
-            launch.row_kernel_warps = lambda _block, warps=warps: warps
-            step = lambda: launch.cross_entropy_rows(  # noqa: E731
-                logits, logits, None, target, None, (scale, scale), loss, lse, None, lp
+            config = launch.RowLaunch(block, warps)
+            step = lambda config=config: launch.cross_entropy_rows(  # noqa: E731
+                logits, logits, None, target, None, (scale, scale), loss, lse, None, lp, config=config
             )
             ms = time_fn(step, 10)
             print(f"  BLOCK_C={block:5d} warps={warps:2d}: {ms:6.3f} ms  {min_bytes / ms / 1e6:6.0f} GB/s (read+write)")
-    launch.row_kernel_block, launch.row_kernel_warps = saved
 
 
 def fmt(v, spec):

@@ -25,48 +25,33 @@ Rows whose target is outside ``[0, C)`` (and not ignored) get a NaN loss and NaN
 
 Vocabulary parallel (a rank holds the columns ``[class_offset, class_offset + C_local)`` of a ``C``-class head): the
 same kernel runs its two sweeps as two launches (``PHASE`` 1 and 2) with the ranks' per-row partial sums combined
-between them on the host (``launch.fused_sweep``); the unsharded call is ``class_offset = 0``, ``C_local = C``.
+between them on the host (``chunks.py``); the unsharded call is ``class_offset = 0``, ``C_local = C``.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tanh(u):
-    """tanh(u) = 1 − 2/(1 + e^{2u}): one exp and one approximate division (the kernel is bandwidth-bound, so every
-    instruction per logit shows). Saturates correctly at ±inf; near 0 its absolute error is ~1e-7, which the
-    soft-cap c multiplies into an absolute logit error of ~c·1e-7."""
-    return 1.0 - tl.fdiv(2.0, 1.0 + tl.exp(2.0 * u))
+from ..triton_math import scale_softcap
 
 
-@triton.jit
-def _logits(
-    raw,
-    logit_scale,
-    logit_softcap,
-    HAS_LOGIT_SCALE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-):
-    """z = c·tanh(a·r / c) (or a·r without capping) and tanh(a·r / c) for the chain rule."""
-    z = raw
-    if HAS_LOGIT_SCALE:
-        z = z * logit_scale
-    t = z
-    if HAS_SOFTCAP:
-        t = _tanh(z * (1.0 / logit_softcap))
-        z = logit_softcap * t
-    return z, t
-
-
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+        "HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None,
+        "METRICS": lambda args: args["stats_ptr"] is not None or args["argmax_ptr"] is not None,
+        "COMPUTE_GRAD": lambda args: args["grad_ptr"] is not None,
+        "STORE_COEFS": lambda args: args["PHASE"] == 0 and args["coef_ptr"] is not None,
+        "ENTROPY_GRAD": lambda args: args["entropy_ptr"] is not None,
+    }
+)
 @triton.jit
 def _cross_entropy_rows_kernel(
-    # pointers
+    # pointers (None where a launch has no such tensor: the heuristics above turn that into the HAS_* switches)
     logits_ptr,  # (r, C) GEMM output r = x·Wᵀ without bias; read
-    grad_ptr,  # (r, C) dr; written (may alias logits_ptr)
-    bias_ptr,  # (C,)
+    grad_ptr,  # (r, C) dr; written (may alias logits_ptr); None: loss only
+    bias_ptr,  # (C,) or None
     target_ptr,  # (r,) int64, global class indices
-    class_weight_ptr,  # (C,)
+    class_weight_ptr,  # (C,) or None
     row_scale_ptr,  # (r,) or a scalar (stride 0): s, the cross-entropy share of the upstream gradient per row
     z_scale_ptr,  # (r,) or a scalar (stride 0): s_z, the z-loss share
     loss_ptr,  # (r,) fp32 per-row cross entropy; written
@@ -108,7 +93,7 @@ def _cross_entropy_rows_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """``PHASE`` 0 (unsharded): both sweeps in one launch, as the module docstring says. A vocabulary-parallel
-    call splits them around the host's combine over the ranks (see ``launch.fused_sweep``):
+    call splits them around the host's combine over the ranks (see ``chunks.py``):
 
     - ``PHASE`` 1: sweep 1 over this slice's columns only, and its per-row partials (``m_r`` the slice's max)::
 
@@ -119,7 +104,7 @@ def _cross_entropy_rows_kernel(
     - ``PHASE`` 2: sweep 2 only, given the row's global ``lse`` and ``dz = coef·p − target_coef·e_y −
       smooth_coef·w`` (``p = exp(z − lse)``), the target column tested on the local index ``y − class_offset``.
 
-    The vocabulary-major weight-gradient pass (``launch.weight_grad_sweep``) reuses ``PHASE`` 2 on column blocks of
+    The vocabulary-major weight-gradient pass (``vocab_major.py``) reuses ``PHASE`` 2 on column blocks of
     an unsharded head: ``PHASE`` 0 with ``STORE_COEFS`` leaves each row's three coefficients for it.
 
     ``ENTROPY_GRAD`` (per-token entropies with gradients, :mod:`linear_cross_entropy.log_probs`): with ``g_H`` the
@@ -163,7 +148,7 @@ def _cross_entropy_rows_kernel(
             r = r.to(tl.float32)
             if HAS_BIAS:
                 r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            z, _ = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+            z, _ = scale_softcap(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
             z = tl.where(mask, z, -float("inf"))  # select: the padding may hold anything, NaN included
             tile_max = tl.max(z, axis=0)
             m_new = tl.maximum(m, tile_max)
@@ -191,7 +176,7 @@ def _cross_entropy_rows_kernel(
         r_y = tl.load(logits_row_ptr + y).to(tl.float32)
         if HAS_BIAS:
             r_y += tl.load(bias_ptr + y).to(tl.float32)
-        z_y, _ = _logits(r_y, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+        z_y, _ = scale_softcap(r_y, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
         if HAS_CLASS_WEIGHT:
             w_y = tl.load(class_weight_ptr + y).to(tl.float32)
         else:
@@ -264,7 +249,7 @@ def _cross_entropy_rows_kernel(
             r = r.to(tl.float32)
             if HAS_BIAS:
                 r += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            z, t = _logits(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+            z, t = scale_softcap(r, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
             if ENTROPY_GRAD:
                 log_p = z - lse
                 dz = tl.exp(log_p) * (coef + entropy_coef * log_p)

@@ -44,17 +44,23 @@ def _gradients(x, w, b, target, class_weight, lse, coefs, lp, ro: ResolvedOption
     )  # fmt: skip
 
 
-def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads):
-    """The compiled ops' protocol (backends/compiled.py): ``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``
-    with ``saved`` the gradients for an upstream gradient of 1 (None for ``"none"``)."""
+def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):
+    """The backends' protocol (backends/compiled.py): ``(loss, lse (N, 1), stats (N, 1, 5) or None, saved)``
+    with ``saved`` the gradients for an upstream gradient of 1 (None for ``"none"``); no vocabulary parallel."""
+    assert shard is None, "the tiled backend has no vocabulary-parallel path"
     scalar = lp.reduction != "none" and grads.any
     loss, lse, stats, coefs = _loss_and_coefficients(x, w, b, target, class_weight, lp, scalar)
     saved = _gradients(x, w, b, target, class_weight, lse, coefs, lp, ro, grads) if scalar else None
     return loss, lse[:, None], None if stats is None else stats[:, None], saved
 
 
-def backward_none(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out):
-    """The gradients of ``reduction="none"`` for the per-row upstream gradient ``grad_out`` (N, 1)."""
+def backward_none(
+    x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, grad_out, shard=None,
+    entropy_grad=None,
+):  # fmt: skip
+    """The gradients of ``reduction="none"`` for the per-row upstream gradient ``grad_out`` (N, 1) (the backends'
+    protocol; no vocabulary parallel, no entropy gradient)."""
+    assert shard is None and entropy_grad is None, "the tiled backend serves neither"
     _, lse, _, coefs = _loss_and_coefficients(x, w, b, target, class_weight, lp, True)
     return _gradients(x, w, b, target, class_weight, lse, coefs * grad_out[:, 0].float(), lp, ro, grads)
 

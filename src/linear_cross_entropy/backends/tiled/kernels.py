@@ -33,7 +33,7 @@ not). Rows whose target is outside ``[0, C)`` (and not ignored) carry NaN coeffi
 import triton
 import triton.language as tl
 
-from ..fused.kernels import _logits  # the scale / soft-cap transform, shared with the row kernel
+from ..triton_math import scale_softcap
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def _logit_tile(
             w_tile_ptr += BLOCK_K * stride_w_col
     if HAS_BIAS:
         acc += tl.load(bias_ptr + load_cols).to(tl.float32)[None, :]
-    return _logits(acc, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+    return scale_softcap(acc, logit_scale, logit_softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -112,6 +112,12 @@ def _load_targets(target_ptr, offs_m, row_mask, n_classes):
     return tl.where((target >= 0) & (target < n_classes), target, -1).to(tl.int32)
 
 
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+        "HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None,
+    }
+)
 @triton.jit
 def _partial_stats_kernel(
     # pointers and tensor descriptors
@@ -169,8 +175,8 @@ def _partial_stats_kernel(
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(n_classes, BLOCK_N))
     # With TMA loads the tile loop and _logit_tile's feature loop are software-pipelined as one (flatten): the
-    # next tile's first loads are in flight during this tile's softmax epilogue (t9: 13.1 → 12.5 ms at
-    # 8192x4096x128256). Pointer loads run 1.8x slower flattened, so they keep the nested pipeline.
+    # next tile's first loads are in flight during this tile's softmax epilogue (measured: benchmarks/NOTES.md,
+    # tiled backend). Pointer loads run 1.8x slower flattened, so they keep the nested pipeline.
     for tile in tl.range(first_tile, last_tile, flatten=USE_TMA):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = offs_n < n_classes
@@ -211,6 +217,15 @@ def _partial_stats_kernel(
     tl.store(out_ptr + 6 * n_rows, arg.to(tl.float32), mask=row_mask)
 
 
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+        "HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None,
+        "GRAD_X": lambda args: args["grad_x_ptr"] is not None,
+        "GRAD_W": lambda args: args["grad_w_ptr"] is not None,
+        "GRAD_B": lambda args: args["grad_b_ptr"] is not None,
+    }
+)
 @triton.jit
 def _tiled_backward_kernel(
     # pointers

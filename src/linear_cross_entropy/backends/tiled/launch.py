@@ -103,10 +103,9 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _flags(lp: LossParams, b, class_weight) -> dict:
+def _flags(lp: LossParams) -> dict:
+    """The switches the loss settings give (the kernels' heuristics derive the rest from their None pointers)."""
     return dict(
-        HAS_BIAS=b is not None,
-        HAS_CLASS_WEIGHT=class_weight is not None,
         HAS_SMOOTHING=lp.label_smoothing > 0,
         HAS_LOGIT_SCALE=lp.logit_scale != 1.0,
         HAS_SOFTCAP=lp.logit_softcap > 0,
@@ -141,11 +140,11 @@ def partial_stats(
         (_descriptor(x, cfg.block_m, cfg.block_k), _descriptor(w, cfg.block_n, cfg.block_k)) if use_tma else (x, w)
     )
     _partial_stats_kernel[(splits, row_blocks)](
-        x, w, *descriptors, x if b is None else b, target, x if class_weight is None else class_weight, partials,
+        x, w, *descriptors, b, target, class_weight, partials,
         n, v, h, tiles_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         lp.logit_scale, lp.logit_softcap or 1.0,
-        **_flags(lp, b, class_weight),
+        **_flags(lp),
         METRICS=lp.metrics,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=h % cfg.block_k == 0, USE_TMA=use_tma,
         INPUT_PRECISION=_input_precision(x.dtype),
@@ -226,14 +225,13 @@ def tiled_backward(
     if n and grads.any:
         grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(v, cfg.block_n),)
         _tiled_backward_kernel[grid](
-            x, w, x if b is None else b, target, x if class_weight is None else class_weight, lse, coefs,
-            x if gx is None else gx, w if gw is None else gw, lse if gb is None else gb,
+            x, w, b, target, class_weight, lse, coefs, gx, gw, gb,
             n, v, h,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             0 if gx is None else gx.stride(0), 0 if gw is None else gw.stride(0),
             lp.logit_scale, lp.logit_softcap or 1.0, float(sparse_eps),
-            **_flags(lp, b, class_weight),
-            GRAD_X=gx is not None, GRAD_W=gw is not None, GRAD_B=gb is not None, SPARSE=sparse,
+            **_flags(lp),
+            SPARSE=sparse,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
             GROUP_M=cfg.group_m, EVEN_K=h % cfg.block_k == 0, EVEN_H=h % cfg.block_h == 0,
             INPUT_PRECISION=_input_precision(x.dtype),
