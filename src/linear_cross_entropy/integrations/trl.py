@@ -30,6 +30,7 @@ TRL's head runs on it, naming :func:`apply` as the fix.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import types
 import warnings
@@ -150,7 +151,8 @@ def _is_trl_fused_head(forward, outermost: bool = False) -> bool:
     if utils is None or forward is None:
         return False
     functions = list(_wrapped(forward))[:1] if outermost else _wrapped(forward)
-    return any(getattr(f, "__code__", None) in utils.add_fused_lm_head.__code__.co_consts for f in functions)
+    heads = [c for c in utils.add_fused_lm_head.__code__.co_consts if inspect.iscode(c)]  # co_consts holds None too
+    return any(getattr(f, "__code__", None) in heads for f in functions)
 
 
 def _fused_lm_head(model, args, kwargs):
