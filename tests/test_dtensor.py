@@ -20,7 +20,17 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import run_ranks
-from test_distributed import INTERPRET, METRICS, WALL_LIMIT_S, V, _check, _compare, _data, _single_process
+from test_distributed import (
+    INTERPRET,
+    METRICS,
+    WALL_LIMIT_S,
+    V,
+    _check,
+    _compare,
+    _data,
+    _expect_error,
+    _single_process,
+)
 
 from linear_cross_entropy import LinearCrossEntropyLoss, LinearCrossEntropyOptions, linear_cross_entropy
 
@@ -153,15 +163,7 @@ def _run_case(rank, world, mesh, errors, name, kwargs, use_bias, class_weights, 
 
 
 def _expect_value_error(errors, name, match, fn):
-    try:
-        fn()
-    except ValueError as e:
-        if match not in str(e):
-            errors.append(f"{name}: message {str(e)!r} lacks {match!r}")
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"{name}: expected ValueError, got {type(e).__name__}: {e}")
-    else:
-        errors.append(f"{name}: no error")
+    _expect_error(errors, name, ValueError, match, fn)
 
 
 def _error_cases(rank, world, mesh, errors):
