@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from . import validate
 from .backends import chunked
 from .backends.common import Grads, LossParams, take_saved_grads
+from .backends.reference import transform_logits
 from .functional import _choose_backend
 from .options import LinearCrossEntropyOptions, resolve
 
@@ -137,11 +138,7 @@ def token_log_probs(
 
 def _materialised(x, w, b, t, lp: LossParams) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference: the ``(N, V)`` logits in the input's dtype, ``log_softmax`` in (at least) fp32, autograd."""
-    z = F.linear(x, w, b).to(torch.promote_types(x.dtype, torch.float32))
-    if lp.logit_scale != 1.0:
-        z = z * lp.logit_scale
-    if lp.logit_softcap:
-        z = lp.logit_softcap * torch.tanh(z / lp.logit_softcap)
+    z = transform_logits(F.linear(x, w, b).to(torch.promote_types(x.dtype, torch.float32)), lp)
     log_p = torch.log_softmax(z, dim=-1)
     keep = t != lp.ignore_index
     log_probs = torch.where(keep, log_p.gather(1, torch.where(keep, t, 0)[:, None])[:, 0], 0.0)

@@ -39,6 +39,15 @@ def linear_cross_entropy_reference(
     )
 
 
+def transform_logits(logits: torch.Tensor, lp: LossParams) -> torch.Tensor:
+    """What the loss sees of ``r = x·Wᵀ + b``: ``z = c·tanh(a·r/c)`` (``a`` = logit scale, ``c`` = soft-cap; each
+    skipped when off), differentiable, in ``logits``' dtype."""
+    z = logits * lp.logit_scale if lp.logit_scale != 1.0 else logits
+    if lp.logit_softcap:
+        z = lp.logit_softcap * torch.tanh(z / lp.logit_softcap)
+    return z
+
+
 def reference_with_extras(
     x: torch.Tensor,  # (N, F)
     w: torch.Tensor,  # (C, K, F)
@@ -55,9 +64,7 @@ def reference_with_extras(
     """
     c, k, f = w.shape
     logits = F.linear(x, w.reshape(c * k, f), None if b is None else b.reshape(c * k)).reshape(x.shape[0], c, k)
-    z = logits * lp.logit_scale if lp.logit_scale != 1.0 else logits
-    if lp.logit_softcap:
-        z = lp.logit_softcap * torch.tanh(z / lp.logit_softcap)
+    z = transform_logits(logits, lp)
     ce = F.cross_entropy(
         z,
         target,
