@@ -160,7 +160,7 @@ class IndexRowSums(NamedTuple):
     """Per-row sums over the whole vocabulary for class-index targets, ``(rows,)`` each in the stats dtype: what
     the loss, its gradient coefficients and the metrics of a row need (see :func:`index_rows`). The chunked path
     forms them from a block of logits; vocabulary-parallel paths combine them over the ranks first
-    (:mod:`..distributed`)."""
+    (:mod:`.partials`)."""
 
     m: torch.Tensor  # the row max
     sum_exp: torch.Tensor  # Σ_c exp(z_c − m)

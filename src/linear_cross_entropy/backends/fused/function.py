@@ -31,7 +31,7 @@ from .rows import scale_cast
 from .vocab_major import deferred_grads, weight_grad_pass
 
 if TYPE_CHECKING:
-    from ...distributed import VocabShard
+    from ..partials import VocabShard
 
 __all__ = [
     "linear_cross_entropy_fused",
