@@ -10,7 +10,7 @@ offsets and the global ``V``; ranks that disagree on the shapes raise instead of
 collective), one ``all_reduce`` SUM of ``Σ w`` with class weights, and, for a scalar-reduced mean with class
 weights, one ``(N,)`` all_reduce SUM of ``w_y`` (the mean's denominator).
 
-Which path: the backend is chosen as without a group (``functional._choose_backend``): the fused path on CUDA for
+Which path: the backend is chosen as without a group (``dispatch.choose_backend``): the fused path on CUDA for
 fp16/bf16/fp32 (and explicitly under ``TRITON_INTERPRET=1`` on the CPU), else the chunked path. Chunk (and softmax
 block) sizes follow the global ``V``, so every rank runs the same chunks and therefore the same collectives.
 

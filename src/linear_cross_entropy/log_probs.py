@@ -41,7 +41,7 @@ from . import validate
 from .backends import chunked
 from .backends.common import Grads, LossParams, take_saved_grads
 from .backends.reference import transform_logits
-from .functional import _choose_backend
+from .dispatch import choose_backend
 from .options import LinearCrossEntropyOptions, resolve
 
 __all__ = ["token_log_probs"]
@@ -109,7 +109,7 @@ def token_log_probs(
     if options is None:
         log_probs, entropy = _materialised(x, weight, linear_bias, t, lp)
     else:
-        backend = _choose_backend(options, lp, shape, x)
+        backend = choose_backend(options, lp, shape, x)
         if backend == "tiled":
             warnings.warn(
                 "token_log_probs: backend='tiled' has no per-token path; using 'fused'.",
