@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .backends import chunked, compiled, fused, tiled
+from .backends import chunked, compiled, fused, support, tiled
 from .backends.common import LossParams
 from .options import LinearCrossEntropyOptions, resolve
 
@@ -73,7 +73,7 @@ def choose_backend(options: LinearCrossEntropyOptions, lp: LossParams, shape, x:
     """
     if options.backend == "chunked":
         return "chunked"
-    reason = fused.unsupported_reason(x, lp, shape, explicit=options.backend in ("fused", "tiled"))
+    reason = support.unsupported_reason(x, lp, shape, explicit=options.backend in ("fused", "tiled"))
     if reason is None:
         return "fused" if options.backend == "auto" else options.backend
     if options.backend != "auto":
