@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .backends.fused.policy import fp32_weight_grad_accumulation, fused_chunk_rows, fused_recomputes_weight_grad
+from .backends.fused.policy import memory_chunk_rows, recomputes_weight_grad
 
 __all__ = ["LinearCrossEntropyOptions", "ResolvedOptions", "resolve"]
 
@@ -170,6 +170,24 @@ def budget_chunk_rows(num_rows: int, num_classes: int, element_size: int) -> int
     return max(1, min(1 << (rows.bit_length() - 1), num_rows))
 
 
+def _auto_choices(options: LinearCrossEntropyOptions, backend: str, device: torch.device, dtype: torch.dtype):
+    """``(acc_policy, chunking_method)`` with ``"auto"`` replaced by the backend's pick (an explicit
+    ``batch_chunk_size`` turns an ``"auto"`` chunking method into None: no automatic chunking)."""
+    acc_policy, chunking_method = options.acc_policy, options.chunking_method
+    if chunking_method == "auto" and options.batch_chunk_size is not None:
+        chunking_method = None
+    if acc_policy == "auto" or chunking_method == "auto":
+        if backend == "fused":
+            auto = _FUSED_AUTO
+        elif backend == "tiled":
+            auto = _TILED_AUTO
+        else:
+            auto = _AUTO_DEFAULTS.get((backend, device.type, dtype), _AUTO_FALLBACK)
+        acc_policy = auto.acc_policy if acc_policy == "auto" else acc_policy
+        chunking_method = auto.chunking_method if chunking_method == "auto" else chunking_method
+    return acc_policy, chunking_method
+
+
 def _auto_acc_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
     """fp32 for fp16/bf16 input where mixed-precision GEMMs exist (CUDA SM 7.0+/8.0+, CPU), else None."""
     if dtype not in (torch.float16, torch.bfloat16):
@@ -202,19 +220,7 @@ def resolve(
     disagrees with an explicit ``chunking_method`` raises ``ValueError``; ``acc_dtype=None`` becomes fp32 for
     fp16/bf16 input only under ``acc_policy="auto"``.
     """
-    acc_policy, chunking_method = options.acc_policy, options.chunking_method
-    if chunking_method == "auto" and options.batch_chunk_size is not None:
-        chunking_method = None
-    if acc_policy == "auto" or chunking_method == "auto":
-        if backend == "fused":
-            auto = _FUSED_AUTO
-        elif backend == "tiled":
-            auto = _TILED_AUTO
-        else:
-            auto = _AUTO_DEFAULTS.get((backend, device.type, dtype), _AUTO_FALLBACK)
-        acc_policy = auto.acc_policy if acc_policy == "auto" else acc_policy
-        chunking_method = auto.chunking_method if chunking_method == "auto" else chunking_method
-
+    acc_policy, chunking_method = _auto_choices(options, backend, device, dtype)
     if options.acc_dtype is not None:
         acc_dtype = options.acc_dtype
     else:
@@ -223,11 +229,7 @@ def resolve(
 
     rows = num_rows if options.batch_chunk_size is None else min(options.batch_chunk_size, num_rows)
     if chunking_method == "memory":
-        low = dtype in (torch.float16, torch.bfloat16)
-        fp32_scratch = weight_grad and fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype)
-        # "accurate" keeps fp32 logits beside the input-dtype dz (see the fused launcher)
-        logit_bytes = dtype.itemsize + (4 if acc_policy == "accurate" and low else 0)
-        rows = fused_chunk_rows(num_rows, in_features, logit_bytes, fp32_scratch)
+        rows = memory_chunk_rows(num_rows, in_features, acc_policy, acc_dtype, dtype, weight_grad)
     elif chunking_method == "budget":
         gemm_dtype = acc_dtype if acc_policy == "accurate" else dtype
         rows = budget_chunk_rows(num_rows, num_classes, gemm_dtype.itemsize)
@@ -238,11 +240,9 @@ def resolve(
                 f"batch_chunk_size (={options.batch_chunk_size}) and chunking_method ('{chunking_method}') give "
                 f"different chunk sizes ({options.batch_chunk_size} vs {rows}); pass only one."
             )
-
-    recompute = False
-    if backend == "fused" and weight_grad:
-        accumulated = 4 if fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype) else dtype.itemsize
-        recompute = fused_recomputes_weight_grad(max(1, rows), num_rows, accumulated, dtype)
+    recompute = (
+        backend == "fused" and weight_grad and recomputes_weight_grad(rows, num_rows, acc_policy, acc_dtype, dtype)
+    )
 
     if acc_dtype != dtype and not (dtype in (torch.float16, torch.bfloat16) and acc_dtype == torch.float32):
         raise RuntimeError(

@@ -27,6 +27,8 @@ __all__ = [
     "fused_chunk_rows",
     "fused_recomputes_weight_grad",
     "recompute_columns",
+    "memory_chunk_rows",
+    "recomputes_weight_grad",
     "Mode",
     "FusedPlan",
     "make_plan",
@@ -105,6 +107,27 @@ def recompute_columns(num_rows: int, chunk_rows: int, num_classes: int) -> int:
     align = THRESHOLDS.recompute_column_align
     cols = chunk_rows * num_classes // max(1, num_rows) // align * align
     return min(num_classes, max(align, cols))
+
+
+def memory_chunk_rows(
+    num_rows: int, in_features: int, acc_policy: str, acc_dtype: torch.dtype, dtype: torch.dtype, weight_grad: bool
+) -> int:
+    """Rows per chunk for ``chunking_method="memory"`` (the fused backend's ``"auto"``): :func:`fused_chunk_rows`
+    with this call's bytes per logit (``"accurate"`` keeps fp32 logits beside the input-dtype ``dz``) and whether
+    it keeps an fp32 weight-gradient scratch."""
+    low = dtype in (torch.float16, torch.bfloat16)
+    fp32_scratch = weight_grad and fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype)
+    logit_bytes = dtype.itemsize + (4 if acc_policy == "accurate" and low else 0)
+    return fused_chunk_rows(num_rows, in_features, logit_bytes, fp32_scratch)
+
+
+def recomputes_weight_grad(
+    chunk_rows: int, num_rows: int, acc_policy: str, acc_dtype: torch.dtype, dtype: torch.dtype
+) -> bool:
+    """:func:`fused_recomputes_weight_grad` for this call's accumulator: an fp32 scratch (4 bytes per element)
+    where the policy accumulates in fp32, else the gradient itself in the input dtype."""
+    accumulated = 4 if fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype) else dtype.itemsize
+    return fused_recomputes_weight_grad(max(1, chunk_rows), num_rows, accumulated, dtype)
 
 
 def has_out_dtype_mm(device: torch.device) -> bool:
