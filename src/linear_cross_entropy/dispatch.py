@@ -14,9 +14,17 @@ import torch
 
 from .backends import chunked, compiled, fused, support, tiled
 from .backends.common import LossParams
-from .options import LinearCrossEntropyOptions, resolve
+from .options import LinearCrossEntropyOptions, ResolvedOptions, resolve
 
-__all__ = ["choose_backend", "run_backend", "per_position", "autocast_enabled", "under_functorch", "warn"]
+__all__ = [
+    "choose_backend",
+    "resolve_for",
+    "run_backend",
+    "per_position",
+    "autocast_enabled",
+    "under_functorch",
+    "warn",
+]
 
 
 def run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, shard=None):
@@ -24,18 +32,10 @@ def run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, sh
     backend = choose_backend(options, lp, shape, x)
     if shard is not None and backend not in ("fused", "chunked"):
         backend = "fused"  # vocabulary parallel: the fused path shards; it serves the same calls as the others
-    ro = resolve(
-        options,
-        backend=backend,
-        num_rows=shape.num_rows,
-        in_features=shape.in_features,
-        # logits per input row: C·K (a K-dimensional loss's positions are rows of one GEMM on the chunked path);
-        # vocabulary parallel: chunk sizes from the global V, so that every rank runs the same chunks (collectives)
-        num_classes=shape.num_classes * shape.positions if shard is None else shard.num_classes,
-        dtype=x.dtype,
-        device=x.device,
-        weight_grad=torch.is_grad_enabled() and linear_weight.requires_grad,
-    )
+    # logits per input row: C·K (a K-dimensional loss's positions are rows of one GEMM on the chunked path);
+    # vocabulary parallel: chunk sizes from the global V, so that every rank runs the same chunks (collectives)
+    num_classes = shape.num_classes * shape.positions if shard is None else shard.num_classes
+    ro = resolve_for(options, backend, shape, x, linear_weight, num_classes)
     if backend in ("fused", "tiled"):  # 2-D weight, index targets: the tensors go in as they are
         w, b, t = linear_weight, linear_bias, t[:, 0]
         run = fused.linear_cross_entropy_fused if backend == "fused" else tiled.linear_cross_entropy_tiled
@@ -49,6 +49,20 @@ def run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, sh
     if shard is not None:
         return run(x, w, b, t, weight, lp, ro, shard)
     return run(x, w, b, t, weight, lp, ro)
+
+
+def resolve_for(options, backend: str, shape, x, linear_weight, num_classes: int) -> ResolvedOptions:
+    """The options resolved for this call on ``backend`` (``num_classes``: logits per input row)."""
+    return resolve(
+        options,
+        backend=backend,
+        num_rows=shape.num_rows,
+        in_features=shape.in_features,
+        num_classes=num_classes,
+        dtype=x.dtype,
+        device=x.device,
+        weight_grad=torch.is_grad_enabled() and linear_weight.requires_grad,
+    )
 
 
 def per_position(shape, linear_weight, linear_bias):

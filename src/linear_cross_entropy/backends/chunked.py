@@ -40,6 +40,7 @@ from .common import (
     IndexRowSums,
     LossParams,
     entropy_coefs,
+    function_outputs,
     index_rows,
     keep_mask,
     reduce_total,
@@ -387,9 +388,7 @@ class _ChunkedFunction(torch.autograd.Function):
         loss, lse, stats, ctx.saved_grads = forward_pass(x, w, b, target, class_weight, lp, ro, grads, shard)
         if lp.reduction == "none":
             ctx.save_for_backward(x, w, b, target, class_weight)
-        stats = lse.new_empty(0) if stats is None else stats
-        ctx.mark_non_differentiable(lse, stats)
-        return loss, lse, stats
+        return function_outputs(ctx, loss, lse, stats)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):

@@ -32,6 +32,7 @@ __all__ = [
     "row_stats",
     "summarize_metrics",
     "take_saved_grads",
+    "function_outputs",
 ]
 
 # The per-row statistics a backend writes when metrics are requested, in this order.
@@ -271,3 +272,11 @@ def take_saved_grads(ctx) -> tuple:
     if not ctx.ro.allow_retain_graph:
         ctx.saved_grads = None
     return saved
+
+
+def function_outputs(ctx, loss: torch.Tensor, lse: torch.Tensor, stats: torch.Tensor | None) -> tuple:
+    """An autograd Function's ``(loss, lse, stats)``: ``stats`` an empty tensor when there are none (a Function's
+    outputs are tensors), ``lse`` and ``stats`` marked non-differentiable (only the loss carries a gradient)."""
+    stats = lse.new_empty(0) if stats is None else stats
+    ctx.mark_non_differentiable(lse, stats)
+    return loss, lse, stats
