@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from .backends.common import ResolvedOptions
 from .backends.fused.policy import memory_chunk_rows, recomputes_weight_grad
 
 __all__ = ["LinearCrossEntropyOptions", "ResolvedOptions", "resolve"]
@@ -129,19 +130,6 @@ class LinearCrossEntropyOptions:
                 f"sparse_backward_eps applies to backend='tiled' only (got backend={self.backend!r}); the other "
                 "backends compute exact gradients"
             )
-
-
-@dataclasses.dataclass(frozen=True)
-class ResolvedOptions:
-    """Concrete settings for one call: what a backend receives."""
-
-    backend: str  # "chunked", "fused" or "tiled"
-    acc_policy: str  # "accurate" | "balanced" | "compact"
-    acc_dtype: torch.dtype
-    batch_chunk_size: int  # rows per chunk, >= 1
-    allow_retain_graph: bool
-    sparse_backward_eps: float = 0.0
-    recompute_weight_grad: bool = False  # fused: the weight gradient from a vocabulary-major pass (see below)
 
 
 def _aspect_ratio_factor(method: str) -> int | None:

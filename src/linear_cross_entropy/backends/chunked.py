@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..options import ResolvedOptions
 from .common import (
     STATS,
     Grads,
     IndexRowSums,
     LossParams,
+    ResolvedOptions,
     entropy_coefs,
     function_outputs,
     index_rows,

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "Grads",
     "LossParams",
+    "ResolvedOptions",
     "RowScales",
     "STATS",
     "stat_dtype",
@@ -70,6 +71,20 @@ class LossParams:
     logit_scale: float = 1.0  # z = softcap(s·(x·Wᵀ + b))
     logit_softcap: float = 0.0  # c of c·tanh(u/c); 0 = off
     metrics: bool = False  # write the STATS per row
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedOptions:
+    """Concrete settings for one call, what a backend receives: made by :func:`..options.resolve`, the one place
+    options are resolved (here, below the backends, so that they need not import the options module)."""
+
+    backend: str  # "chunked", "fused" or "tiled"
+    acc_policy: str  # "accurate" | "balanced" | "compact"
+    acc_dtype: torch.dtype
+    batch_chunk_size: int  # rows per chunk, >= 1
+    allow_retain_graph: bool
+    sparse_backward_eps: float = 0.0
+    recompute_weight_grad: bool = False  # fused: the weight gradient from a vocabulary-major pass (fused/policy.py)
 
 
 class RowScales(NamedTuple):

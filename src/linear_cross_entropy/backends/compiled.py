@@ -19,8 +19,7 @@ import typing
 
 import torch
 
-from ..options import ResolvedOptions
-from .common import STATS, Grads, LossParams
+from .common import STATS, Grads, LossParams, ResolvedOptions
 
 __all__ = ["run"]
 

@@ -23,8 +23,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...options import ResolvedOptions
-from ..common import Grads, LossParams, function_outputs, keep_mask, reduce_total, row_scales, take_saved_grads
+from ..common import (
+    Grads,
+    LossParams,
+    ResolvedOptions,
+    function_outputs,
+    keep_mask,
+    reduce_total,
+    row_scales,
+    take_saved_grads,
+)
 from . import chunks
 from .policy import FusedPlan, Mode, make_plan
 from .rows import scale_cast

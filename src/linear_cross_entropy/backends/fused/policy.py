@@ -1,8 +1,9 @@
 """The fused backend's policy: its chunk-size rules, and the plan of one call made once in :func:`make_plan`.
 
 Nothing here imports triton or launches anything. :func:`...options.resolve` (the one place options are
-resolved) applies :func:`fused_chunk_rows` and :func:`fused_recomputes_weight_grad` for ``backend="fused"``; the
-plan reads their results from the resolved options. Their measured constants are one :class:`Thresholds` object,
+resolved) applies :func:`memory_chunk_rows` (over :func:`fused_chunk_rows`) and :func:`recomputes_weight_grad`
+(over :func:`fused_recomputes_weight_grad`) for ``backend="fused"``; the plan reads their results from the
+resolved options. Their measured constants are one :class:`Thresholds` object,
 :data:`THRESHOLDS`, read at call time (a test replaces it whole to force either weight-gradient pass).
 """
 
@@ -11,14 +12,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
-from ..common import Grads, LossParams
-
-if TYPE_CHECKING:  # options.resolve calls the rules below: a run-time import would be circular
-    from ...options import ResolvedOptions
+from ..common import Grads, LossParams, ResolvedOptions
 
 __all__ = [
     "Thresholds",

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ...options import ResolvedOptions
-from ..common import Grads, LossParams, function_outputs, keep_mask, reduce_total, row_scales
+from ..common import Grads, LossParams, ResolvedOptions, function_outputs, keep_mask, reduce_total, row_scales
 from .launch import combine_splits, partial_stats, tiled_backward
 
 __all__ = ["linear_cross_entropy_tiled", "forward_pass", "backward_none"]
