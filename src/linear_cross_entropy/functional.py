@@ -105,13 +105,7 @@ def linear_cross_entropy(
         any_float_class_weight=options is not None or process_group is not None,
     )
     validate.check_extras(z_loss, logit_scale, logit_softcap)
-    reference_weight = weight
-    if weight is not None and weight.dtype != input.dtype:
-        # Class weights of another floating dtype (the options path only, as PyTorch's chunked path): the backends
-        # use them in the precision the loss accumulates in (fp32, fp64 for fp64 input), the reference routes below
-        # in the input's dtype, the only one the reference takes.
-        reference_weight = weight.to(input.dtype)
-        weight = weight.to(torch.promote_types(input.dtype, torch.float32))
+    reference_weight, weight = _class_weights(weight, input)
     shard = None
     if process_group is not None:
         shard = _vocab_shard(
@@ -134,17 +128,7 @@ def linear_cross_entropy(
     lp = _loss_params(
         shape, reduction, ignore_index, label_smoothing, z_loss, logit_scale, logit_softcap, return_metrics
     )
-    differentiable_target = torch.is_grad_enabled() and (
-        target.requires_grad or (weight is not None and weight.requires_grad)
-    )
-    if options is not None and differentiable_target and not extras:
-        # Gradients no backend computes: the reference differentiates probability targets (and their class
-        # weights) and raises for class weights that require grad with index targets. It serves the call.
-        if shape.target_is_probs:
-            dispatch.warn(
-                "linear_cross_entropy: target or weight (class weights) requires grad, which the chunked and fused "
-                "paths do not compute; using the reference path (logits materialised) for this call."
-            )
+    if options is not None and not extras and _target_needs_grad(target, weight, shape):
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
     if not shape.target_is_probs and options is not None:
         num_classes = shape.num_classes if shard is None else shard.num_classes
@@ -152,6 +136,29 @@ def linear_cross_entropy(
 
     loss, lse, stats, t = _compute(options, lp, shape, input, linear_weight, linear_bias, target, weight, shard)
     return _output(loss, lse, stats, t, lp, input.shape[:-1], shape.out_features)
+
+
+def _class_weights(weight, input):
+    """``(for the reference, for the backends)``: class weights of another floating dtype (the options path only,
+    as PyTorch's chunked path) go to the backends in the precision the loss accumulates in (fp32, fp64 for fp64
+    input), and to the reference in the input's dtype, the only one it takes."""
+    if weight is None or weight.dtype == input.dtype:
+        return weight, weight
+    return weight.to(input.dtype), weight.to(torch.promote_types(input.dtype, torch.float32))
+
+
+def _target_needs_grad(target, weight, shape) -> bool:
+    """Whether the call asks for gradients no backend computes: the reference differentiates probability targets
+    (and their class weights, with a warning here) and raises for class weights that require grad with index
+    targets; it serves such calls."""
+    if not torch.is_grad_enabled() or not (target.requires_grad or (weight is not None and weight.requires_grad)):
+        return False
+    if shape.target_is_probs:
+        dispatch.warn(
+            "linear_cross_entropy: target or weight (class weights) requires grad, which the chunked and fused "
+            "paths do not compute; using the reference path (logits materialised) for this call."
+        )
+    return True
 
 
 def _compute(options, lp: LossParams, shape, input, linear_weight, linear_bias, target, weight, shard):
