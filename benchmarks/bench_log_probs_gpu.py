@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from linear_cross_entropy import LinearCrossEntropyOptions, token_log_probs  # noqa: E402
-from linear_cross_entropy.bench.measure import MiB, floor_ms, make_problem, parse_shape, time_fn  # noqa: E402
+from linear_cross_entropy.bench.measure import make_problem, parse_shape  # noqa: E402
+from linear_cross_entropy.bench.timing import MiB, floor_ms, time_fn  # noqa: E402
 
 FIELDS = ("shape", "method", "ms", "x_floor", "extra_mib", "logp_err", "entropy_err", "dx_err", "dw_err")
 

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 from train_tiny_gpt import Config, TinyGPT, stdlib_corpus  # noqa: E402
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
-from linear_cross_entropy.bench.measure import reference_fp64, rel, time_fn  # noqa: E402
+from linear_cross_entropy.bench.measure import reference_fp64, rel  # noqa: E402
+from linear_cross_entropy.bench.timing import time_fn  # noqa: E402
 
 _TOKEN = re.compile(rb"[A-Za-z_][A-Za-z_0-9]*|[0-9]+|\s+|.", re.DOTALL)
 

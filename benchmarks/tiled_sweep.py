@@ -24,7 +24,8 @@ from linear_cross_entropy.backends.tiled.launch import (  # noqa: E402
     partial_stats,
     tiled_backward,
 )
-from linear_cross_entropy.bench.measure import floor_ms, make_problem, parse_shape, time_fn  # noqa: E402
+from linear_cross_entropy.bench.measure import make_problem, parse_shape  # noqa: E402
+from linear_cross_entropy.bench.timing import floor_ms, time_fn  # noqa: E402
 
 # TileConfig(block_m, block_n, block_k, num_warps, num_stages, block_h=, group_m=, min_splits=)
 # (configuration, TMA loads)

@@ -70,15 +70,17 @@ def force_weight_grad_pass(monkeypatch):
     the chunk size and dtype: ``"accumulate"`` (``grad_W += dzᵀ·x_c`` chunk by chunk) or ``"recompute"`` (the
     vocabulary-major pass, in blocks of 8 classes so that small test vocabularies span several blocks and a ragged
     last one)."""
-    from linear_cross_entropy import options
+    from linear_cross_entropy.backends.fused import policy
 
     def force(mode: str) -> None:
         if mode == "accumulate":
-            monkeypatch.setattr(options, "_GEMM_FLOPS_PER_BYTE", {})
+            thresholds = dataclasses.replace(policy.THRESHOLDS, gemm_flops_per_byte={})
         else:
             assert mode == "recompute", mode
-            monkeypatch.setattr(options, "_GEMM_FLOPS_PER_BYTE", dict.fromkeys(options._ACC_DTYPES, 1 << 40))
-            monkeypatch.setattr(options, "_RECOMPUTE_COLUMN_ALIGN", 8)
+            every = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+            flops = dict.fromkeys(every, 1 << 40)
+            thresholds = dataclasses.replace(policy.THRESHOLDS, gemm_flops_per_byte=flops, recompute_column_align=8)
+        monkeypatch.setattr(policy, "THRESHOLDS", thresholds)
 
     return force
 

@@ -386,7 +386,7 @@ def test_weight_grad_recompute_only_where_it_applies():
     ],
 )
 def test_recompute_columns(n, rows, v, cols):
-    from linear_cross_entropy.options import recompute_columns
+    from linear_cross_entropy.backends.fused.policy import recompute_columns
 
     got = recompute_columns(n, rows, v)
     assert got == cols

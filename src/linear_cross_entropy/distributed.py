@@ -10,20 +10,22 @@ offsets and the global ``V``; ranks that disagree on the shapes raise instead of
 collective), one ``all_reduce`` SUM of ``Σ w`` with class weights, and, for a scalar-reduced mean with class
 weights, one ``(N,)`` all_reduce SUM of ``w_y`` (the mean's denominator).
 
-Which path: the backend is chosen as without a group (``functional._choose_backend``): the fused path on CUDA for
+Which path: the backend is chosen as without a group (``dispatch.choose_backend``): the fused path on CUDA for
 fp16/bf16/fp32 (and explicitly under ``TRITON_INTERPRET=1`` on the CPU), else the chunked path. Chunk (and softmax
 block) sizes follow the global ``V``, so every rank runs the same chunks and therefore the same collectives.
 
 Per block of rows, on ``(rows,)`` statistics: the chunked path (:func:`..backends.chunked.chunk_loss_and_grad`; a
 block is at most ``batch_chunk_size`` rows) in the stats dtype (fp32; fp64 for fp64 inputs); the fused path
 (:mod:`..backends.fused.chunks`; a block is one chunk) in fp32, between its row kernel's two sweeps —
-sweep 1 writes this slice's per-row partials relative to the slice's own max ``m_r``, :func:`combine_partials`
-rescales them by ``exp(m_r − M)`` after step 1, and sweep 2 writes this slice's ``dz`` from the global ``lse``:
+sweep 1 writes this slice's per-row partials relative to the slice's own max ``m_r``,
+:func:`..backends.partials.combine_partials` rescales them by ``exp(m_r − M)`` after step 1, and sweep 2 writes
+this slice's ``dz`` from the global ``lse``. This module sets the shard up; its collectives (:class:`VocabShard`)
+and the combine, which the tiled backend's vocabulary splits share, live in :mod:`..backends.partials`:
 
 1. ``all_reduce`` MAX of the row max ``m``;
 2. one ``all_reduce`` SUM of a stacked ``(rows, k)`` tensor: ``Σ exp(z − m)``, the target logit ``z_y`` (a rank
    contributes only where the target is in its slice), plus ``w_y`` with class weights, ``Σ_c w_c z_c`` with label
-   smoothing, and ``Σ e·log e`` (fused: ``Σ e·z``), ``Σ z²`` with metrics (``2 ≤ k ≤ 6``);
+   smoothing, and ``Σ e·log e``, ``Σ z²`` with metrics (``2 ≤ k ≤ 6``);
 3. with metrics only: ``all_reduce`` MIN (int64) of the global index of the row's argmax over the ranks whose
    local max equals ``m`` (the first maximal class, as ``argmax``).
 
@@ -48,13 +50,12 @@ Debugging: with ``LINEAR_CROSS_ENTROPY_DEBUG=1`` each call also compares a check
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 import torch.distributed as dist
 
-from .backends.common import IndexRowSums
+from .backends.partials import VocabShard, combine_partials
 
 __all__ = ["VocabShard", "make_shard", "combine_partials", "check_backend", "debug_enabled"]
 
@@ -77,53 +78,6 @@ def check_backend(backend: str, device: torch.device) -> None:
             f"process_group uses the NCCL backend, which needs CUDA tensors; got tensors on {device}. "
             "Use a gloo group for CPU tensors."
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class VocabShard:
-    """This rank's slice ``[offset, offset + local_classes)`` of a ``num_classes`` vocabulary, and the collectives
-    that combine per-row statistics over the group (in place, via ``torch.distributed.all_reduce``)."""
-
-    group: object  # torch.distributed.ProcessGroup
-    offset: int
-    local_classes: int
-    num_classes: int  # the global vocabulary size V
-    input_grad_all_reduce: bool = True
-    class_weight_sum: torch.Tensor | None = None  # () fp64: Σ_c w_c over the whole vocabulary, with class weights
-
-    def max_(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
-
-    def min_(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return t
-
-    def sum_rows_(self, parts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """The ``(rows,)`` tensors of ``parts`` summed over the group in ONE all-reduce (stacked ``(rows, k)``);
-        None entries are skipped and come back as None."""
-        given = [i for i, p in enumerate(parts) if p is not None]
-        combined = self.sum_(torch.stack([parts[i] for i in given], dim=1)).unbind(1)
-        out: list[torch.Tensor | None] = [None] * len(parts)
-        for i, value in zip(given, combined):
-            out[i] = value
-        return out
-
-    def first_argmax_(self, predicted: torch.Tensor, local_max: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """The global index of the first maximal class (as ``argmax``): the lowest of the ranks' ``predicted``
-        (this rank's first argmax, as a global index) among the ranks whose ``local_max`` equals the global max
-        ``m`` (one all-reduce MIN, int64)."""
-        candidate = torch.where(local_max == m, predicted, torch.iinfo(torch.int64).max)
-        return self.min_(candidate)
-
-    def local_index(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(in_slice, y_local)``: where a global target lies in this slice, and its local column (0 elsewhere)."""
-        in_slice = (target >= self.offset) & (target < self.offset + self.local_classes)
-        return in_slice, torch.where(in_slice, target - self.offset, 0)
 
 
 def make_shard(
@@ -181,47 +135,6 @@ def make_shard(
         num_classes=sum(sizes),
         input_grad_all_reduce=input_grad_all_reduce,
         class_weight_sum=weight_sum,
-    )
-
-
-def combine_partials(
-    shard: VocabShard,
-    m_local: torch.Tensor,  # (rows,) this slice's row max m_r
-    sum_exp: torch.Tensor,  # (rows,) Σ_slice exp(z − m_r)
-    z_y: torch.Tensor,  # (rows,) the target logit where the target is in this slice, else 0
-    w_y: torch.Tensor | None,  # (rows,) the target's class weight where in this slice, else 0; None: no weights
-    z_sum: torch.Tensor | None,  # (rows,) Σ_slice w_c·z_c, with label smoothing
-    exp_z_sum: torch.Tensor | None,  # (rows,) Σ_slice exp(z − m_r)·z, with metrics
-    sq_sum: torch.Tensor | None,  # (rows,) Σ_slice z², with metrics
-    predicted: torch.Tensor | None,  # (rows,) int64 global index of the slice's first maximal class, with metrics
-) -> IndexRowSums:
-    """A slice's per-row sums, each relative to the slice's own row max (the fused kernel's first sweep), as sums
-    over the whole vocabulary (fp32, ``(rows,)``)::
-
-        M = max_r m_r                                  (all-reduce MAX)
-        Σ exp(z − M) = Σ_r exp(m_r − M)·Σ_slice exp(z − m_r), and likewise Σ exp(z − M)·z
-        one all-reduce SUM of the stacked [Σ exp(z − M), z_y, w_y, Σ w_c·z_c, Σ exp(z − M)·z, Σ z²] (those given)
-        Σ e·log e = Σ e·(z − M) = Σ e·z − M·Σ e        (e = exp(z − M), for the entropy)
-        the first maximal class                        (all-reduce MIN, :meth:`VocabShard.first_argmax_`)
-
-    The chunked path exchanges the same statistics in the same order (it knows ``M`` before its exponentials, so
-    it needs no rescaling).
-    """
-    m = shard.max_(m_local.clone(memory_format=torch.contiguous_format))
-    rescale = torch.exp(m_local - m)  # exp(m_r − M)
-    sum_exp = sum_exp * rescale
-    exp_z_sum = None if exp_z_sum is None else exp_z_sum * rescale
-    sum_exp, z_y, w_y, z_sum, exp_z_sum, sq_sum = shard.sum_rows_([sum_exp, z_y, w_y, z_sum, exp_z_sum, sq_sum])
-    metrics = sq_sum is not None
-    return IndexRowSums(
-        m=m,
-        sum_exp=sum_exp,
-        z_y=z_y,
-        w_y=1.0 if w_y is None else w_y,
-        z_sum=z_sum,
-        e_log_e=exp_z_sum - m * sum_exp if metrics else None,
-        norm=sq_sum.sqrt() if metrics else None,
-        predicted=shard.first_argmax_(predicted, m_local, m) if metrics else None,
     )
 
 

@@ -8,18 +8,14 @@ results and errors for every argument combination.
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-import warnings
 
 import torch
 
-from . import distributed, dtensor, validate
-from .backends import chunked, compiled, fused, tiled
+from . import dispatch, distributed, dtensor, validate
 from .backends.common import LossParams, keep_mask, summarize_metrics
 from .backends.reference import linear_cross_entropy_reference, reference_with_extras
 from .metrics import LinearCrossEntropyOutput, LossMetrics
-from .options import LinearCrossEntropyOptions, resolve
+from .options import LinearCrossEntropyOptions
 
 __all__ = ["linear_cross_entropy"]
 
@@ -89,24 +85,14 @@ def linear_cross_entropy(
         local = dtensor.to_local_call(
             input, linear_weight, target, linear_bias, weight, reduction, process_group, input_grad_all_reduce
         )
-        out = linear_cross_entropy(
-            local.input,
-            local.linear_weight,
-            local.target,
-            linear_bias=local.linear_bias,
-            weight=local.weight,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            options=options,
-            z_loss=z_loss,
-            logit_scale=logit_scale,
-            logit_softcap=logit_softcap,
-            return_metrics=return_metrics,
-            process_group=local.process_group,
-            input_grad_all_reduce=local.input_grad_all_reduce,
-        )
-        return local.wrap(out)
+        return local.wrap(
+            linear_cross_entropy(
+                local.input, local.linear_weight, local.target, linear_bias=local.linear_bias, weight=local.weight,
+                reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
+                z_loss=z_loss, logit_scale=logit_scale, logit_softcap=logit_softcap, return_metrics=return_metrics,
+                process_group=local.process_group, input_grad_all_reduce=local.input_grad_all_reduce,
+            )
+        )  # fmt: skip
     shape = validate.check_call(
         input,
         linear_weight,
@@ -119,13 +105,7 @@ def linear_cross_entropy(
         any_float_class_weight=options is not None or process_group is not None,
     )
     validate.check_extras(z_loss, logit_scale, logit_softcap)
-    reference_weight = weight
-    if weight is not None and weight.dtype != input.dtype:
-        # Class weights of another floating dtype (the options path only, as PyTorch's chunked path): the backends
-        # use them in the precision the loss accumulates in (fp32, fp64 for fp64 input), the reference routes below
-        # in the input's dtype, the only one the reference takes.
-        reference_weight = weight.to(input.dtype)
-        weight = weight.to(torch.promote_types(input.dtype, torch.float32))
+    reference_weight, weight = _class_weights(weight, input)
     shard = None
     if process_group is not None:
         shard = _vocab_shard(
@@ -145,35 +125,48 @@ def linear_cross_entropy(
         # The reference's own quirk (a (1,) target for an unbatched input) is served by the reference itself.
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
 
-    lp = LossParams(
-        reduction=reduction,
-        ignore_index=-100 if ignore_index is None else ignore_index,
-        label_smoothing=float(label_smoothing) if label_smoothing > 0 else 0.0,
-        target_is_probs=shape.target_is_probs,
-        z_loss=float(z_loss),
-        logit_scale=float(logit_scale),
-        logit_softcap=float(logit_softcap or 0.0),
-        metrics=return_metrics,
+    lp = _loss_params(
+        shape, reduction, ignore_index, label_smoothing, z_loss, logit_scale, logit_softcap, return_metrics
     )
-    differentiable_target = torch.is_grad_enabled() and (
-        target.requires_grad or (weight is not None and weight.requires_grad)
-    )
-    if options is not None and differentiable_target and not extras:
-        # Gradients no backend computes: the reference differentiates probability targets (and their class
-        # weights) and raises for class weights that require grad with index targets. It serves the call.
-        if shape.target_is_probs:
-            _warn(
-                "linear_cross_entropy: target or weight (class weights) requires grad, which the chunked and fused "
-                "paths do not compute; using the reference path (logits materialised) for this call."
-            )
+    if options is not None and not extras and _target_needs_grad(target, weight, shape):
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
     if not shape.target_is_probs and options is not None:
         num_classes = shape.num_classes if shard is None else shard.num_classes
         validate.check_target_range(target, num_classes, lp.ignore_index)
 
+    loss, lse, stats, t = _compute(options, lp, shape, input, linear_weight, linear_bias, target, weight, shard)
+    return _output(loss, lse, stats, t, lp, input.shape[:-1], shape.out_features)
+
+
+def _class_weights(weight, input):
+    """``(for the reference, for the backends)``: class weights of another floating dtype (the options path only,
+    as PyTorch's chunked path) go to the backends in the precision the loss accumulates in (fp32, fp64 for fp64
+    input), and to the reference in the input's dtype, the only one it takes."""
+    if weight is None or weight.dtype == input.dtype:
+        return weight, weight
+    return weight.to(input.dtype), weight.to(torch.promote_types(input.dtype, torch.float32))
+
+
+def _target_needs_grad(target, weight, shape) -> bool:
+    """Whether the call asks for gradients no backend computes: the reference differentiates probability targets
+    (and their class weights, with a warning here) and raises for class weights that require grad with index
+    targets; it serves such calls."""
+    if not torch.is_grad_enabled() or not (target.requires_grad or (weight is not None and weight.requires_grad)):
+        return False
+    if shape.target_is_probs:
+        dispatch.warn(
+            "linear_cross_entropy: target or weight (class weights) requires grad, which the chunked and fused "
+            "paths do not compute; using the reference path (logits materialised) for this call."
+        )
+    return True
+
+
+def _compute(options, lp: LossParams, shape, input, linear_weight, linear_bias, target, weight, shard):
+    """``(loss in the output dtype, lse, stats, target as (N, K) or (N, C, K))`` from the reference with our
+    additions (``options=None``) or a backend, under autocast as ``cross_entropy(linear(x))`` would be."""
     out_dtype = torch.promote_types(input.dtype, target.dtype) if shape.target_is_probs else input.dtype
     device_type = input.device.type
-    autocasting = options is not None and _autocast_enabled(device_type)
+    autocasting = options is not None and dispatch.autocast_enabled(device_type)
     if autocasting:
         # As cross_entropy(linear(x)) under autocast: the GEMMs in the autocast dtype, the loss and its reductions
         # in fp32, gradients in the parameters' own dtypes (autograd casts them back through these casts).
@@ -191,21 +184,40 @@ def linear_cross_entropy(
     with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
         if options is None:  # the reference path with our additions
             loss, lse, stats = reference_with_extras(
-                x, *_per_position(shape, linear_weight, linear_bias), t, weight, lp
+                x, *dispatch.per_position(shape, linear_weight, linear_bias), t, weight, lp
             )
         else:
-            loss, lse, stats = _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, shard)
+            loss, lse, stats = dispatch.run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, shard)
     if options is not None and options.loss_dtype is not None:
         out_dtype = options.loss_dtype
-    loss = loss.to(out_dtype)
-    if reduction == "none":
-        loss = loss.reshape((*input.shape[:-1], *shape.out_features))
-    if not return_metrics:
+    return loss.to(out_dtype), lse, stats, t
+
+
+def _loss_params(shape, reduction, ignore_index, label_smoothing, z_loss, logit_scale, logit_softcap, metrics):
+    """The loss's settings resolved (no None), as every backend reads them."""
+    return LossParams(
+        reduction=reduction,
+        ignore_index=-100 if ignore_index is None else ignore_index,
+        label_smoothing=float(label_smoothing) if label_smoothing > 0 else 0.0,
+        target_is_probs=shape.target_is_probs,
+        z_loss=float(z_loss),
+        logit_scale=float(logit_scale),
+        logit_softcap=float(logit_softcap or 0.0),
+        metrics=metrics,
+    )
+
+
+def _output(loss, lse, stats, t, lp: LossParams, batch_shape, out_features):
+    """The loss shaped as the reference's (``"none"``: the input's batch shape and the K positions), and the
+    metrics from the per-row statistics when asked for."""
+    if lp.reduction == "none":
+        loss = loss.reshape((*batch_shape, *out_features))
+    if not lp.metrics:
         return loss
     keep = keep_mask(t, lp)
     sdt = torch.promote_types(lse.dtype, torch.float32)
     metrics = summarize_metrics(stats.reshape(*lse.shape, -1).to(sdt), lse.to(sdt), keep, lp)
-    if reduction == "none":
+    if lp.reduction == "none":
         metrics = {name: value.reshape(loss.shape) for name, value in metrics.items()}
     return LinearCrossEntropyOutput(loss, LossMetrics(**metrics))
 
@@ -223,87 +235,8 @@ def _vocab_shard(process_group, input_grad_all_reduce, shape, input, linear_weig
         raise NotImplementedError("linear_cross_entropy: process_group with weight (class weights) requiring grad")
     if torch.compiler.is_compiling():
         raise NotImplementedError("linear_cross_entropy: process_group under torch.compile")
-    if _under_functorch():
+    if dispatch.under_functorch():
         raise NotImplementedError("linear_cross_entropy: process_group under a torch.func transform (vmap, grad)")
     return distributed.make_shard(
         process_group, input, linear_weight, target, linear_bias, weight, input_grad_all_reduce
     )
-
-
-def _run_backend(options, lp, shape, x, linear_weight, linear_bias, t, weight, shard=None):
-    """Resolve the options on the chosen backend and run it: ``(loss, lse (N, K), stats)``."""
-    backend = _choose_backend(options, lp, shape, x)
-    if shard is not None and backend not in ("fused", "chunked"):
-        backend = "fused"  # vocabulary parallel: the fused path shards; it serves the same calls as the others
-    ro = resolve(
-        options,
-        backend=backend,
-        num_rows=shape.num_rows,
-        in_features=shape.in_features,
-        # logits per input row: C·K (a K-dimensional loss's positions are rows of one GEMM on the chunked path);
-        # vocabulary parallel: chunk sizes from the global V, so that every rank runs the same chunks (collectives)
-        num_classes=shape.num_classes * shape.positions if shard is None else shard.num_classes,
-        dtype=x.dtype,
-        device=x.device,
-        weight_grad=torch.is_grad_enabled() and linear_weight.requires_grad,
-    )
-    if backend in ("fused", "tiled"):  # 2-D weight, index targets: the tensors go in as they are
-        w, b, t = linear_weight, linear_bias, t[:, 0]
-        run = fused.linear_cross_entropy_fused if backend == "fused" else tiled.linear_cross_entropy_tiled
-    else:  # normalised to x (N, F), w (C, K, F), b (C, K), target (N, K) or (N, C, K)
-        w, b = _per_position(shape, linear_weight, linear_bias)
-        run = chunked.linear_cross_entropy_chunked
-    if torch.compiler.is_compiling() or _under_functorch():
-        # One opaque custom op with a fake kernel (backends/compiled.py). Under torch.func.vmap it runs once per
-        # batch entry (functorch's fallback for ops without a batching rule); the autograd Functions could not run.
-        return compiled.run(backend, x, w, b, t, weight, lp, ro)
-    if shard is not None:
-        return run(x, w, b, t, weight, lp, ro, shard)
-    return run(x, w, b, t, weight, lp, ro)
-
-
-def _per_position(shape, linear_weight, linear_bias):
-    """``linear_weight`` as ``(C, K, F)`` and ``linear_bias`` as ``(C, K)``, K = prod(out_features) (views)."""
-    k = shape.positions
-    w = linear_weight.reshape(shape.num_classes, k, shape.in_features)
-    return w, None if linear_bias is None else linear_bias.reshape(shape.num_classes, k)
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 without the device argument
-        return device_type == "cuda" and torch.is_autocast_enabled()
-
-
-def _choose_backend(options: LinearCrossEntropyOptions, lp: LossParams, shape, x: torch.Tensor) -> str:
-    """``"fused"`` for ``"auto"`` or ``"fused"``, ``"tiled"`` for ``"tiled"``, when it supports the call (both
-    serve the same calls), else ``"chunked"``.
-
-    An explicit ``backend="fused"``/``"tiled"`` that cannot serve the call warns once per call site with the reason.
-    """
-    if options.backend == "chunked":
-        return "chunked"
-    reason = fused.unsupported_reason(x, lp, shape, explicit=options.backend in ("fused", "tiled"))
-    if reason is None:
-        return "fused" if options.backend == "auto" else options.backend
-    if options.backend != "auto":
-        _warn(f"linear_cross_entropy: backend={options.backend!r} unsupported here ({reason}); using 'chunked'.")
-    return "chunked"
-
-
-def _under_functorch() -> bool:
-    """Whether a torch.func transform (vmap, grad, ...) is active."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules[__package__], torch))
-
-
-def _warn(message: str) -> None:
-    """A UserWarning attributed to the user's line: the first caller outside this package and torch (module calls
-    pass through torch.nn.Module's frames), so that the default filter shows it once per call site."""
-    level, frame = 2, sys._getframe(1)  # level 2: _warn's caller
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)

@@ -41,8 +41,8 @@ from . import validate
 from .backends import chunked
 from .backends.common import Grads, LossParams, take_saved_grads
 from .backends.reference import transform_logits
-from .functional import _choose_backend
-from .options import LinearCrossEntropyOptions, resolve
+from .dispatch import choose_backend, resolve_for
+from .options import LinearCrossEntropyOptions
 
 __all__ = ["token_log_probs"]
 
@@ -109,23 +109,14 @@ def token_log_probs(
     if options is None:
         log_probs, entropy = _materialised(x, weight, linear_bias, t, lp)
     else:
-        backend = _choose_backend(options, lp, shape, x)
+        backend = choose_backend(options, lp, shape, x)
         if backend == "tiled":
             warnings.warn(
                 "token_log_probs: backend='tiled' has no per-token path; using 'fused'.",
                 stacklevel=2,
             )
             backend = "fused"
-        ro = resolve(
-            options,
-            backend=backend,
-            num_rows=shape.num_rows,
-            in_features=shape.in_features,
-            num_classes=shape.num_classes,
-            dtype=x.dtype,
-            device=x.device,
-            weight_grad=torch.is_grad_enabled() and weight.requires_grad,
-        )
+        ro = resolve_for(options, backend, shape, x, weight, shape.num_classes)
         if backend == "fused":
             from .backends.fused.function import blas_ready
 

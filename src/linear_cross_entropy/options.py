@@ -12,6 +12,9 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from .backends.common import ResolvedOptions
+from .backends.fused.policy import memory_chunk_rows, recomputes_weight_grad
+
 __all__ = ["LinearCrossEntropyOptions", "ResolvedOptions", "resolve"]
 
 TORCH_FIELDS = ("allow_retain_graph", "batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype")
@@ -32,9 +35,9 @@ class _AutoDefault(NamedTuple):
 #   small-K weight-gradient GEMMs ran 1.3x (fp32) to 1.5x (bf16) slower than 512–1024-row chunks on 2 cores.
 # - chunked/cuda/low precision: PyTorch's own pick.
 # - fused: "balanced" accumulates the weight gradient in an fp32 scratch (bf16 accumulation across chunks loses
-#   accuracy); the fused backend sizes its chunks itself ("memory"), see ``fused_chunk_rows``: one chunk where
-#   all the logits fit in the size of that scratch, else chunks of a quarter of the rows or of the scratch's
-#   size, whichever is longer.
+#   accuracy); the fused backend sizes its chunks itself ("memory", ``backends.fused.policy.fused_chunk_rows``):
+#   one chunk where all the logits fit in the size of that scratch, else chunks of a quarter of the rows or of the
+#   scratch's size, whichever is longer.
 _AUTO_DEFAULTS: dict[tuple[str, str, torch.dtype], _AutoDefault] = {
     ("chunked", "cpu", torch.bfloat16): _AutoDefault("balanced", "budget"),
     ("chunked", "cpu", torch.float16): _AutoDefault("balanced", "budget"),
@@ -60,8 +63,8 @@ class LinearCrossEntropyOptions:
       backward raises ``RuntimeError``); ``True`` keeps them for repeated backward at one gradient-sized copy.
     - ``batch_chunk_size``: rows per chunk; an explicit value disables automatic chunking. On the fused backend,
       chunks small enough that accumulating the weight gradient across them would cost more than recomputing the
-      logits (:func:`fused_recomputes_weight_grad`) get it from a vocabulary-major pass instead: eager's accuracy
-      under every ``acc_policy``, no scratch, the same buffer size.
+      logits (:func:`.backends.fused.policy.fused_recomputes_weight_grad`) get it from a vocabulary-major pass
+      instead: eager's accuracy under every ``acc_policy``, no scratch, the same buffer size.
     - ``chunking_method``: ``"auto"``, ``None`` or ``"aspect_ratio[:k]"`` (chunk rows
       ``min(next_pow2(ceil(N / ceil(C / F))) // k, N)``).
     - ``acc_policy``: ``"accurate"`` (everything in ``acc_dtype``), ``"balanced"`` (GEMMs in the input dtype,
@@ -129,19 +132,6 @@ class LinearCrossEntropyOptions:
             )
 
 
-@dataclasses.dataclass(frozen=True)
-class ResolvedOptions:
-    """Concrete settings for one call: what a backend receives."""
-
-    backend: str  # "chunked", "fused" or "tiled"
-    acc_policy: str  # "accurate" | "balanced" | "compact"
-    acc_dtype: torch.dtype
-    batch_chunk_size: int  # rows per chunk, >= 1
-    allow_retain_graph: bool
-    sparse_backward_eps: float = 0.0
-    recompute_weight_grad: bool = False  # fused: the weight gradient from a vocabulary-major pass (see below)
-
-
 def _aspect_ratio_factor(method: str) -> int | None:
     """``k`` of ``"aspect_ratio[:k]"``, or None when ``method`` is not of that form."""
     name, sep, factor = method.partition(":")
@@ -158,69 +148,6 @@ def aspect_ratio_chunk_rows(num_rows: int, in_features: int, num_classes: int, f
     return min((1 << max(target - 1, 0).bit_length()) // factor, num_rows)
 
 
-def fp32_weight_grad_accumulation(acc_policy: str, acc_dtype: torch.dtype, dtype: torch.dtype) -> bool:
-    """Whether the fused backend accumulates a low-precision weight gradient in fp32 across chunks (an fp32
-    ``(V, H)`` scratch): ``"balanced"``/``"accurate"`` with ``acc_dtype`` fp32 and fp16/bf16 inputs."""
-    return acc_policy != "compact" and acc_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
-
-
-def fused_chunk_rows(num_rows: int, in_features: int, logit_bytes: int, fp32_scratch: bool) -> int:
-    """Rows per chunk of the fused backend: a power of two, as large as memory allows, or every row at once.
-
-    GEMM efficiency wants long chunks (a chunked GEMM loop costs 1.27x the un-chunked GEMMs at 512 rows, 1.06x at
-    2048 on an H100); memory wants a small ``(rows, V)`` logits buffer. The buffer is held to a quarter of the
-    logits the un-chunked computation would hold in the input dtype (eager holds ~5x that), and at least
-    ``_MIN_FUSED_ROWS`` rows so that small batches still run long GEMMs, and never more rows than the call has.
-
-    With ``fp32_scratch`` (low-precision weights whose gradient the policy accumulates in fp32 across chunks) the
-    chunked path also holds a ``(V, H)`` fp32 scratch, 4·H bytes per class, from forward to backward, and the
-    buffer may be as large as that scratch (``rows·logit_bytes <= 4·H``, ``logit_bytes`` per logit) when that is
-    more than the quarter. One chunk needs no scratch: its single weight-gradient GEMM accumulates in fp32 by
-    itself. So where all ``N`` rows of logits take no more than the scratch, every row goes in one chunk: less
-    memory held (the logits instead of the scratch plus the chunk buffer), the three GEMMs unchunked (1.06x instead
-    of 1.16x the floor at 8192x4096x128256 bf16 on an H100) and a weight gradient rounded once. Otherwise fewer,
-    longer chunks accumulate into the scratch fewer times (8192x2048x128256: 1.14x in two chunks, 1.18x in four).
-    """
-    if fp32_scratch and num_rows * logit_bytes <= 4 * in_features:
-        return max(1, num_rows)
-    budget_rows = max(num_rows // 4, _MIN_FUSED_ROWS)
-    if fp32_scratch:
-        budget_rows = max(budget_rows, 4 * in_features // logit_bytes)
-    rows = 1 << (budget_rows.bit_length() - 1)
-    return max(1, min(rows, num_rows))
-
-
-_MIN_FUSED_ROWS = 1024
-# FLOPs a cuBLAS GEMM does in the time HBM moves one byte, by input dtype: the break-even of
-# fused_recomputes_weight_grad. bf16/fp16 on an H100: ~750 TFLOP/s over ~3.1 TB/s (benchmarks/NOTES.md). fp32
-# inputs are left out (0: never recompute): their GEMMs run at a fraction of that, or TF32 only when allowed.
-_GEMM_FLOPS_PER_BYTE = {torch.bfloat16: 240, torch.float16: 240}
-_RECOMPUTE_COLUMN_ALIGN = 128
-
-
-def fused_recomputes_weight_grad(chunk_rows: int, num_rows: int, accumulated_bytes: int, dtype: torch.dtype) -> bool:
-    """Whether the fused backend computes the weight gradient in a second, vocabulary-major pass instead of
-    accumulating it across row chunks.
-
-    Accumulating ``grad_W += dzᵀ·x_c`` reads and writes the ``(V, H)`` accumulator once per chunk:
-    ``2·b·V·H`` bytes (``b = accumulated_bytes``, 4 for an fp32 scratch), against ``2·r·V·H`` FLOPs of GEMM work
-    per ``r``-row chunk. The vocabulary-major pass instead recomputes the logits once (one more GEMM, ``2·N·H·V``
-    FLOPs) and forms each block of classes' gradient in one GEMM over all rows. Per chunk that is ``2·r·H·V``
-    FLOPs, so the recompute is cheaper once ``2·b·V·H / BW > 2·r·H·V / F``, i.e. ``r < b·F/BW``: below ~480 rows for
-    a bf16 accumulator and ~960 for an fp32 scratch on an H100 (the measured chunk loops: 1.70x the floor at 256
-    rows in bf16, 1.67x at 512 in fp32, against ~1.4x for the recompute). Its weight gradient is one GEMM per class
-    block, accumulated in fp32 and rounded once, with no scratch.
-    """
-    return chunk_rows < num_rows and chunk_rows < _GEMM_FLOPS_PER_BYTE.get(dtype, 0) * accumulated_bytes
-
-
-def recompute_columns(num_rows: int, chunk_rows: int, num_classes: int) -> int:
-    """Classes per block of the vocabulary-major pass: its ``(N, cols)`` logits hold no more than the row pass's
-    ``(rows, V)`` ones, in multiples of 128 (cuBLAS's tiles), at least 128 and at most ``V``."""
-    cols = chunk_rows * num_classes // max(1, num_rows) // _RECOMPUTE_COLUMN_ALIGN * _RECOMPUTE_COLUMN_ALIGN
-    return min(num_classes, max(_RECOMPUTE_COLUMN_ALIGN, cols))
-
-
 _CHUNK_BUDGET_BYTES = 64 << 20
 
 
@@ -229,6 +156,24 @@ def budget_chunk_rows(num_rows: int, num_classes: int, element_size: int) -> int
     fits in 64 MiB (at least one row, never more than the call has)."""
     rows = max(1, _CHUNK_BUDGET_BYTES // max(1, num_classes * element_size))
     return max(1, min(1 << (rows.bit_length() - 1), num_rows))
+
+
+def _auto_choices(options: LinearCrossEntropyOptions, backend: str, device: torch.device, dtype: torch.dtype):
+    """``(acc_policy, chunking_method)`` with ``"auto"`` replaced by the backend's pick (an explicit
+    ``batch_chunk_size`` turns an ``"auto"`` chunking method into None: no automatic chunking)."""
+    acc_policy, chunking_method = options.acc_policy, options.chunking_method
+    if chunking_method == "auto" and options.batch_chunk_size is not None:
+        chunking_method = None
+    if acc_policy == "auto" or chunking_method == "auto":
+        if backend == "fused":
+            auto = _FUSED_AUTO
+        elif backend == "tiled":
+            auto = _TILED_AUTO
+        else:
+            auto = _AUTO_DEFAULTS.get((backend, device.type, dtype), _AUTO_FALLBACK)
+        acc_policy = auto.acc_policy if acc_policy == "auto" else acc_policy
+        chunking_method = auto.chunking_method if chunking_method == "auto" else chunking_method
+    return acc_policy, chunking_method
 
 
 def _auto_acc_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
@@ -263,19 +208,7 @@ def resolve(
     disagrees with an explicit ``chunking_method`` raises ``ValueError``; ``acc_dtype=None`` becomes fp32 for
     fp16/bf16 input only under ``acc_policy="auto"``.
     """
-    acc_policy, chunking_method = options.acc_policy, options.chunking_method
-    if chunking_method == "auto" and options.batch_chunk_size is not None:
-        chunking_method = None
-    if acc_policy == "auto" or chunking_method == "auto":
-        if backend == "fused":
-            auto = _FUSED_AUTO
-        elif backend == "tiled":
-            auto = _TILED_AUTO
-        else:
-            auto = _AUTO_DEFAULTS.get((backend, device.type, dtype), _AUTO_FALLBACK)
-        acc_policy = auto.acc_policy if acc_policy == "auto" else acc_policy
-        chunking_method = auto.chunking_method if chunking_method == "auto" else chunking_method
-
+    acc_policy, chunking_method = _auto_choices(options, backend, device, dtype)
     if options.acc_dtype is not None:
         acc_dtype = options.acc_dtype
     else:
@@ -284,11 +217,7 @@ def resolve(
 
     rows = num_rows if options.batch_chunk_size is None else min(options.batch_chunk_size, num_rows)
     if chunking_method == "memory":
-        low = dtype in (torch.float16, torch.bfloat16)
-        fp32_scratch = weight_grad and fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype)
-        # "accurate" keeps fp32 logits beside the input-dtype dz (see the fused launcher)
-        logit_bytes = dtype.itemsize + (4 if acc_policy == "accurate" and low else 0)
-        rows = fused_chunk_rows(num_rows, in_features, logit_bytes, fp32_scratch)
+        rows = memory_chunk_rows(num_rows, in_features, acc_policy, acc_dtype, dtype, weight_grad)
     elif chunking_method == "budget":
         gemm_dtype = acc_dtype if acc_policy == "accurate" else dtype
         rows = budget_chunk_rows(num_rows, num_classes, gemm_dtype.itemsize)
@@ -299,11 +228,9 @@ def resolve(
                 f"batch_chunk_size (={options.batch_chunk_size}) and chunking_method ('{chunking_method}') give "
                 f"different chunk sizes ({options.batch_chunk_size} vs {rows}); pass only one."
             )
-
-    recompute = False
-    if backend == "fused" and weight_grad:
-        accumulated = 4 if fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype) else dtype.itemsize
-        recompute = fused_recomputes_weight_grad(max(1, rows), num_rows, accumulated, dtype)
+    recompute = (
+        backend == "fused" and weight_grad and recomputes_weight_grad(rows, num_rows, acc_policy, acc_dtype, dtype)
+    )
 
     if acc_dtype != dtype and not (dtype in (torch.float16, torch.bfloat16) and acc_dtype == torch.float32):
         raise RuntimeError(

@@ -88,22 +88,8 @@ def check_call(
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
 
     for name, tensor in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if tensor is None:
-            continue
-        if tensor.device != input.device:
-            raise RuntimeError(f"expected {name} on the device of input ({input.device}), got {tensor.device}")
-        if tensor.dtype != input.dtype:
-            # PyTorch's words come from the GEMM that meets the mismatch: mm for the weight, addmm for the bias.
-            torch_words = (
-                f"expected m1 and m2 to have the same dtype, but got: {_cpp_name(input.dtype)} != "
-                f"{_cpp_name(tensor.dtype)}"
-                if name == "linear_weight"
-                else f"self and mat2 must have the same dtype, but got {_scalar_name(tensor.dtype)} and "
-                f"{_scalar_name(input.dtype)}"
-            )
-            raise RuntimeError(
-                f"{torch_words}. Expected {name} dtype to match input dtype ({input.dtype}), got {tensor.dtype}"
-            )
+        if tensor is not None:
+            _check_operand(name, tensor, input)
     if not input.dtype.is_floating_point:
         raise RuntimeError(f"expected a floating-point input, got {input.dtype}")
     if reduction not in REDUCTIONS:
@@ -112,22 +98,7 @@ def check_call(
     if label_smoothing > 1.0:  # negative values act as 0, as in the reference
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if weight is not None:
-        if tuple(weight.shape) != (num_classes,):
-            raise RuntimeError(
-                f"weight tensor should be defined either for all {num_classes} classes or no classes "
-                f"but got weight tensor of shape: {list(weight.shape)}"
-            )
-        if not weight.dtype.is_floating_point or (weight.dtype != input.dtype and not any_float_class_weight):
-            raise RuntimeError(
-                f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}. Expected "
-                f"weight (class weights) of dtype {input.dtype}"
-                + (" or another floating dtype" if any_float_class_weight else "")
-                + f", got {weight.dtype}"
-            )
-        if weight.device != input.device:
-            raise RuntimeError(
-                f"expected weight (class weights) on the device of input ({input.device}), got {weight.device}"
-            )
+        _check_class_weight(weight, input, num_classes, any_float_class_weight)
     if target.device != input.device:
         raise RuntimeError(f"expected target on the device of input ({input.device}), got {target.device}")
 
@@ -146,6 +117,43 @@ def check_call(
         out_features=out_features,
         target_is_probs=target_is_probs,
     )
+
+
+def _check_operand(name: str, tensor: torch.Tensor, input: torch.Tensor) -> None:
+    """``linear_weight`` / ``linear_bias`` on the input's device and in its dtype (PyTorch's GEMM words first)."""
+    if tensor.device != input.device:
+        raise RuntimeError(f"expected {name} on the device of input ({input.device}), got {tensor.device}")
+    if tensor.dtype != input.dtype:
+        # PyTorch's words come from the GEMM that meets the mismatch: mm for the weight, addmm for the bias.
+        torch_words = (
+            f"expected m1 and m2 to have the same dtype, but got: {_cpp_name(input.dtype)} != {_cpp_name(tensor.dtype)}"
+            if name == "linear_weight"
+            else f"self and mat2 must have the same dtype, but got {_scalar_name(tensor.dtype)} and "
+            f"{_scalar_name(input.dtype)}"
+        )
+        raise RuntimeError(
+            f"{torch_words}. Expected {name} dtype to match input dtype ({input.dtype}), got {tensor.dtype}"
+        )
+
+
+def _check_class_weight(weight: torch.Tensor, input: torch.Tensor, num_classes: int, any_float: bool) -> None:
+    """Class weights of size C, floating (the input's dtype unless ``any_float``), on the input's device."""
+    if tuple(weight.shape) != (num_classes,):
+        raise RuntimeError(
+            f"weight tensor should be defined either for all {num_classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
+    if not weight.dtype.is_floating_point or (weight.dtype != input.dtype and not any_float):
+        raise RuntimeError(
+            f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}. Expected "
+            f"weight (class weights) of dtype {input.dtype}"
+            + (" or another floating dtype" if any_float else "")
+            + f", got {weight.dtype}"
+        )
+    if weight.device != input.device:
+        raise RuntimeError(
+            f"expected weight (class weights) on the device of input ({input.device}), got {weight.device}"
+        )
 
 
 def _check_index_target(target: torch.Tensor, input: torch.Tensor, out_features: tuple[int, ...]) -> None:

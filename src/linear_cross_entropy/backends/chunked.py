@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..options import ResolvedOptions
 from .common import (
     STATS,
     Grads,
     IndexRowSums,
     LossParams,
+    ResolvedOptions,
     entropy_coefs,
+    function_outputs,
     index_rows,
     keep_mask,
     reduce_total,
@@ -48,9 +49,10 @@ from .common import (
     stat_dtype,
     take_saved_grads,
 )
+from .partials import Partials, combine_partials
 
 if TYPE_CHECKING:
-    from ..distributed import VocabShard
+    from .partials import VocabShard
 
 __all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad", "forward_pass", "backward_none"]
 
@@ -148,17 +150,18 @@ def chunk_loss_and_grad(
     e = _shifted_exp(z, m)
     sum_exp = e.sum(dim=1)
     e_log_e = torch.special.xlogy(e, e).sum(dim=1, dtype=sdt) if lp.metrics else None
-    if shard is not None:  # one all-reduce of every per-row sum over classes
-        sum_exp, z_y, w_y_sum, z_sum, e_log_e, norm_sq = shard.sum_rows_(
-            [sum_exp, z_y, w_y if class_weight is not None else None, z_sum, e_log_e, norm_sq if lp.metrics else None]
+    if shard is None:
+        sums = IndexRowSums(
+            m, sum_exp, z_y, w_y, z_sum, e_log_e, norm if lp.metrics else None, predicted if lp.metrics else None
         )
-        w_y = w_y if class_weight is None else w_y_sum
+    else:  # every per-row sum over classes in one all-reduce (relative to the global max m already)
+        w_y_part = w_y if class_weight is not None else None
         if lp.metrics:
-            norm = norm_sq.sqrt()
-            predicted = shard.first_argmax_(predicted + shard.offset, local_max, m)
-    sums = IndexRowSums(
-        m, sum_exp, z_y, w_y, z_sum, e_log_e, norm if lp.metrics else None, predicted if lp.metrics else None
-    )
+            parts = Partials(local_max, sum_exp, z_y, w_y_part, z_sum, e_log_e, norm_sq, predicted + shard.offset)
+        else:
+            parts = Partials(m, sum_exp, z_y, w_y_part, z_sum, None, None, None)
+        sums = combine_partials(parts, shard, global_max=m)
+        sum_exp = sums.sum_exp  # over the whole vocabulary, for p below
     loss, lse, stats, coefs = index_rows(sums, target, w_sum, lp, num_classes, ce_scale, z_scale)
     if not want_grad:
         return loss, lse, stats, None
@@ -385,9 +388,7 @@ class _ChunkedFunction(torch.autograd.Function):
         loss, lse, stats, ctx.saved_grads = forward_pass(x, w, b, target, class_weight, lp, ro, grads, shard)
         if lp.reduction == "none":
             ctx.save_for_backward(x, w, b, target, class_weight)
-        stats = lse.new_empty(0) if stats is None else stats
-        ctx.mark_non_differentiable(lse, stats)
-        return loss, lse, stats
+        return function_outputs(ctx, loss, lse, stats)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "Grads",
     "LossParams",
+    "ResolvedOptions",
     "RowScales",
     "STATS",
     "stat_dtype",
@@ -32,6 +33,7 @@ __all__ = [
     "row_stats",
     "summarize_metrics",
     "take_saved_grads",
+    "function_outputs",
 ]
 
 # The per-row statistics a backend writes when metrics are requested, in this order.
@@ -69,6 +71,20 @@ class LossParams:
     logit_scale: float = 1.0  # z = softcap(s·(x·Wᵀ + b))
     logit_softcap: float = 0.0  # c of c·tanh(u/c); 0 = off
     metrics: bool = False  # write the STATS per row
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedOptions:
+    """Concrete settings for one call, what a backend receives: made by :func:`..options.resolve`, the one place
+    options are resolved (here, below the backends, so that they need not import the options module)."""
+
+    backend: str  # "chunked", "fused" or "tiled"
+    acc_policy: str  # "accurate" | "balanced" | "compact"
+    acc_dtype: torch.dtype
+    batch_chunk_size: int  # rows per chunk, >= 1
+    allow_retain_graph: bool
+    sparse_backward_eps: float = 0.0
+    recompute_weight_grad: bool = False  # fused: the weight gradient from a vocabulary-major pass (fused/policy.py)
 
 
 class RowScales(NamedTuple):
@@ -160,7 +176,7 @@ class IndexRowSums(NamedTuple):
     """Per-row sums over the whole vocabulary for class-index targets, ``(rows,)`` each in the stats dtype: what
     the loss, its gradient coefficients and the metrics of a row need (see :func:`index_rows`). The chunked path
     forms them from a block of logits; vocabulary-parallel paths combine them over the ranks first
-    (:mod:`..distributed`)."""
+    (:mod:`.partials`)."""
 
     m: torch.Tensor  # the row max
     sum_exp: torch.Tensor  # Σ_c exp(z_c − m)
@@ -271,3 +287,11 @@ def take_saved_grads(ctx) -> tuple:
     if not ctx.ro.allow_retain_graph:
         ctx.saved_grads = None
     return saved
+
+
+def function_outputs(ctx, loss: torch.Tensor, lse: torch.Tensor, stats: torch.Tensor | None) -> tuple:
+    """An autograd Function's ``(loss, lse, stats)``: ``stats`` an empty tensor when there are none (a Function's
+    outputs are tensors), ``lse`` and ``stats`` marked non-differentiable (only the loss carries a gradient)."""
+    stats = lse.new_empty(0) if stats is None else stats
+    ctx.mark_non_differentiable(lse, stats)
+    return loss, lse, stats

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 
 import torch
 
-from ..options import ResolvedOptions
-from .common import STATS, Grads, LossParams
+from .common import STATS, Grads, LossParams, ResolvedOptions
 
 __all__ = ["run"]
 
@@ -36,22 +36,27 @@ def _key(backend: str, lp: LossParams, ro: ResolvedOptions, grads: Grads) -> str
 
 _SEP = "|"
 _SETTINGS_TYPES = (LossParams, ResolvedOptions, Grads)
-_DECODE = {  # a field's declared type (the annotation's text) -> how its str() is read back
-    "str": str,
-    "int": int,
-    "float": float,
-    "bool": lambda text: {"True": True, "False": False}[text],
-    "torch.dtype": lambda text: getattr(torch, text.removeprefix("torch.")),
+_DECODE = {  # a field's type -> how its str() is read back (exact: str() of a float round-trips)
+    str: str,
+    int: int,
+    float: float,
+    bool: {"True": True, "False": False}.__getitem__,
+    torch.dtype: lambda text: getattr(torch, text.removeprefix("torch.")),
 }
+# (class, ((field, decoder), ...)) from each field's resolved type, once: a field of a type the key cannot carry
+# fails here, at import, not at the first compiled call.
+_FIELD_DECODERS = tuple(
+    (cls, tuple((f.name, _DECODE[typing.get_type_hints(cls)[f.name]]) for f in dataclasses.fields(cls)))
+    for cls in _SETTINGS_TYPES
+)
 
 
 @functools.cache
 def _settings(key: str) -> tuple[str, LossParams, ResolvedOptions, Grads]:
     backend, *values = key.split(_SEP)
     objects = []
-    for cls in _SETTINGS_TYPES:
-        fields = dataclasses.fields(cls)
-        objects.append(cls(**{f.name: _DECODE[str(f.type)](values.pop(0)) for f in fields}))
+    for cls, decoders in _FIELD_DECODERS:
+        objects.append(cls(**{name: decode(values.pop(0)) for name, decode in decoders}))
     assert not values, key
     return (backend, *objects)
 

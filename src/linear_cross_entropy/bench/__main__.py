@@ -233,7 +233,9 @@ def main(argv=None, prog=None, **defaults) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print('plots skipped: matplotlib is not installed (pip install -e ".[bench]" in a checkout of this repository)')
+            print(
+                'plots skipped: matplotlib is not installed (pip install -e ".[bench]" in a checkout of this repository)'
+            )
         else:
             from .plots import plot_results
 

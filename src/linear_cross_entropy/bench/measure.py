@@ -1,42 +1,26 @@
-"""Problem construction, the float64 reference, timing, memory, and one shape's rows of the benchmark.
+"""Problem construction, the float64 reference, and one shape's rows of the benchmark.
 
 Inputs as in ``shared/anchors.md``: x ~ N(0, 1), W ~ N(0, 4/H), 5% of targets ignored (``-100``).
 
-Per method, one forward + backward (``fn(x, W, y).backward()``) is measured:
-
-- **time**: on CUDA the median of ``reps`` device-event timings, with a ~20 ms ``torch.cuda._sleep`` queued before
-  each timed step (see :func:`time_fn`); on the CPU the median of ``reps`` wall-clock (``time.perf_counter``)
-  timings. Warm-up steps come first on both.
-- **extra memory**: the peak beyond the inputs and the two gradients. On CUDA: ``torch.cuda.max_memory_allocated``
-  after ``reset_peak_memory_stats`` minus the allocation before the step. On the CPU (Linux) PyTorch's CPU
-  allocator keeps no statistics, so the process's resident set is used instead: freed heap pages are returned to
-  the OS (``malloc_trim(0)``), the kernel's peak-RSS mark is reset (``/proc/self/clear_refs`` ← ``5``), and the
-  extra is ``VmHWM`` after the step minus ``VmRSS`` before it, minus the gradients. That counts every page the step
-  touched (the allocator's and the libraries' scratch included) at page granularity; where the peak mark cannot be
-  reset (not Linux) the column is left empty.
-- **errors**: relative L2 errors of the loss, ``grad_input`` and ``grad_weight`` against a float64 computation.
-- **floor**: the three GEMMs an exact forward + backward must do (``x@Wᵀ``, ``dz@W``, ``dzᵀ@x``, 6·N·H·V FLOPs) on
-  shapes padded to multiples of 128, in the input dtype, timed the same way.
+Per method, one forward + backward (``fn(x, W, y).backward()``) is measured (:mod:`.timing`: time, extra memory,
+the GEMM floor); **errors** are relative L2 errors of the loss, ``grad_input`` and ``grad_weight`` against a
+float64 computation (:func:`reference_fp64`).
 
 Benchmarks measure; they do not assert.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 from .. import LinearCrossEntropyOptions, linear_cross_entropy
+from .timing import MiB, cpu_memory, empty_cache, floor_ms, is_cuda, synchronize, time_fn
 
-MiB = 2**20
 CSV_FIELDS = (
     "shape",
     "method",
@@ -99,121 +83,6 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def _is_cuda(device) -> bool:
-    return torch.device(device).type == "cuda"
-
-
-def time_fn(step, reps, warmup=2, device="cuda"):
-    """Median time of ``step`` in ms: between CUDA events on CUDA, wall-clock elsewhere.
-
-    CUDA: before each timed step a ~20 ms GPU sleep is queued so that the host can enqueue the whole step while the
-    device waits: the events then measure the device's work, not the Python launch latency of the first kernels
-    (which a training step hides behind the previous layer's work). Every method is timed the same way.
-    CPU: the step runs synchronously, so ``time.perf_counter`` around it is its time.
-    """
-    if not _is_cuda(device):
-        return _time_fn_cpu(step, reps, warmup)
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(_SLEEP_CYCLES)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-_SLEEP_CYCLES = 40_000_000  # ~20 ms at H100 clocks: longer than the host needs to enqueue one step
-
-
-def _time_fn_cpu(step, reps, warmup):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-class CpuPeakMemory:
-    """Peak resident memory of a region of code on the CPU (Linux), in bytes: see the module's docstring.
-
-    ``start()`` returns the resident bytes after releasing freed heap pages and resetting the kernel's peak mark;
-    ``peak()`` the peak since. ``available`` is False where the peak mark cannot be reset (then both return None).
-    """
-
-    def __init__(self):
-        self._malloc_trim = None
-        libc_name = ctypes.util.find_library("c")
-        if sys.platform.startswith("linux") and libc_name:
-            try:
-                self._malloc_trim = ctypes.CDLL(libc_name).malloc_trim
-            except (OSError, AttributeError):
-                self._malloc_trim = None
-        self.available = self._reset_peak() and self._status_kib("VmHWM") is not None
-
-    @staticmethod
-    def _reset_peak() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _status_kib(key):
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def start(self):
-        if not self.available:
-            return None
-        gc.collect()
-        if self._malloc_trim is not None:
-            self._malloc_trim(0)
-        self._reset_peak()
-        return self._status_kib("VmRSS") * 1024
-
-    def peak(self):
-        if not self.available:
-            return None
-        return self._status_kib("VmHWM") * 1024
-
-
-_CPU_MEMORY = None
-
-
-def _cpu_memory() -> CpuPeakMemory:
-    global _CPU_MEMORY
-    if _CPU_MEMORY is None:
-        _CPU_MEMORY = CpuPeakMemory()
-    return _CPU_MEMORY
-
-
-def _sync(device):
-    if _is_cuda(device):
-        torch.cuda.synchronize()
-
-
-def _empty_cache(device):
-    if _is_cuda(device):
-        torch.cuda.empty_cache()
-
-
 def measure(fn, x, w, y, ref, reps, warmup=2):
     """(median ms, extra MiB, (loss, dx, dw) errors, first-call seconds) of one method's fwd+bwd.
 
@@ -228,10 +97,10 @@ def measure(fn, x, w, y, ref, reps, warmup=2):
         wr.grad = None
         fn(xr, wr, y).backward()
 
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     step()
-    _sync(device)
+    synchronize(device)
     first = time.perf_counter() - t0
     xr.grad = wr.grad = None
     loss = fn(xr, wr, y)
@@ -239,7 +108,7 @@ def measure(fn, x, w, y, ref, reps, warmup=2):
     errs = (rel(loss.detach(), ref[0]), rel(xr.grad, ref[1]), rel(wr.grad, ref[2]))
     xr.grad = wr.grad = None
     loss = None
-    if _is_cuda(device):
+    if is_cuda(device):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -248,29 +117,14 @@ def measure(fn, x, w, y, ref, reps, warmup=2):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        base = _cpu_memory().start()
+        base = cpu_memory().start()
         step()
-        peak = _cpu_memory().peak()
+        peak = cpu_memory().peak()
     grads = xr.grad.numel() * xr.grad.element_size() + wr.grad.numel() * wr.grad.element_size()
     extra = (peak - base - grads) / MiB if base is not None else ""
     ms = time_fn(step, reps, warmup, device)
     xr.grad = wr.grad = None
     return ms, extra, errs, first
-
-
-def floor_ms(n, h, v, dtype, reps, warmup=2, device="cuda"):
-    pad = lambda d: -(-d // 128) * 128  # noqa: E731
-    n, h, v = pad(n), pad(h), pad(v)
-    x = torch.randn(n, h, device=device, dtype=dtype)
-    w = torch.randn(v, h, device=device, dtype=dtype)
-    dz = torch.randn(n, v, device=device, dtype=dtype)
-
-    def step():
-        torch.mm(x, w.T, out=dz)
-        torch.mm(dz, w)
-        torch.mm(dz.T, x)
-
-    return time_fn(step, reps, warmup, device)
 
 
 class Progress:
@@ -317,7 +171,7 @@ class Progress:
 
 
 def _floor_label(device) -> str:
-    return "floor (3 cuBLAS GEMMs)" if _is_cuda(device) else "floor (3 GEMMs)"
+    return "floor (3 cuBLAS GEMMs)" if is_cuda(device) else "floor (3 GEMMs)"
 
 
 def bench_shape(n, h, v, dtype, methods, reps, device="cuda", warmup=2, progress=None):
@@ -350,7 +204,7 @@ def bench_shape(n, h, v, dtype, methods, reps, device="cuda", warmup=2, progress
     progress.start(f"{n}x{h}x{v} {dtype_name}: float64 reference")
     x, w, y = make_problem(n, h, v, dtype, device=device)
     ref = reference_fp64(x, w, y)
-    _empty_cache(device)
+    empty_cache(device)
     progress.advance()
     for name, fn in methods.items():
         progress.start(f"{n}x{h}x{v} {dtype_name}: {name}")
@@ -380,7 +234,7 @@ def bench_shape(n, h, v, dtype, methods, reps, device="cuda", warmup=2, progress
         progress.write(
             f"  {name:24s} {ms:8.2f} ms {ms / floor:5.2f}x  {fmt(extra, '8.1f')} MiB  loss {errs[0]:.1e} dx {errs[1]:.1e} dw {errs[2]:.1e}  first {first:.1f}s",
         )
-        _empty_cache(device)
+        empty_cache(device)
     return rows
 
 

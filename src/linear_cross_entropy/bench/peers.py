@@ -44,6 +44,25 @@ def _policy_options(spec, backend):
     )
 
 
+def _liger():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return lambda x, w, y: liger_fused_linear_cross_entropy(x, w, y)
+
+
+def _cut_cross_entropy():
+    from cut_cross_entropy import linear_cross_entropy as cce
+
+    return lambda x, w, y: cce(x, w, y)
+
+
+# The peers that run on CUDA only: family -> (why skipped elsewhere, loader of their fn(x, w, y)).
+_CUDA_PEERS = {
+    "liger": ("Liger-Kernel needs", _liger),
+    "cut-cross-entropy": ("it needs", _cut_cross_entropy),
+}
+
+
 def methods(selected, policies, device="cuda", backends=("fused",)):
     """({name: fn}, [notes]) of the methods of the families in ``selected`` that exist here.
 
@@ -71,26 +90,16 @@ def methods(selected, policies, device="cuda", backends=("fused",)):
         if backend == "fused":
             opts32 = LinearCrossEntropyOptions(backend="fused", loss_dtype=torch.float32)
             add("ours[auto,fp32 loss]", "ours", lambda x, w, y, o=opts32: linear_cross_entropy(x, w, y, options=o))
-    if "liger" in selected:
+    for name, (need, load) in _CUDA_PEERS.items():
+        if name not in selected:
+            continue
         if not on_cuda:
-            notes.append("liger skipped: Liger-Kernel needs CUDA")
-        else:
-            try:
-                from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-                add("liger", "liger", lambda x, w, y: liger_fused_linear_cross_entropy(x, w, y))
-            except Exception as e:  # noqa: BLE001
-                notes.append(f"liger unavailable: {e}")
-    if "cut-cross-entropy" in selected:
-        if not on_cuda:
-            notes.append("cut-cross-entropy skipped: it needs CUDA")
-        else:
-            try:
-                from cut_cross_entropy import linear_cross_entropy as cce
-
-                add("cut-cross-entropy", "cut-cross-entropy", lambda x, w, y: cce(x, w, y))
-            except Exception as e:  # noqa: BLE001
-                notes.append(f"cut-cross-entropy unavailable: {e}")
+            notes.append(f"{name} skipped: {need} CUDA")
+            continue
+        try:
+            add(name, name, load())
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"{name} unavailable: {e}")
     if "torch built-in" in selected:
         if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
             opts_t = torch.nn.LinearCrossEntropyOptions()

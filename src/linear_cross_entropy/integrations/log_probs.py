@@ -46,14 +46,14 @@ def model_head(model: torch.nn.Module) -> ModelHead:
     same classes, wrappers and heads as :func:`~linear_cross_entropy.integrations.transformers.apply`, patched or
     not). ``ValueError`` for anything else, saying what was found; ``NotImplementedError`` for a DeepSpeed ZeRO-3
     partitioned head."""
-    from . import transformers as hf
+    from .families import head_transform, recognise  # imports transformers
 
     caller = "linear_cross_entropy.integrations.log_probs.next_token_log_probs"
-    target, cls, family = hf.recognise(model, caller)
+    target, cls, family = recognise(model, caller)
     head = _head.resolve(target.get_output_embeddings(), f"{cls.__name__}.lm_head")
     if _head.zero3_partitioned(head):
         raise NotImplementedError(f"{caller}: a DeepSpeed ZeRO-3 partitioned lm_head is not supported.")
-    transform = hf.head_transform(target, family)
+    transform = head_transform(target, family)
     return ModelHead(getattr(target, family.base), head, transform["logit_scale"], transform["logit_softcap"])
 
 

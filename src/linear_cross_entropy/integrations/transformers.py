@@ -73,60 +73,25 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
 
 from ..functional import linear_cross_entropy
 from ..options import LinearCrossEntropyOptions
 from . import _head
+from .families import SUPPORTED_CLASSES, Family, head_transform, recognise, unwrap
 
-__all__ = ["SUPPORTED_CLASSES", "apply", "is_applied", "remove"]
+__all__ = ["SUPPORTED_CLASSES", "apply", "is_applied", "remove", "patch_state", "bind_call", "head_loss"]
 
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How a family's ``forward`` turns the base model's output into its loss."""
-
-    base: str = "model"  # attribute holding the base model whose last_hidden_state feeds lm_head
-    logit_scale: Callable[[torch.nn.Module], float] | None = None  # z = logit_scale(model) · lm_head(h)
-    softcap: bool = False  # z = c·tanh(z / c) with c = config.final_logit_softcapping when that is not None
-    router_aux_loss: bool = False  # + router_aux_loss_coef · load_balancing_loss_func(...) with output_router_logits
-
-
-_PLAIN, _SOFTCAP, _MOE = Family(), Family(softcap=True), Family(router_aux_loss=True)
-_COHERE = Family(logit_scale=lambda model: model.logit_scale)  # forward: logits * self.logit_scale
-
-# Class name (in the ``transformers`` namespace) -> its family. Names the installed version lacks are skipped.
-SUPPORTED_CLASSES: dict[str, Family] = {
-    "LlamaForCausalLM": _PLAIN,
-    "MistralForCausalLM": _PLAIN,
-    "Qwen2ForCausalLM": _PLAIN,
-    "Qwen3ForCausalLM": _PLAIN,
-    "GemmaForCausalLM": _PLAIN,
-    "Gemma2ForCausalLM": _SOFTCAP,
-    "Gemma3ForCausalLM": _SOFTCAP,
-    "Phi3ForCausalLM": _PLAIN,
-    "PhiForCausalLM": _PLAIN,
-    "Olmo2ForCausalLM": _PLAIN,
-    "GPT2LMHeadModel": Family(base="transformer"),
-    "GPTNeoXForCausalLM": Family(base="gpt_neox"),
-    "CohereForCausalLM": _COHERE,
-    "Cohere2ForCausalLM": _COHERE,
-    "GraniteForCausalLM": Family(logit_scale=lambda model: 1.0 / model.config.logits_scaling),  # logits / scaling
-    "MixtralForCausalLM": _MOE,
-    "Qwen2MoeForCausalLM": _MOE,
-    "Qwen3MoeForCausalLM": _MOE,
-    # vision-language models: the base model merges the image features; lm_head reads its last hidden state
-    "Qwen2VLForConditionalGeneration": _PLAIN,
-    "Qwen2_5_VLForConditionalGeneration": _PLAIN,
-    "LlavaForConditionalGeneration": _PLAIN,
-    "Gemma3ForConditionalGeneration": _PLAIN,  # no final soft-cap in its forward (transformers 5.25)
-}
 
 # Keywords of the original forward that belong to the head and the loss, not to the base model.
 _HEAD_KEYWORDS = ("labels", "logits_to_keep", "return_dict", "num_items_in_batch", "ignore_index", "shift_labels")
 
 _STATE = "_lce_state"
+
+
+def patch_state(model: torch.nn.Module) -> _Patch | None:
+    """What :func:`apply` found and chose for ``model`` (the transformers model itself), or None when not applied."""
+    return getattr(model, _STATE, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,50 +104,6 @@ class _Patch:
     options: LinearCrossEntropyOptions
     eval_without_logits: bool
     load_balancing_loss: Callable | None  # the family module's own load_balancing_loss_func
-
-
-def recognise(model: torch.nn.Module, caller: str) -> tuple[torch.nn.Module, type, Family]:
-    """``(target, cls, family)``: the transformers model inside ``model``'s wrappers (PEFT, ``torch.compile``), the
-    supported class it is an instance of, and that class's :class:`Family`; ``ValueError`` (prefixed with
-    ``caller``) saying what was found, what is supported and what to do for anything else."""
-    target = _unwrap(model)
-    name = type(target).__name__
-    cls = next((c for c in type(target).__mro__ if c in _supported()), None)
-    if cls is None:
-        raise ValueError(
-            f"{caller}: {type(model).__module__}.{type(model).__name__}"
-            f" (config.model_type={getattr(getattr(target, 'config', None), 'model_type', None)!r}) is not a "
-            f"supported causal LM; supported: {', '.join(c.__name__ for c in _supported())} and their subclasses "
-            "that keep their forward. Other families may transform their logits or loss differently; train them "
-            "without apply()."
-        )
-    if type(target).forward is not cls.forward:
-        raise ValueError(
-            f"{caller}: {name} subclasses {cls.__name__} but overrides forward; the integration reproduces "
-            f"{cls.__name__}.forward and would bypass yours. Use a model whose forward is the library's, or compute "
-            "the loss in yours with linear_cross_entropy directly."
-        )
-    if getattr(target, "loss_function", None) is not ForCausalLMLoss:
-        raise ValueError(
-            f"{caller}: {name} has a custom loss (loss_function={getattr(target, 'loss_function', None)!r}, "
-            f"loss_type={getattr(target, 'loss_type', None)!r}); the integration would replace it with "
-            "transformers' ForCausalLMLoss."
-        )
-    family = _supported()[cls]
-    base = getattr(target, family.base, None)
-    if not isinstance(base, torch.nn.Module) or base is target:
-        raise ValueError(f"{caller}: {name} has no base model at .{family.base}; unknown transformers layout.")
-    return target, cls, family
-
-
-def head_transform(model: torch.nn.Module, family: Family) -> dict:
-    """The ``logit_scale`` and ``logit_softcap`` keywords of :func:`linear_cross_entropy` that reproduce what the
-    family's forward does to ``lm_head``'s output."""
-    cap = model.config.final_logit_softcapping if family.softcap else None
-    return {
-        "logit_scale": 1.0 if family.logit_scale is None else float(family.logit_scale(model)),
-        "logit_softcap": None if cap is None else float(cap),
-    }
 
 
 def apply(
@@ -244,37 +165,17 @@ def apply(
 
 def is_applied(model: torch.nn.Module) -> bool:
     """Whether :func:`apply` patched ``model`` (or the model inside a ``PeftModel`` / compiled module)."""
-    forward = vars(_unwrap(model)).get("forward")
+    forward = vars(unwrap(model)).get("forward")
     return getattr(getattr(forward, "__func__", None), "_linear_cross_entropy", False)
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply` on ``model`` (a no-op if it was not applied); returns ``model``."""
-    target = _unwrap(model)
+    target = unwrap(model)
     if is_applied(target):
         del target.forward  # the instance attribute: the class's forward shows through again
         delattr(target, _STATE)
     return model
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside ``torch.compile``'s and PEFT's wrappers."""
-    while True:
-        dynamo = sys.modules.get("torch._dynamo.eval_frame")  # a compiled module exists only once it is imported
-        if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
-            model = model._orig_mod
-        elif "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel):
-            model = model.get_base_model()
-        else:
-            return model
-
-
-@functools.cache
-def _supported() -> dict[type, Family]:
-    import transformers
-
-    classes = {name: getattr(transformers, name, None) for name in SUPPORTED_CLASSES}
-    return {cls: SUPPORTED_CLASSES[name] for name, cls in classes.items() if cls is not None}
 
 
 def _output_class(cls: type) -> type:
@@ -290,7 +191,7 @@ def _forward(self, *args, **kwargs):
     """The patched forward: the original unless training with labels, else the base model + the fused loss."""
     state: _Patch = getattr(self, _STATE)
     original = state.cls.forward.__get__(self)
-    call = _bind(state.cls, args, kwargs)
+    call = bind_call(state.cls, args, kwargs)
     labels, logits_to_keep = call.get("labels"), call.get("logits_to_keep", 0)
     if (
         labels is None
@@ -314,7 +215,7 @@ def _forward(self, *args, **kwargs):
     if shift_labels is None:  # as transformers' ForCausalLMLoss: position t predicts token t + 1
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     num_items = head["num_items_in_batch"]
-    loss = _head_loss(
+    loss = head_loss(
         self,
         state,
         hidden.reshape(-1, hidden.shape[-1]),
@@ -336,7 +237,7 @@ def _forward(self, *args, **kwargs):
     return output if return_dict else output.to_tuple()
 
 
-def _head_loss(model, state: _Patch, hidden: torch.Tensor, labels: torch.Tensor, **loss_kwargs) -> torch.Tensor:
+def head_loss(model, state: _Patch, hidden: torch.Tensor, labels: torch.Tensor, **loss_kwargs) -> torch.Tensor:
     """The loss of ``lm_head(hidden)`` (N, H) → (scale, soft-cap) against ``labels`` (N,), without the logits."""
     where = f"{state.cls.__name__}.lm_head"
     head = _head.resolve(model.get_output_embeddings(), where)
@@ -358,7 +259,7 @@ def _head_loss(model, state: _Patch, hidden: torch.Tensor, labels: torch.Tensor,
         return _head.precomputed_gradients(loss_fn, hidden, *params)
 
 
-def _bind(cls: type, args: tuple, kwargs: dict) -> dict:
+def bind_call(cls: type, args: tuple, kwargs: dict) -> dict:
     """The call's arguments by name as the class's forward receives them (its ``**kwargs`` flattened in)."""
     signature, var_keyword = _signature(cls)
     call = dict(signature.bind(None, *args, **kwargs).arguments)  # None stands for self

@@ -39,6 +39,7 @@ import torch
 
 from . import _head
 from . import transformers as lce_hf
+from .families import unwrap
 
 __all__ = ["apply", "is_applied"]
 
@@ -62,8 +63,8 @@ def apply(trainer, *, options=None):
         ValueError: the model carries no TRL fused head (not an ``SFTTrainer``'s model, or one from a TRL without
             it), or :func:`~linear_cross_entropy.integrations.transformers.apply` refuses the model.
     """
-    target = lce_hf._unwrap(trainer.model)  # TRL patches the PEFT base model, as transformers.apply does
-    state = getattr(target, lce_hf._STATE, None)  # an earlier transformers.apply's choices are kept
+    target = unwrap(trainer.model)  # TRL patches the PEFT base model, as transformers.apply does
+    state = lce_hf.patch_state(target)  # an earlier transformers.apply's choices are kept
     if options is None and state is not None:
         options = state.options
     flags = {} if state is None else {"eval_without_logits": state.eval_without_logits}
@@ -103,7 +104,7 @@ def apply(trainer, *, options=None):
 
 def is_applied(model: torch.nn.Module) -> bool:
     """Whether :func:`apply` installed its fused-head forward on ``model`` (or the model inside its wrappers)."""
-    forward = vars(lce_hf._unwrap(model)).get("forward")
+    forward = vars(unwrap(model)).get("forward")
     return any(getattr(f, "_linear_cross_entropy_trl", False) for f in _wrapped(forward))
 
 
@@ -120,7 +121,7 @@ def _warn_if_trl_head_runs(model, args, kwargs):
         torch.compiler.is_compiling()
         or not kwargs.get("fused_lm_head")
         or getattr(model, _WARNED, False)
-        or not hasattr(model, lce_hf._STATE)  # transformers.remove undid the patch
+        or lce_hf.patch_state(model) is None  # transformers.remove undid the patch
         or not _is_trl_fused_head(vars(model).get("forward"))
     ):
         return
@@ -161,8 +162,8 @@ def _fused_lm_head(model, args, kwargs):
     ``shift_labels``), zero where the label is ``-100``."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    state = getattr(model, lce_hf._STATE)
-    call = lce_hf._bind(state.cls, args, kwargs)
+    state = lce_hf.patch_state(model)
+    call = lce_hf.bind_call(state.cls, args, kwargs)
     labels, shift_labels = call.pop("labels", None), call.pop("shift_labels", None)
     num_items = call.pop("num_items_in_batch", None)
     if labels is None and shift_labels is None:
@@ -186,7 +187,7 @@ def _fused_lm_head(model, args, kwargs):
         )
     labels = labels.to(model.get_output_embeddings().weight.device)
     mask = labels != -100  # (B, T')
-    out = lce_hf._head_loss(
+    out = lce_hf.head_loss(
         model,
         state,
         hidden.reshape(-1, hidden.shape[-1]),

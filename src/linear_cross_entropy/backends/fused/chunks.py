@@ -5,7 +5,7 @@ launch of the row kernel turns them into per-row losses (and, where the plan for
 two cuBLAS GEMMs consume ``dz``. One public function per :class:`.policy.Mode`, each with one return type.
 
 With a ``shard`` (:mod:`...distributed`) each chunk runs the row kernel's two sweeps as two launches around the
-combine over the group: sweep 1 writes this slice's per-row partials, :func:`...distributed.combine_partials`
+combine over the group: sweep 1 writes this slice's per-row partials, :func:`..partials.combine_partials`
 turns them into sums over the whole vocabulary (one all-reduce MAX, one stacked SUM, a MIN with metrics, all on
 ``(rows,)`` vectors), :func:`..common.index_rows` into the loss, lse, statistics and ``dz``'s coefficients, and
 sweep 2 writes this slice's ``dz``. Nothing here reads a GPU value on the host (CUDA-graph capturable).
@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from ...distributed import VocabShard, combine_partials
 from ..common import LossParams, index_rows
+from ..partials import Partials, VocabShard, combine_partials
 from .gemm import input_grad_gemm, logits_buffers, logits_gemm, weight_grad_gemm
 from .policy import FusedPlan, Mode
 from .rows import PARTIALS, cross_entropy_grad, cross_entropy_partials, cross_entropy_rows
@@ -209,17 +209,18 @@ def _sharded_rows(
     argmax = None if buffers.argmax is None else buffers.argmax[:r]
     cross_entropy_partials(logits, bias, target, class_weight, partials, argmax, lp, offset, total)
     cols = dict(zip(PARTIALS, partials.unbind(1)))
-    sums = combine_partials(
-        shard,
-        cols["m"],
-        cols["sum_exp"],
+    m, sum_exp = cols["m"], cols["sum_exp"]
+    parts = Partials(
+        m,
+        sum_exp,
         cols["z_y"],
         cols["w_y"] if class_weight is not None else None,
         cols["z_sum"] if lp.label_smoothing > 0 else None,
-        cols["exp_z_sum"] if lp.metrics else None,
+        cols["exp_z_sum"] - m * sum_exp if lp.metrics else None,  # Σ e·z → Σ e·log e = Σ e·(z − m)
         cols["sq_sum"] if lp.metrics else None,
         argmax,
     )
+    sums = combine_partials(parts, shard)
     ce_scale, z_scale = (None, None) if scales is None else scales
     loss, lse, stats, coefs = index_rows(sums, target, buffers.class_weight_sum, lp, total, ce_scale, z_scale)
     outs.losses.copy_(loss)

@@ -23,15 +23,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...options import ResolvedOptions
-from ..common import Grads, LossParams, keep_mask, reduce_total, row_scales, take_saved_grads
+from ..common import (
+    Grads,
+    LossParams,
+    ResolvedOptions,
+    function_outputs,
+    keep_mask,
+    reduce_total,
+    row_scales,
+    take_saved_grads,
+)
 from . import chunks
 from .policy import FusedPlan, Mode, make_plan
 from .rows import scale_cast
 from .vocab_major import deferred_grads, weight_grad_pass
 
 if TYPE_CHECKING:
-    from ...distributed import VocabShard
+    from ..partials import VocabShard
 
 __all__ = [
     "linear_cross_entropy_fused",
@@ -127,9 +135,7 @@ class _FusedFunction(torch.autograd.Function):
         loss, lse, stats, ctx.saved_grads = _forward(x, w, b, target, class_weight, lp, plan, shard)
         if lp.reduction == "none" or plan.mode in (Mode.DEFERRED, Mode.RECOMPUTE):
             ctx.save_for_backward(x, w, b, target, class_weight)
-        stats = lse.new_empty(0) if stats is None else stats
-        ctx.mark_non_differentiable(lse, stats)
-        return loss, lse, stats
+        return function_outputs(ctx, loss, lse, stats)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):

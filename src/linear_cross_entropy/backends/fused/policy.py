@@ -1,22 +1,131 @@
-"""The fused backend's plan of one call: every decision it takes for a call, made once, in :func:`make_plan`.
+"""The fused backend's policy: its chunk-size rules, and the plan of one call made once in :func:`make_plan`.
 
-Nothing here imports triton or launches anything. The chunk-size rules that :func:`...options.resolve` applies
-(``fused_chunk_rows``, ``fused_recomputes_weight_grad``, ``recompute_columns``) still live in :mod:`...options`,
-whose module constants the test suite patches; the plan reads their results from the resolved options.
+Nothing here imports triton or launches anything. :func:`...options.resolve` (the one place options are
+resolved) applies :func:`memory_chunk_rows` (over :func:`fused_chunk_rows`) and :func:`recomputes_weight_grad`
+(over :func:`fused_recomputes_weight_grad`) for ``backend="fused"``; the plan reads their results from the
+resolved options. Their measured constants are one :class:`Thresholds` object,
+:data:`THRESHOLDS`, read at call time (a test replaces it whole to force either weight-gradient pass).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 
-from ...options import ResolvedOptions, fp32_weight_grad_accumulation
-from ..common import Grads, LossParams
+from ..common import Grads, LossParams, ResolvedOptions
 
-__all__ = ["Mode", "FusedPlan", "make_plan", "has_out_dtype_mm"]
+__all__ = [
+    "Thresholds",
+    "THRESHOLDS",
+    "fp32_weight_grad_accumulation",
+    "fused_chunk_rows",
+    "fused_recomputes_weight_grad",
+    "recompute_columns",
+    "memory_chunk_rows",
+    "recomputes_weight_grad",
+    "Mode",
+    "FusedPlan",
+    "make_plan",
+    "has_out_dtype_mm",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The fused policy's measured constants (benchmarks/NOTES.md)."""
+
+    # FLOPs a cuBLAS GEMM does in the time HBM moves one byte, by input dtype: the break-even of
+    # fused_recomputes_weight_grad. bf16/fp16 on an H100: ~750 TFLOP/s over ~3.1 TB/s. fp32 inputs are left out
+    # (0: never recompute): their GEMMs run at a fraction of that, or TF32 only when allowed.
+    gemm_flops_per_byte: Mapping[torch.dtype, int]
+    recompute_column_align: int = 128  # the vocabulary-major pass's class blocks: multiples of cuBLAS's tiles
+    min_rows: int = 1024  # the shortest chunk fused_chunk_rows picks (long GEMMs for small batches)
+
+
+THRESHOLDS = Thresholds(gemm_flops_per_byte={torch.bfloat16: 240, torch.float16: 240})
+
+
+def fp32_weight_grad_accumulation(acc_policy: str, acc_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether the fused backend accumulates a low-precision weight gradient in fp32 across chunks (an fp32
+    ``(V, H)`` scratch): ``"balanced"``/``"accurate"`` with ``acc_dtype`` fp32 and fp16/bf16 inputs."""
+    return acc_policy != "compact" and acc_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+
+
+def fused_chunk_rows(num_rows: int, in_features: int, logit_bytes: int, fp32_scratch: bool) -> int:
+    """Rows per chunk of the fused backend: a power of two, as large as memory allows, or every row at once.
+
+    GEMM efficiency wants long chunks (a chunked GEMM loop costs 1.27x the un-chunked GEMMs at 512 rows, 1.06x at
+    2048 on an H100); memory wants a small ``(rows, V)`` logits buffer. The buffer is held to a quarter of the
+    logits the un-chunked computation would hold in the input dtype (eager holds ~5x that), and at least
+    ``THRESHOLDS.min_rows`` rows so that small batches still run long GEMMs, and never more rows than the call has.
+
+    With ``fp32_scratch`` (low-precision weights whose gradient the policy accumulates in fp32 across chunks) the
+    chunked path also holds a ``(V, H)`` fp32 scratch, 4·H bytes per class, from forward to backward, and the
+    buffer may be as large as that scratch (``rows·logit_bytes <= 4·H``, ``logit_bytes`` per logit) when that is
+    more than the quarter. One chunk needs no scratch: its single weight-gradient GEMM accumulates in fp32 by
+    itself. So where all ``N`` rows of logits take no more than the scratch, every row goes in one chunk: less
+    memory held (the logits instead of the scratch plus the chunk buffer), the three GEMMs unchunked (1.06x instead
+    of 1.16x the floor at 8192x4096x128256 bf16 on an H100) and a weight gradient rounded once. Otherwise fewer,
+    longer chunks accumulate into the scratch fewer times (8192x2048x128256: 1.14x in two chunks, 1.18x in four).
+    """
+    if fp32_scratch and num_rows * logit_bytes <= 4 * in_features:
+        return max(1, num_rows)
+    budget_rows = max(num_rows // 4, THRESHOLDS.min_rows)
+    if fp32_scratch:
+        budget_rows = max(budget_rows, 4 * in_features // logit_bytes)
+    rows = 1 << (budget_rows.bit_length() - 1)
+    return max(1, min(rows, num_rows))
+
+
+def fused_recomputes_weight_grad(chunk_rows: int, num_rows: int, accumulated_bytes: int, dtype: torch.dtype) -> bool:
+    """Whether the fused backend computes the weight gradient in a second, vocabulary-major pass instead of
+    accumulating it across row chunks.
+
+    Accumulating ``grad_W += dzᵀ·x_c`` reads and writes the ``(V, H)`` accumulator once per chunk:
+    ``2·b·V·H`` bytes (``b = accumulated_bytes``, 4 for an fp32 scratch), against ``2·r·V·H`` FLOPs of GEMM work
+    per ``r``-row chunk. The vocabulary-major pass instead recomputes the logits once (one more GEMM, ``2·N·H·V``
+    FLOPs) and forms each block of classes' gradient in one GEMM over all rows. Per chunk that is ``2·r·H·V``
+    FLOPs, so the recompute is cheaper once ``2·b·V·H / BW > 2·r·H·V / F``, i.e. ``r < b·F/BW``: below ~480 rows for
+    a bf16 accumulator and ~960 for an fp32 scratch on an H100 (the measured chunk loops: 1.70x the floor at 256
+    rows in bf16, 1.67x at 512 in fp32, against ~1.4x for the recompute). Its weight gradient is one GEMM per class
+    block, accumulated in fp32 and rounded once, with no scratch.
+    """
+    flops_per_byte = THRESHOLDS.gemm_flops_per_byte.get(dtype, 0)
+    return chunk_rows < num_rows and chunk_rows < flops_per_byte * accumulated_bytes
+
+
+def recompute_columns(num_rows: int, chunk_rows: int, num_classes: int) -> int:
+    """Classes per block of the vocabulary-major pass: its ``(N, cols)`` logits hold no more than the row pass's
+    ``(rows, V)`` ones, in multiples of ``THRESHOLDS.recompute_column_align`` (128: cuBLAS's tiles), at least
+    one multiple and at most ``V``."""
+    align = THRESHOLDS.recompute_column_align
+    cols = chunk_rows * num_classes // max(1, num_rows) // align * align
+    return min(num_classes, max(align, cols))
+
+
+def memory_chunk_rows(
+    num_rows: int, in_features: int, acc_policy: str, acc_dtype: torch.dtype, dtype: torch.dtype, weight_grad: bool
+) -> int:
+    """Rows per chunk for ``chunking_method="memory"`` (the fused backend's ``"auto"``): :func:`fused_chunk_rows`
+    with this call's bytes per logit (``"accurate"`` keeps fp32 logits beside the input-dtype ``dz``) and whether
+    it keeps an fp32 weight-gradient scratch."""
+    low = dtype in (torch.float16, torch.bfloat16)
+    fp32_scratch = weight_grad and fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype)
+    logit_bytes = dtype.itemsize + (4 if acc_policy == "accurate" and low else 0)
+    return fused_chunk_rows(num_rows, in_features, logit_bytes, fp32_scratch)
+
+
+def recomputes_weight_grad(
+    chunk_rows: int, num_rows: int, acc_policy: str, acc_dtype: torch.dtype, dtype: torch.dtype
+) -> bool:
+    """:func:`fused_recomputes_weight_grad` for this call's accumulator: an fp32 scratch (4 bytes per element)
+    where the policy accumulates in fp32, else the gradient itself in the input dtype."""
+    accumulated = 4 if fp32_weight_grad_accumulation(acc_policy, acc_dtype, dtype) else dtype.itemsize
+    return fused_recomputes_weight_grad(max(1, chunk_rows), num_rows, accumulated, dtype)
 
 
 def has_out_dtype_mm(device: torch.device) -> bool:
@@ -91,7 +200,7 @@ def make_plan(
     """The plan of one fused call, from the resolved options and the call (the only place these rules live).
 
     The gradients' dtypes: fp32 where the policy accumulates low-precision gradients in fp32
-    (:func:`...options.fp32_weight_grad_accumulation`) and the rounding has to wait — ``grad_w`` across chunks (one chunk's
+    (:func:`fp32_weight_grad_accumulation`) and the rounding has to wait — ``grad_w`` across chunks (one chunk's
     single GEMM accumulates in fp32 by itself, and the vocabulary-major pass rounds each block once), ``grad_x``
     until the upstream gradient scales it (the scalar reductions' forward) — else the inputs' own dtypes."""
     n = x.shape[0]

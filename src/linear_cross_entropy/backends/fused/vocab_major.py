@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ...options import recompute_columns
 from ..common import Grads, LossParams
 from .gemm import input_grad_gemm, logits_buffers, logits_gemm, row_padded, weight_grad_gemm
+from .policy import recompute_columns
 from .rows import cross_entropy_grad
 
 __all__ = ["deferred_grads", "weight_grad_pass"]
@@ -69,7 +69,7 @@ def weight_grad_pass(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(grad_w, grad_b)`` from a vocabulary-major pass that recomputes the logits.
 
-    Per block of ``cols`` classes (:func:`...options.recompute_columns`: the same buffer size as the row pass's): one
+    Per block of ``cols`` classes (:func:`.policy.recompute_columns`: the same buffer size as the row pass's): one
     cuBLAS GEMM writes the block's logits ``x·W_blockᵀ`` for all ``N`` rows, the row kernel's ``PHASE`` 2 turns
     them into ``dz`` in place from each row's ``lse`` and coefficients, and ``grad_W_block = dzᵀ·x`` is one GEMM
     over every row: accumulated in fp32 by cuBLAS and rounded once into the gradient, with no scratch and no

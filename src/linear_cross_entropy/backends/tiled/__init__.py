@@ -2,7 +2,7 @@
 
 ``backend="tiled"`` in :class:`~linear_cross_entropy.LinearCrossEntropyOptions`. The forward keeps ``O(N)`` row
 statistics; the backward recomputes each ``(128, 128)`` logit tile and adds its share of both gradients with
-atomics. It serves the calls the fused backend serves (see :func:`..fused.unsupported_reason`); ``triton`` is
+atomics. It serves the calls the fused backend serves (see :func:`..support.unsupported_reason`); ``triton`` is
 imported only when it runs.
 """
 

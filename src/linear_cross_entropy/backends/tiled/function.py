@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ...options import ResolvedOptions
-from ..common import Grads, LossParams, keep_mask, reduce_total, row_scales
+from ..common import Grads, LossParams, ResolvedOptions, function_outputs, keep_mask, reduce_total, row_scales
 from .launch import combine_splits, partial_stats, tiled_backward
 
 __all__ = ["linear_cross_entropy_tiled", "forward_pass", "backward_none"]
@@ -75,10 +74,7 @@ class _TiledFunction(torch.autograd.Function):
         loss, lse, stats, coefs = _loss_and_coefficients(x, w, b, target, class_weight, lp, grads.any)
         if grads.any:
             ctx.save_for_backward(x, w, b, target, class_weight, lse, coefs)
-        stats = lse.new_empty(0) if stats is None else stats[:, None]
-        lse = lse[:, None]
-        ctx.mark_non_differentiable(lse, stats)
-        return loss, lse, stats
+        return function_outputs(ctx, loss, lse[:, None], None if stats is None else stats[:, None])
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_stats):

@@ -23,7 +23,8 @@ import functools
 import torch
 import triton
 
-from ..common import Grads, IndexRowSums, LossParams, index_rows
+from ..common import Grads, LossParams, index_rows
+from ..partials import SPLITS, Partials, combine_partials
 from .kernels import _partial_stats_kernel, _tiled_backward_kernel
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -163,33 +164,30 @@ def combine_splits(
 ) -> tuple:
     """``(loss (N,), lse (N,), stats (N, 5) or None, coefs (3, N) or None)`` in fp32.
 
-    The splits are combined as vocabulary-parallel ranks are (:func:`..distributed.combine_partials`, without the
-    collectives): ``M = max m``, ``Σ e^{z−M} = Σ_splits e^{m−M}·s``, sums added, the first maximal class is the
-    lowest index among the splits reaching ``M``; the loss and coefficients then come from
-    :func:`..common.index_rows`, the formulas every backend shares.
+    The splits are combined as vocabulary-parallel ranks are, by :func:`..partials.combine_partials` over the
+    leading dimension; the loss and coefficients then come from :func:`..common.index_rows`, the formulas every
+    backend shares.
     """
     m, s, z_y, z_sum, pz, sq, arg = partials.unbind(1)  # each (splits, N)
-    big_m = m.amax(dim=0)
-    rescale = torch.exp(m - big_m)
-    sum_exp = (s * rescale).sum(dim=0)
     metrics = lp.metrics
-    keep = target != lp.ignore_index
-    if class_weight is None:
-        w_y, w_sum = 1.0, float(num_classes)
-    else:
-        cw = class_weight.float()
-        y = torch.where(keep & (target >= 0) & (target < num_classes), target, 0)
-        w_y, w_sum = cw[y], cw.sum()
-    sums = IndexRowSums(
-        m=big_m,
-        sum_exp=sum_exp,
-        z_y=z_y.sum(dim=0),
-        w_y=w_y,
-        z_sum=z_sum.sum(dim=0) if lp.label_smoothing > 0 else None,
-        e_log_e=(pz * rescale).sum(dim=0) - big_m * sum_exp if metrics else None,
-        norm=sq.sum(dim=0).sqrt() if metrics else None,
-        predicted=torch.where(m == big_m, arg, float("inf")).amin(dim=0).long() if metrics else None,
+    parts = Partials(
+        m,
+        s,
+        z_y,
+        None,
+        z_sum if lp.label_smoothing > 0 else None,
+        pz - m * s if metrics else None,  # Σ e·z → Σ e·log e = Σ e·(z − m)
+        sq if metrics else None,
+        arg.long() if metrics else None,
     )
+    sums = combine_partials(parts, SPLITS)
+    if class_weight is None:
+        w_sum = float(num_classes)
+    else:  # the target's weight from the whole vector (the splits wrote none)
+        cw = class_weight.float()
+        keep = target != lp.ignore_index
+        y = torch.where(keep & (target >= 0) & (target < num_classes), target, 0)
+        sums, w_sum = sums._replace(w_y=cw[y]), cw.sum()
     ce, z = shares if shares is not None else (None, None)
     loss, lse, stats, coefs = index_rows(sums, target, w_sum, lp, num_classes, ce, z)
     return loss, lse, stats, None if coefs is None else torch.stack(coefs)
