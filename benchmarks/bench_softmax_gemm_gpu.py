@@ -207,6 +207,7 @@ def main():
             check(h, v, cfgs)
         chunks, t = time_shape(n, h, v, SHAPES.get(shape, n), cfgs)
         rows_out.append((shape, chunks, t))
+        summary(rows_out[-1:], cfgs)  # this shape's row now, in case a time limit stops the run
         torch.cuda.empty_cache()
     summary(rows_out, cfgs)
 
