@@ -78,20 +78,19 @@ def _logits_stats_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     z_low = acc.to(z_desc.dtype)
     z_desc.store([first_row, first_col], z_low)
-    # The statistics see the stored (rounded) logits, as the gradient GEMMs will.
-    z = z_low.to(tl.float32)
-    z_masked = tl.where(col_mask[None, :], z, -float("inf"))
-    m = tl.max(z_masked, axis=1)  # (BLOCK_M,)
-    s = tl.sum(tl.exp2((z_masked - m[:, None]) * _LOG2E), axis=1)
-    partial_ptr = partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m  # (tiles, r) planes: rows contiguous
-    plane = blocks_n.to(tl.int64) * n_rows
-    tl.store(partial_ptr, m, mask=row_mask)
-    tl.store(partial_ptr + plane, s, mask=row_mask)
-    if HAS_SMOOTHING:
-        tl.store(partial_ptr + 2 * plane, tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1), mask=row_mask)
+    # The statistics see the stored (rounded) logits, as the gradient GEMMs will. One fp32 tile stays live (the
+    # accumulator's registers): two would spill at 128x256 and 8 warps. Past V no class matches a target.
+    z = tl.where(col_mask[None, :], z_low.to(tl.float32), -float("inf"))
     target = tl.load(target_ptr + offs_m, mask=row_mask, other=-1)
     in_tile = (target >= first_col) & (target < first_col + BLOCK_N) & (target < n_classes)
     z_y = tl.sum(tl.where(offs_n[None, :] == target[:, None], z, 0.0), axis=1)
+    partial_ptr = partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m  # (tiles, r) planes: rows contiguous
+    plane = blocks_n.to(tl.int64) * n_rows
+    if HAS_SMOOTHING:
+        tl.store(partial_ptr + 2 * plane, tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1), mask=row_mask)
+    m = tl.max(z, axis=1)  # (BLOCK_M,)
+    tl.store(partial_ptr, m, mask=row_mask)
+    tl.store(partial_ptr + plane, tl.sum(tl.exp2((z - m[:, None]) * _LOG2E), axis=1), mask=row_mask)
     tl.store(z_y_ptr + offs_m, z_y, mask=row_mask & in_tile)
 
 
