@@ -60,9 +60,11 @@ class SoftmaxGemmConfig:
     weight_grad: GemmTiles  # (classes, features) tiles over rows
 
 
-# The largest tiles whose fp32 accumulator fits one SM's registers at 8 warps (the tiled backend's forward tile):
-# wide feature blocks, because each gradient GEMM recomputes exp once per feature block.
-_GPU = SoftmaxGemmConfig(GemmTiles(128, 256, 64), GemmTiles(128, 256, 64), GemmTiles(128, 256, 64))
+# The logits GEMM takes the tiled backend's forward tile (128×256, the largest fp32 accumulator one SM's registers
+# hold at 8 warps). The gradient GEMMs recompute exp once per feature block, one exp per 2·block_n MMA FLOPs, so
+# they take the widest feature blocks (64×512, two stages to fit shared memory): the compiled code predicts ~2×
+# cuBLAS at 128×256 and ~1.0-1.1× at 64×512 (benchmarks/NOTES.md, v14; not yet measured on a GPU).
+_GPU = SoftmaxGemmConfig(GemmTiles(128, 256, 64), GemmTiles(64, 512, 64, 8, 2), GemmTiles(64, 512, 64, 8, 2))
 _INTERPRETER = SoftmaxGemmConfig(
     GemmTiles(16, 16, 16, 1, 1, 2), GemmTiles(16, 16, 16, 1, 1, 2), GemmTiles(16, 16, 16, 1, 1, 2)
 )
