@@ -19,12 +19,8 @@ import torch
 import triton
 
 from ..common import IndexRowSums, LossParams, index_rows
+from ..tiled.launch import _descriptor, _input_precision, _TensorDescriptor  # the TMA helpers both backends use
 from .softmax_gemm_kernels import _input_grad_kernel, _logits_stats_kernel, _weight_grad_kernel
-
-try:  # host-side TMA descriptors (Triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton
-    _TensorDescriptor = None
 
 __all__ = [
     "GemmTiles",
@@ -89,19 +85,13 @@ def supported(lp: LossParams, class_weight: torch.Tensor | None, *tensors: torch
     return True
 
 
-def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
-    return _TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, block_cols])
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 operands go through TF32 only when the user allowed it for matmuls, as cuBLAS would."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _launch(tiles: GemmTiles, blocks: int) -> dict:
-    return dict(grid=(blocks,), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+def _meta(tiles: GemmTiles, lp: LossParams, dtype: torch.dtype) -> dict:
+    """The meta-parameters and launch options every kernel of this module takes."""
+    return dict(
+        HAS_SMOOTHING=lp.label_smoothing > 0,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+        INPUT_PRECISION=_input_precision(dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
 
 
 class LogitStats(NamedTuple):
@@ -126,14 +116,10 @@ def logits_stats(
     z_y = torch.empty(r, dtype=torch.float32, device=x.device)
     if r == 0:
         return LogitStats(partials, z_y)
-    launch = _launch(t, triton.cdiv(r, t.block_m) * tiles)
-    _logits_stats_kernel[launch.pop("grid")](
+    _logits_stats_kernel[(triton.cdiv(r, t.block_m) * tiles,)](
         _descriptor(x, t.block_m, t.block_k), _descriptor(w, t.block_n, t.block_k),
         _descriptor(z, t.block_m, t.block_n), b, target, partials, z_y,
-        r, v, h,
-        HAS_SMOOTHING=lp.label_smoothing > 0,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-        INPUT_PRECISION=_input_precision(x.dtype), **launch,
+        r, v, h, **_meta(t, lp, x.dtype),
     )  # fmt: skip
     return LogitStats(partials, z_y)
 
@@ -181,16 +167,10 @@ def input_grad(
     if r == 0:
         return
     t = (config or default_config(z.device)).input_grad
-    launch = _launch(t, triton.cdiv(r, t.block_m) * triton.cdiv(h, t.block_n))
-    _input_grad_kernel[launch.pop("grid")](
+    _input_grad_kernel[(triton.cdiv(r, t.block_m) * triton.cdiv(h, t.block_n),)](
         _descriptor(z, t.block_m, t.block_k), _descriptor(w, t.block_k, t.block_n),
-        _descriptor(out, t.block_m, t.block_n),
-        None if dz_out is None else _descriptor(dz_out, t.block_m, t.block_k),
-        target, lse, coefs,
-        r, v, h,
-        HAS_SMOOTHING=lp.label_smoothing > 0,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-        INPUT_PRECISION=_input_precision(z.dtype), **launch,
+        _descriptor(out, t.block_m, t.block_n), None if dz_out is None else _descriptor(dz_out, t.block_m, t.block_k),
+        target, lse, coefs, r, v, h, **_meta(t, lp, z.dtype),
     )  # fmt: skip
 
 
@@ -213,14 +193,8 @@ def weight_grad(
             out.zero_()
         return
     t = (config or default_config(z.device)).weight_grad
-    launch = _launch(t, triton.cdiv(v, t.block_m) * triton.cdiv(h, t.block_n))
     out_desc = _descriptor(out, t.block_m, t.block_n)
-    _weight_grad_kernel[launch.pop("grid")](
+    _weight_grad_kernel[(triton.cdiv(v, t.block_m) * triton.cdiv(h, t.block_n),)](
         _descriptor(z, t.block_k, t.block_m), _descriptor(x, t.block_k, t.block_n), out_desc,
-        out_desc if accumulate else None,
-        target, lse, coefs,
-        r, v, h,
-        HAS_SMOOTHING=lp.label_smoothing > 0,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-        INPUT_PRECISION=_input_precision(z.dtype), **launch,
+        out_desc if accumulate else None, target, lse, coefs, r, v, h, **_meta(t, lp, z.dtype),
     )  # fmt: skip
