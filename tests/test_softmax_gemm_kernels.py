@@ -76,7 +76,8 @@ def _ours(x, w, b, y, share, eps, config=None, chunks=1):
 
 def _check(r, h, v, dtype, device, bias, eps, seed, config=None, chunks=1):
     x, w, b, y, share = _problem(r, h, v, dtype, device, seed, bias)
-    exact = _plain(*(t.double() if t is not None and t.is_floating_point() else t for t in (x, w, b)), y, share.double(), eps, torch.float64)  # fmt: skip
+    x64, w64, b64 = (None if t is None else t.double() for t in (x, w, b))
+    exact = _plain(x64, w64, b64, y, share.double(), eps, torch.float64)
     plain = _plain(x, w, b, y, share, eps, torch.float32)
     ours = _ours(x, w, b, y, share, eps, config, chunks)
     for name in ("z", "loss", "dz", "grad_x", "grad_w"):
