@@ -19,9 +19,15 @@ from linear_cross_entropy.backends.fused import softmax_gemm as sg  # noqa: E402
 from linear_cross_entropy.backends.fused.gemm import row_padded  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-interpreter = pytest.mark.skipif(
+_CPU_ONLY = pytest.mark.skipif(
     HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter runs (TRITON_INTERPRET=1, no GPU)"
 )
+
+
+def interpreter(test):
+    """Marked ``interpreter`` (CI's selection) and skipped where the kernels would not run in the interpreter."""
+    return pytest.mark.interpreter(_CPU_ONLY(test))
+
 
 _SLACK = 2.0
 _FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
