@@ -19,7 +19,7 @@ import torch
 import triton
 
 from ..common import IndexRowSums, LossParams, index_rows
-from ..tiled.launch import _descriptor, _input_precision, _TensorDescriptor  # the TMA helpers both backends use
+from ..tma import descriptor, have_descriptors, input_precision
 from .softmax_gemm_kernels import _input_grad_kernel, _logits_stats_kernel, _weight_grad_kernel
 
 __all__ = [
@@ -73,7 +73,7 @@ def default_config(device: torch.device) -> SoftmaxGemmConfig:
 def supported(lp: LossParams, class_weight: torch.Tensor | None, *tensors: torch.Tensor) -> bool:
     """Whether these kernels cover the loss and the operands meet TMA's rules: 2-D, unit last stride, 16-byte
     aligned base and row stride, 16- or 32-bit floats (the interpreter takes the same descriptors)."""
-    if _TensorDescriptor is None or lp.target_is_probs or class_weight is not None or lp.metrics:
+    if not have_descriptors() or lp.target_is_probs or class_weight is not None or lp.metrics:
         return False
     if lp.logit_scale != 1.0 or lp.logit_softcap > 0:
         return False
@@ -90,7 +90,7 @@ def _meta(tiles: GemmTiles, lp: LossParams, dtype: torch.dtype) -> dict:
     return dict(
         HAS_SMOOTHING=lp.label_smoothing > 0,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-        INPUT_PRECISION=_input_precision(dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        INPUT_PRECISION=input_precision(dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
 
@@ -117,8 +117,8 @@ def logits_stats(
     if r == 0:
         return LogitStats(partials, z_y)
     _logits_stats_kernel[(triton.cdiv(r, t.block_m) * tiles,)](
-        _descriptor(x, t.block_m, t.block_k), _descriptor(w, t.block_n, t.block_k),
-        _descriptor(z, t.block_m, t.block_n), b, target, partials, z_y,
+        descriptor(x, t.block_m, t.block_k), descriptor(w, t.block_n, t.block_k),
+        descriptor(z, t.block_m, t.block_n), b, target, partials, z_y,
         r, v, h, **_meta(t, lp, x.dtype),
     )  # fmt: skip
     return LogitStats(partials, z_y)
@@ -168,8 +168,8 @@ def input_grad(
         return
     t = (config or default_config(z.device)).input_grad
     _input_grad_kernel[(triton.cdiv(r, t.block_m) * triton.cdiv(h, t.block_n),)](
-        _descriptor(z, t.block_m, t.block_k), _descriptor(w, t.block_k, t.block_n),
-        _descriptor(out, t.block_m, t.block_n), None if dz_out is None else _descriptor(dz_out, t.block_m, t.block_k),
+        descriptor(z, t.block_m, t.block_k), descriptor(w, t.block_k, t.block_n),
+        descriptor(out, t.block_m, t.block_n), None if dz_out is None else descriptor(dz_out, t.block_m, t.block_k),
         target, lse, coefs, r, v, h, **_meta(t, lp, z.dtype),
     )  # fmt: skip
 
@@ -193,8 +193,8 @@ def weight_grad(
             out.zero_()
         return
     t = (config or default_config(z.device)).weight_grad
-    out_desc = _descriptor(out, t.block_m, t.block_n)
+    out_desc = descriptor(out, t.block_m, t.block_n)
     _weight_grad_kernel[(triton.cdiv(v, t.block_m) * triton.cdiv(h, t.block_n),)](
-        _descriptor(z, t.block_k, t.block_m), _descriptor(x, t.block_k, t.block_n), out_desc,
+        descriptor(z, t.block_k, t.block_m), descriptor(x, t.block_k, t.block_n), out_desc,
         out_desc if accumulate else None, target, lse, coefs, r, v, h, **_meta(t, lp, z.dtype),
     )  # fmt: skip

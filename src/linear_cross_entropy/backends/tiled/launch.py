@@ -25,14 +25,10 @@ import triton
 
 from ..common import Grads, LossParams, index_rows
 from ..partials import SPLITS, Partials, combine_partials
+from ..tma import can_use_tma, descriptor, input_precision
 from .kernels import _partial_stats_kernel, _tiled_backward_kernel
 
-try:  # host-side TMA descriptors (Triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: pointer loads only
-    _TensorDescriptor = None
-
-__all__ = ["TileConfig", "tile_configs", "can_use_tma", "partial_stats", "combine_splits", "tiled_backward"]
+__all__ = ["TileConfig", "tile_configs", "partial_stats", "combine_splits", "tiled_backward"]
 
 _PARTIALS = 7  # m, Σe^{z−m}, z_y, Σw·z, Σe^{z−m}·z, Σz², argmax
 
@@ -79,31 +75,6 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def can_use_tma(*tensors: torch.Tensor) -> bool:
-    """Whether the forward can load these 2-D operands through TMA tensor descriptors: a Hopper-or-newer GPU,
-    16-bit elements (fp32 inputs keep their smaller pointer-loaded tiles), unit feature stride, 16-byte aligned
-    base and row stride (the copy engine's rules)."""
-    if _TensorDescriptor is None:
-        return False
-    for t in tensors:
-        if not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9 or t.element_size() != 2:
-            return False
-        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-    return True
-
-
-def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
-    return _TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, block_cols])
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 operands go through TF32 only when the user allowed it for matmuls, as cuBLAS would."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _flags(lp: LossParams) -> dict:
     """The switches the loss settings give (the kernels' heuristics derive the rest from their None pointers)."""
     return dict(
@@ -138,7 +109,7 @@ def partial_stats(
     if n == 0:
         return partials
     descriptors = (
-        (_descriptor(x, cfg.block_m, cfg.block_k), _descriptor(w, cfg.block_n, cfg.block_k)) if use_tma else (x, w)
+        (descriptor(x, cfg.block_m, cfg.block_k), descriptor(w, cfg.block_n, cfg.block_k)) if use_tma else (x, w)
     )
     _partial_stats_kernel[(splits, row_blocks)](
         x, w, *descriptors, b, target, class_weight, partials,
@@ -148,7 +119,7 @@ def partial_stats(
         **_flags(lp),
         METRICS=lp.metrics,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=h % cfg.block_k == 0, USE_TMA=use_tma,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return partials
@@ -232,7 +203,7 @@ def tiled_backward(
             SPARSE=sparse,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
             GROUP_M=cfg.group_m, EVEN_K=h % cfg.block_k == 0, EVEN_H=h % cfg.block_h == 0,
-            INPUT_PRECISION=_input_precision(x.dtype),
+            INPUT_PRECISION=input_precision(x.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return (
