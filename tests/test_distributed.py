@@ -6,8 +6,8 @@ limit (and the process group's own timeout) turns a hang into a failure.
 
 The chunked path runs in float64 (tolerance 1e-9). Under ``TRITON_INTERPRET=1`` the same workers also run the fused
 path (``backend="fused"``, its Triton kernels in the interpreter) in float32, each result held to the float64 one
-within plain PyTorch's error in float32 (``helpers.assert_within_plain``), with a small column block so that a row spans
-several tiles. The slices are sized so that the ranks' own vocabulary sizes would give them different chunks and
+within plain PyTorch's error in float32 (``helpers.assert_within_plain``), with a small column block so that a row
+spans several tiles. The slices are sized so that the ranks' own vocabulary sizes would give them different chunks and
 softmax blocks: the chunking must follow the global vocabulary or the collectives would not match.
 """
 

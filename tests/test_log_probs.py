@@ -3,7 +3,8 @@
 The oracle is written here: the full logits, ``log_softmax``, ``gather`` and ``−Σ p·log p``, differentiated by
 autograd in float64. The objective is ``Σ a·log p + b·H`` with random per-row ``a``, ``b`` (so both upstream
 gradients vary per row). Low-precision runs must stay within twice plain PyTorch's error in the same dtype (logits in
-that dtype, softmax in fp32), as ``helpers.assert_within_plain``; the fused path's kernels run in Triton's interpreter on the CPU.
+that dtype, softmax in fp32), as ``helpers.assert_within_plain``; the fused path's kernels run in Triton's
+interpreter on the CPU.
 """
 
 import pytest
