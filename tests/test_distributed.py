@@ -330,7 +330,7 @@ def _worker(rank, world, sizes, errors):
 # Uneven slices whose own sizes would give the ranks different aspect-ratio chunks (12 vs 25 classes: 8 vs 4 rows;
 # 7 vs 13: 13 vs 8 rows) and different softmax blocks.
 @pytest.mark.parametrize("sizes", [(25, 12), (7, 13, 17)], ids=["2ranks-25-12", "3ranks-7-13-17"])
-def test_vocab_parallel_matchessingle_process(sizes, tmp_path):
+def test_vocab_parallel_matches_single_process(sizes, tmp_path):
     run_ranks(_worker, len(sizes), (sizes,), tmp_path, WALL_LIMIT_S)
 
 

@@ -321,7 +321,7 @@ def _dtensor_cases(rank, world, errors):
 
 
 @pytest.mark.parametrize("world", [2, 3], ids=["2ranks", "3ranks"])
-def test_dtensor_head_matchessingle_process(world, tmp_path):
+def test_dtensor_head_matches_single_process(world, tmp_path):
     run_ranks(_dtensor_cases, world, (), tmp_path, WALL_LIMIT_S)
 
 
