@@ -51,8 +51,8 @@ EXTRAS = {
 }
 
 
-def triton_options(backend, rows=None, weight_grad_pass=None, policy="auto"):
-    """The options of one configuration (``weight_grad_pass`` is forced by the caller's fixture)."""
+def triton_options(backend, rows=None, policy="auto"):
+    """The options of one configuration: the fused backend's chunk rows, the tiled backend's policy."""
     if backend == "fused":
         return LinearCrossEntropyOptions(backend="fused", batch_chunk_size=rows, chunking_method=None)
     return LinearCrossEntropyOptions(backend="tiled", acc_policy=policy)

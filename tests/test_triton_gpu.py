@@ -85,7 +85,7 @@ def _summed_in_blocks(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Ten
 )
 @pytest.mark.parametrize("backend,policy,weight_grad_pass,shape", CONFIGS)
 @pytest.mark.parametrize("extras", EXTRAS.values(), ids=EXTRAS.keys())
-def test_matches_float64(backend, policy, weight_grad_pass, shape, dtype, extras, force_weight_grad_pass):
+def test_large_problems_match_float64(backend, policy, weight_grad_pass, shape, dtype, extras, force_weight_grad_pass):
     if backend == "fused":
         if shape[0] <= ROWS and weight_grad_pass != "accumulate":
             pytest.skip("one chunk has a single weight-gradient GEMM either way")
