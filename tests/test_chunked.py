@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     DEVICES,
     Case,
     assert_identical,
     assert_results_close,
+    assert_within_plain,
     forward_backward,
     leaf,
     make_case,
@@ -281,15 +282,22 @@ def test_chunked_matches_torch_chunked(reduction, class_weight, ignore_index, bi
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Lower precision: our error against float64 may not exceed twice plain PyTorch's in the same dtype.
+# Lower precision: our error against float64 within plain PyTorch's in the same dtype (helpers.assert_within_plain)
 
 LOW_PRECISION = [
-    # dtype, floor (one unit of rounding: the tolerance is 2·torch_err + floor), input scale (logits' spread;
-    # float16 stays smaller: plain PyTorch's smoothed loss sums C·N terms in float16 and overflows otherwise)
-    (torch.float32, torch.finfo(torch.float32).eps, 3.0),
-    (torch.bfloat16, torch.finfo(torch.bfloat16).eps, 3.0),
-    (torch.float16, torch.finfo(torch.float16).eps, 1.5),
+    # dtype, input scale (logits' spread; float16 stays smaller: plain PyTorch's smoothed loss sums C·N terms in
+    # float16 and overflows otherwise)
+    (torch.float32, 3.0),
+    (torch.bfloat16, 3.0),
+    (torch.float16, 1.5),
 ]
+
+
+def _policy_id(policy) -> str:
+    acc_policy, acc_dtype = policy
+    return f"{acc_policy}-{'default' if acc_dtype is None else str(acc_dtype).removeprefix('torch.')}"
+
+
 POLICIES = [  # (acc_policy, acc_dtype)
     ("auto", None),
     ("accurate", torch.float32),
@@ -299,30 +307,23 @@ POLICIES = [  # (acc_policy, acc_dtype)
 ]
 
 
-def _low_precision_errors(case: Case, options) -> tuple[list[float], list[float]]:
+def _assert_within_plain_torch(case: Case, options) -> None:
+    """Ours within :func:`helpers.assert_within_plain` of plain PyTorch in the case's dtype (logits, softmax and
+    loss all in it), which must itself err (a zero baseline would make the bound a bare floor)."""
     expected = reference_grads(case)  # float64 on the rounded inputs
     plain = forward_backward(oracle_loss, case)  # PyTorch in the case's dtype
     ours = forward_backward(linear_cross_entropy, case, options=options)
-    for got, t in zip(ours, plain):
-        if t is not None:
-            assert got.dtype == t.dtype
     torch_errs = [rel_err(a, e) for a, e in zip(plain, expected)]
-    our_errs = [rel_err(a, e) for a, e in zip(ours, expected)]
     assert all(math.isfinite(e) and e > 0 for e in torch_errs), f"degenerate baseline {torch_errs}"
-    return our_errs, torch_errs
-
-
-def _assert_within(our_errs, torch_errs, floor, what):
-    for name, ours, theirs in zip(("loss", "grad_input", "grad_weight", "grad_bias"), our_errs, torch_errs):
-        assert ours <= 2 * theirs + floor, f"{what} {name}: ours {ours:.3g} > 2 * torch {theirs:.3g} + {floor:.3g}"
+    assert_within_plain(ours, plain, expected, case.input.dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("policy", POLICIES, ids=_policy_id)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
-@pytest.mark.parametrize("dtype,floor,scale", LOW_PRECISION, ids=["float32", "bfloat16", "float16"])
-def test_low_precision_vs_plain_torch(dtype, floor, scale, probs, reduction, policy, device, seed):
+@pytest.mark.parametrize("dtype,scale", LOW_PRECISION, ids=["float32", "bfloat16", "float16"])
+def test_low_precision_vs_plain_torch(dtype, scale, probs, reduction, policy, device, seed):
     acc_policy, acc_dtype = policy
     if dtype == torch.float32 and acc_dtype == torch.float32 and acc_policy != "accurate":
         pytest.skip("same as acc_dtype=None for float32 input")
@@ -341,13 +342,11 @@ def test_low_precision_vs_plain_torch(dtype, floor, scale, probs, reduction, pol
         seed=seed,
         scale=scale,
     )
-    options = chunked(batch_chunk_size=12, acc_policy=acc_policy, acc_dtype=acc_dtype)
-    our_errs, torch_errs = _low_precision_errors(case, options)
-    _assert_within(our_errs, torch_errs, floor, f"{dtype} {policy}")
+    _assert_within_plain_torch(case, chunked(batch_chunk_size=12, acc_policy=acc_policy, acc_dtype=acc_dtype))
 
 
 @pytest.mark.parametrize(
-    "policy", [("auto", None), ("accurate", torch.float32), ("balanced", torch.float32)], ids=lambda p: f"{p[0]}-{p[1]}"
+    "policy", [("auto", None), ("accurate", torch.float32), ("balanced", torch.float32)], ids=_policy_id
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_low_precision_many_chunks_fp32_scratch(dtype, policy, seed):
@@ -356,25 +355,7 @@ def test_low_precision_many_chunks_fp32_scratch(dtype, policy, seed):
     acc_policy, acc_dtype = policy
     # input (4096, 32), linear_weight (96, 32); "sum" keeps float16's gradient entries well inside its range.
     case = make_case(4096, 32, 96, bias=True, class_weight=True, reduction="sum", dtype=dtype, seed=seed, scale=3.0)
-    options = chunked(batch_chunk_size=4, acc_policy=acc_policy, acc_dtype=acc_dtype)
-    our_errs, torch_errs = _low_precision_errors(case, options)
-    _assert_within(our_errs, torch_errs, torch.finfo(dtype).eps / 4, f"{dtype} {policy}")
-
-
-def test_low_precision_tolerance_can_fail(seed):
-    """The low-precision criterion is sharp enough to reject a plausible bug (label smoothing dropped), even one
-    computed in float64."""
-    case = make_case(
-        64, 32, 96, bias=True, class_weight=True, label_smoothing=0.1, dtype=torch.bfloat16, seed=seed, scale=3.0
-    )
-    expected = reference_grads(case)
-    plain = forward_backward(oracle_loss, case)
-    torch_errs = [rel_err(a, e) for a, e in zip(plain, expected)]
-    # A plausible bug: the label smoothing dropped (everything else right, computed in float64).
-    wrong = forward_backward(oracle_loss, Case(**{**case.__dict__, "label_smoothing": 0.0}).to(torch.float64))
-    wrong_errs = [rel_err(a, e) for a, e in zip(wrong, expected)]
-    eps = torch.finfo(torch.bfloat16).eps
-    assert any(w > 2 * t + eps for w, t in zip(wrong_errs, torch_errs)), (wrong_errs, torch_errs)
+    _assert_within_plain_torch(case, chunked(batch_chunk_size=4, acc_policy=acc_policy, acc_dtype=acc_dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -721,13 +702,3 @@ def test_class_weight_requiring_grad_with_index_targets_raises(path, seed):
         linear_cross_entropy(
             leaf(case.input), case.linear_weight, case.target, weight=leaf(case.weight), options=_options(path)
         )
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_out_of_range_class_on_accelerator_is_nan(seed):
-    """Off the CPU a range check would be a host-device sync: the chunked path marks such rows NaN instead."""
-    case = make_case(6, 4, 5, reduction="none", device="cuda", seed=seed)
-    case.target[2] = 5
-    loss = linear_cross_entropy(case.input, case.linear_weight, case.target, reduction="none", options=chunked())
-    assert loss[2].isnan() and not loss[[0, 1, 3, 4, 5]].isnan().any()

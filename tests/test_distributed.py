@@ -6,8 +6,8 @@ limit (and the process group's own timeout) turns a hang into a failure.
 
 The chunked path runs in float64 (tolerance 1e-9). Under ``TRITON_INTERPRET=1`` the same workers also run the fused
 path (``backend="fused"``, its Triton kernels in the interpreter) in float32, each result held to the float64 one
-within twice the error of plain PyTorch in float32 (plus a floor), with a small column block so that a row spans
-several tiles. The slices are sized so that the ranks' own vocabulary sizes would give them different chunks and
+within plain PyTorch's error in float32 (``helpers.assert_within_plain``), with a small column block so that a row
+spans several tiles. The slices are sized so that the ranks' own vocabulary sizes would give them different chunks and
 softmax blocks: the chunking must follow the global vocabulary or the collectives would not match.
 """
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
+from helpers import INTERPRET, check_close, check_within_plain, expect_error, run_ranks
 
 from linear_cross_entropy import LinearCrossEntropyLoss, LinearCrossEntropyOptions, linear_cross_entropy
 from linear_cross_entropy.backends import chunked
@@ -32,12 +32,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 N, H, V = 13, 8, 37
 WALL_LIMIT_S = 150.0
 METRICS = ("lse", "z_loss", "max_logit", "entropy", "logit_norm", "accuracy", "log_prob")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# fused (fp32) against float64: within _SLACK × plain PyTorch's fp32 error + _FLOOR (relative norm errors)
-_SLACK, _FLOOR = 2.0, 1e-6
 
 
-def _data():
+def vocab_problem():
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(N, H, generator=g, dtype=torch.float64)
     w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.7
@@ -113,26 +110,7 @@ def _fused_cases():
     return cases
 
 
-def _check(errors, name, actual, expected):
-    try:
-        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
-    except AssertionError as e:
-        errors.append(f"{name}: {e}")
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def _compare(errors, name, actual, plain, expected):
-    """``actual`` (fp32) within _SLACK × plain PyTorch's fp32 error of the float64 ``expected``, plus _FLOOR."""
-    bound = _SLACK * _rel(plain, expected) + _FLOOR
-    err = _rel(actual, expected)
-    if not err <= bound:  # NaN fails too
-        errors.append(f"{name}: relative error {err:.2e} > bound {bound:.2e} (plain fp32 {_rel(plain, expected):.2e})")
-
-
-def _single_process(x, w, b, cw, t, kwargs, extras, upstream):
+def single_process(x, w, b, cw, t, kwargs, extras, upstream):
     """The unsharded loss and gradients in the inputs' dtype: plain PyTorch, or our reference path with extras."""
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     br = None if b is None else b.clone().requires_grad_()
@@ -146,7 +124,7 @@ def _single_process(x, w, b, cw, t, kwargs, extras, upstream):
 
 
 def _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors, grad_all_reduce=True):
-    x, w, b, cw, t, upstream = _data()
+    x, w, b, cw, t, upstream = vocab_problem()
     start, end = bounds[rank], bounds[rank + 1]
     kwargs = dict(kwargs)
     if "ignore_index" in kwargs:
@@ -159,10 +137,10 @@ def _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors, grad_
     b = b if use_bias else None
     cw = cw if use_cw else None
 
-    ref = _single_process(x, w, b, cw, t, kwargs, extras, upstream)  # float64
+    ref = single_process(x, w, b, cw, t, kwargs, extras, upstream)  # float64
     if fused:  # the fused path runs fp32 (no fp64 kernels); plain PyTorch's own fp32 error sets the tolerance
         x, w, b, cw = (None if v is None else v.float() for v in (x, w, b, cw))
-        plain = _single_process(x, w, b, cw, t, kwargs, extras, upstream)
+        plain = single_process(x, w, b, cw, t, kwargs, extras, upstream)
 
     # this rank's slice
     xs = x.clone().requires_grad_()
@@ -209,25 +187,13 @@ def _run_case(rank, group, bounds, name, kwargs, use_bias, use_cw, errors, grad_
             approx.append(getattr(plain[0].metrics, field) if fused else None)
     for (what, a), e, p in zip(actual, expected, approx):
         if fused:
-            _compare(errors, f"{name} {what}", a, p, e)
+            check_within_plain(errors, f"{name} {what}", a, p, e)
         else:
-            _check(errors, f"{name} {what}", a, e)
-
-
-def _expect_error(errors, name, exc_type, match, fn):
-    try:
-        fn()
-    except exc_type as e:
-        if match not in str(e):
-            errors.append(f"{name}: message {str(e)!r} lacks {match!r}")
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"{name}: expected {exc_type.__name__}, got {type(e).__name__}: {e}")
-    else:
-        errors.append(f"{name}: no error")
+            check_close(errors, f"{name} {what}", a, e)
 
 
 def _error_cases(rank, group, bounds, errors):
-    x, w, b, cw, t, _ = _data()
+    x, w, b, cw, t, _ = vocab_problem()
     start, end = bounds[rank], bounds[rank + 1]
     ws = w[start:end]
 
@@ -236,30 +202,30 @@ def _error_cases(rank, group, bounds, errors):
 
     bad = t.clone()
     bad[0] = V  # beyond the global vocabulary (but a valid index into no rank's slice)
-    _expect_error(errors, "target out of range", IndexError, f"Target {V}", lambda: call(bad))
+    expect_error(errors, "target out of range", IndexError, f"Target {V}", lambda: call(bad))
     # targets that differ across ranks: caught with the debug flag
     other = t.clone()
     other[1] = (t[1] + rank) % V
     os.environ["LINEAR_CROSS_ENTROPY_DEBUG"] = "1"
     try:
-        _expect_error(errors, "targets differ", ValueError, "targets differ across ranks", lambda: call(other))
+        expect_error(errors, "targets differ", ValueError, "targets differ across ranks", lambda: call(other))
         call()  # identical targets pass the check
     finally:
         del os.environ["LINEAR_CROSS_ENTROPY_DEBUG"]
     # a rank with an empty slice
     empty = ws if rank else ws[:0]
-    _expect_error(errors, "empty slice", ValueError, "non-empty vocabulary slice", lambda: call(ww=empty))
+    expect_error(errors, "empty slice", ValueError, "non-empty vocabulary slice", lambda: call(ww=empty))
     # ranks that disagree on the batch
     rows = N if rank else N - 1
-    _expect_error(errors, "batch differs", ValueError, "ranks disagree", lambda: call(t[:rows], xx=x[:rows]))
+    expect_error(errors, "batch differs", ValueError, "ranks disagree", lambda: call(t[:rows], xx=x[:rows]))
     # unsupported: probability targets, K-dimensional loss (raised before any communication)
     probs = torch.softmax(torch.randn(N, end - start, dtype=torch.float64), dim=1)
-    _expect_error(errors, "probabilities", NotImplementedError, "target", lambda: call(probs))
+    expect_error(errors, "probabilities", NotImplementedError, "target", lambda: call(probs))
     wk = torch.randn(end - start, 2, H, dtype=torch.float64)
     tk = torch.zeros(N, 2, dtype=torch.int64)
-    _expect_error(errors, "K-dim", NotImplementedError, "linear_weight", lambda: call(tk, ww=wk))
+    expect_error(errors, "K-dim", NotImplementedError, "linear_weight", lambda: call(tk, ww=wk))
     # class weights sized for the whole vocabulary are refused (each rank passes its own slice)
-    _expect_error(errors, "weight shape", RuntimeError, "weight tensor", lambda: call(weight=cw))
+    expect_error(errors, "weight shape", RuntimeError, "weight tensor", lambda: call(weight=cw))
     # the group still works after every error
     _run_case(rank, group, bounds, "after-errors", {"reduction": "mean"}, True, True, errors)
 
@@ -294,23 +260,23 @@ def _tie_case(rank, group, bounds, errors, fused=False):
     for field in METRICS:
         name = f"{'fused ' if fused else ''}ties metric {field}"
         if fused:
-            _compare(
+            check_within_plain(
                 errors, name, getattr(out.metrics, field), getattr(plain.metrics, field), getattr(ref.metrics, field)
             )
         else:
-            _check(errors, name, getattr(out.metrics, field), getattr(ref.metrics, field))
+            check_close(errors, name, getattr(out.metrics, field), getattr(ref.metrics, field))
     if fused:  # the tied rows' accuracy is exact: the same fp32 mean as plain PyTorch's
-        _check(errors, "fused ties accuracy", out.metrics.accuracy, plain.metrics.accuracy)
+        check_close(errors, "fused ties accuracy", out.metrics.accuracy, plain.metrics.accuracy)
 
 
 def _module_case(rank, group, bounds, errors):
-    x, w, b, _, t, _ = _data()
+    x, w, b, _, t, _ = vocab_problem()
     start, end = bounds[rank], bounds[rank + 1]
     m = LinearCrossEntropyLoss(H, end - start, bias=True, dtype=torch.float64, process_group=group)
     with torch.no_grad():
         m.linear.weight.copy_(w[start:end])
         m.linear.bias.copy_(b[start:end])
-    _check(errors, "module loss", m(x, t), F.cross_entropy(F.linear(x, w, b), t))
+    check_close(errors, "module loss", m(x, t), F.cross_entropy(F.linear(x, w, b), t))
     assert m.process_group is group
 
 
@@ -366,7 +332,6 @@ def _worker(rank, world, sizes, errors):
 @pytest.mark.parametrize("sizes", [(25, 12), (7, 13, 17)], ids=["2ranks-25-12", "3ranks-7-13-17"])
 def test_vocab_parallel_matches_single_process(sizes, tmp_path):
     run_ranks(_worker, len(sizes), (sizes,), tmp_path, WALL_LIMIT_S)
-
 
 
 def test_check_backend_names_process_group():

@@ -1,6 +1,6 @@
 """Tensor parallel through DTensor: gloo, 2 and 3 CPU processes, every rank against the single-process float64 result.
 
-One spawned group per world size runs every case (``conftest.run_ranks``: a wall-clock limit turns
+One spawned group per world size runs every case (``helpers.run_ranks``: a wall-clock limit turns
 a hang into a failure). The head is ``distribute_tensor(W, mesh, [Shard(0)])`` with V = 37: DTensor's own uneven
 split (19 + 18 on 2 ranks, 13 + 13 + 11 on 3), which the vocabulary-parallel path must agree with. Inputs are
 plain, ``Replicate()`` and ``Shard(0)`` (sequence parallel, 13 rows: uneven too); each case checks the loss,
@@ -19,18 +19,8 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import run_ranks
-from test_distributed import (
-    INTERPRET,
-    METRICS,
-    WALL_LIMIT_S,
-    V,
-    _check,
-    _compare,
-    _data,
-    _expect_error,
-    _single_process,
-)
+from helpers import INTERPRET, check_close, check_within_plain, expect_error, run_ranks
+from test_distributed import METRICS, WALL_LIMIT_S, V, single_process, vocab_problem
 
 from linear_cross_entropy import LinearCrossEntropyLoss, LinearCrossEntropyOptions, linear_cross_entropy
 
@@ -93,7 +83,7 @@ def _cases():
 def _run_case(rank, world, mesh, errors, name, kwargs, use_bias, class_weights, form, placement=None):
     """One call with a DTensor head (``placement``: Shard(0) by default, or Replicate()) against float64."""
     placement = placement or Shard(0)
-    x, w, b, cw, t, upstream = _data()
+    x, w, b, cw, t, upstream = vocab_problem()
     kwargs = dict(kwargs)
     if "ignore_index" in kwargs:
         t = torch.where(t == -100, kwargs["ignore_index"], t)
@@ -102,10 +92,10 @@ def _run_case(rank, world, mesh, errors, name, kwargs, use_bias, class_weights, 
     fused = options is not None and options.backend == "fused"
     b = b if use_bias else None
     cw = cw if class_weights else None
-    ref = _single_process(x, w, b, cw, t, kwargs, extras, upstream)
+    ref = single_process(x, w, b, cw, t, kwargs, extras, upstream)
     if fused:  # fp32 kernels; plain PyTorch's own fp32 error sets the tolerance
         x, w, b, cw = (None if v is None else v.float() for v in (x, w, b, cw))
-        plain = _single_process(x, w, b, cw, t, kwargs, extras, upstream)
+        plain = single_process(x, w, b, cw, t, kwargs, extras, upstream)
 
     def dt(v, place):
         return tensor_api.distribute_tensor(v, mesh, [place])
@@ -157,19 +147,19 @@ def _run_case(rank, world, mesh, errors, name, kwargs, use_bias, class_weights, 
             approx.append(getattr(plain[0].metrics, field) if fused else None)
     for (what, a), e, p in zip(actual, expected, approx):
         if fused:
-            _compare(errors, f"{name} {what}", _full(a), p, e)
+            check_within_plain(errors, f"{name} {what}", _full(a), p, e)
         else:
-            _check(errors, f"{name} {what}", _full(a), e)
+            check_close(errors, f"{name} {what}", _full(a), e)
 
 
 def _expect_value_error(errors, name, match, fn):
-    _expect_error(errors, name, ValueError, match, fn)
+    expect_error(errors, name, ValueError, match, fn)
 
 
 def _error_cases(rank, world, mesh, errors):
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-    x, w, b, cw, t, _ = _data()
+    x, w, b, cw, t, _ = vocab_problem()
     ws = tensor_api.distribute_tensor(w, mesh, [Shard(0)])
 
     def call(xx=x, ww=ws, tt=t, **kw):
@@ -216,7 +206,7 @@ def _module_and_training_step(rank, world, mesh, errors):
     ``ColwiseParallel()`` on its ``linear``, inside a tiny model: one AdamW step equals the unparallelized one."""
     from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
 
-    _, _, _, cw, t, _ = _data()
+    _, _, _, cw, t, _ = vocab_problem()
     torch.manual_seed(0)  # the same model on every rank
     model = torch.nn.ModuleDict(
         {
@@ -241,9 +231,9 @@ def _module_and_training_step(rank, world, mesh, errors):
                 loss.backward()
             opt.step()
             losses.append(loss.detach())
-        _check(errors, f"module step {step} loss", losses[0], losses[1])
+        check_close(errors, f"module step {step} loss", losses[0], losses[1])
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        _check(errors, f"module after 2 steps: {name}", _full(p.detach()), q.detach())
+        check_close(errors, f"module after 2 steps: {name}", _full(p.detach()), q.detach())
 
 
 def _hf_llama(rank, world, mesh, errors):
@@ -296,12 +286,12 @@ def _hf_llama(rank, world, mesh, errors):
         loss.backward()
         if isinstance(loss, DTensor):
             errors.append(f"{label}: the loss of plain hidden states came back as a DTensor")
-        _check(errors, f"{label} loss", loss.detach(), reference_loss.detach())
+        check_close(errors, f"{label} loss", loss.detach(), reference_loss.detach())
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            _check(errors, f"{label} grad {name}", _full(p.grad), q.grad)
+            check_close(errors, f"{label} grad {name}", _full(p.grad), q.grad)
     with torch.no_grad():
         logits = head_only(input_ids=ids).logits
-        _check(errors, "hf logits without labels", _full(logits), reference(input_ids=ids).logits)
+        check_close(errors, "hf logits without labels", _full(logits), reference(input_ids=ids).logits)
 
 
 def _dtensor_cases(rank, world, errors):
@@ -357,7 +347,7 @@ def _fsdp_tp_step(rank, world, errors):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    _, _, _, cw, _, _ = _data()
+    _, _, _, cw, _, _ = vocab_problem()
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     model = _TinyLM(cw)
@@ -378,7 +368,7 @@ def _fsdp_tp_step(rank, world, errors):
         for opt in optimizers:
             opt.step()
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        _check(errors, f"fsdp x tp after 2 steps: {name}", _full(p.detach()), q.detach())
+        check_close(errors, f"fsdp x tp after 2 steps: {name}", _full(p.detach()), q.detach())
 
 
 def test_fsdp_times_tensor_parallel_step(tmp_path):

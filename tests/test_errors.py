@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     DEVICES,
     HAS_TORCH_LCE,
     HAS_TORCH_MODULE,

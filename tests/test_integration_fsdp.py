@@ -9,11 +9,11 @@ over the ranks, so the step is that of the mean loss over the whole batch, which
 compute on the concatenated batch. Cases: the unpatched model (the yardstick's check), ``apply`` then
 ``fully_shard``, ``fully_shard`` then ``apply`` (untied and tied embeddings). Every step's loss (averaged over the
 ranks), the first step's full gradient of every parameter and every parameter after the last step are held to the
-float64 single-process run within ``SLACK`` × the error of the float32 single-process run (plain PyTorch: the
-logits and ``F.cross_entropy``) plus one float32 rounding. A head sharded on its own (``fully_shard(lm_head)``: its
+float64 single-process run within the error of the float32 single-process run (plain PyTorch: the logits and
+``F.cross_entropy``), as ``helpers.assert_within_plain``. A head sharded on its own (``fully_shard(lm_head)``: its
 unshard hook would be bypassed by the logits-free loss) is refused in both orders, with a message naming it.
 
-The spawn, the per-rank reports and the wall-clock limit (a hang fails) are ``conftest.run_ranks``'s.
+The spawn, the per-rank reports and the wall-clock limit (a hang fails) are ``helpers.run_ranks``'s.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
+from helpers import check_within_plain, run_ranks
 
 transformers = pytest.importorskip("transformers")
 from test_integration_transformers import V, make  # noqa: E402
@@ -34,7 +34,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 WORLD, STEPS = 2, 3
 WALL_LIMIT_S = 150.0
-SLACK, FLOOR = 2.0, 2.0**-23
 
 
 def _llama(tied: bool) -> torch.nn.Module:
@@ -123,16 +122,6 @@ def _sharded(rank: int, mesh, tied: bool, order: str, calls: list):
     return losses, grads, {n: _full(p) for n, p in model.named_parameters()}
 
 
-def _compare(errors, what, actual, plain, exact):
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
-
-    bound = SLACK * rel(plain, exact) + FLOOR
-    err = rel(actual, exact)
-    if not err <= bound:  # NaN fails too
-        errors.append(f"{what}: relative error {err:.2e} > bound {bound:.2e} (plain fp32 {rel(plain, exact):.2e})")
-
-
 def _expect_refusal(errors, what, fn):
     try:
         fn()
@@ -180,11 +169,11 @@ def _worker(rank, world, errors):
             got = _sharded(rank, mesh, tied, order, calls)
             name = f"{order}{' tied' if tied else ''}"
             for step in range(STEPS):
-                _compare(errors, f"{name} step {step} loss", got[0][step], plain[0][step], exact[0][step])
+                check_within_plain(errors, f"{name} step {step} loss", got[0][step], plain[0][step], exact[0][step])
             for n, g in got[1][0].items():
-                _compare(errors, f"{name} first step's grad {n}", g, plain[1][0][n], exact[1][0][n])
+                check_within_plain(errors, f"{name} first step's grad {n}", g, plain[1][0][n], exact[1][0][n])
             for n, p in got[2].items():
-                _compare(errors, f"{name} parameter {n} after {STEPS} steps", p, plain[2][n], exact[2][n])
+                check_within_plain(errors, f"{name} parameter {n} after {STEPS} steps", p, plain[2][n], exact[2][n])
     for order in ("apply-shard", "shard-apply"):
         _expect_refusal(errors, f"lm_head sharded alone, {order}", lambda o=order: _head_sharded_alone(mesh, o))
 

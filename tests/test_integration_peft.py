@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from helpers import rel_err
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -26,7 +27,6 @@ from test_integration_transformers import (  # noqa: E402
     loss_and_grads,
     make,
     oracle,
-    rel,
 )
 
 from linear_cross_entropy.integrations import transformers as lce_hf  # noqa: E402
@@ -168,5 +168,5 @@ def test_lora_bf16_model_with_fp32_adapters():
         got, ref, true = (
             (loss, ref_loss, true_loss) if name == "loss" else (grads[name], ref_grads[name], true_grads[name])
         )
-        bound = max(2 * rel(ref.double(), true), 2.0**-8)
-        assert rel(got.double(), true) <= bound, (name, rel(got.double(), true), rel(ref.double(), true))
+        bound = max(2 * rel_err(ref.double(), true), 2.0**-8)
+        assert rel_err(got.double(), true) <= bound, (name, rel_err(got.double(), true), rel_err(ref.double(), true))

@@ -33,6 +33,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -248,13 +249,9 @@ def loss_and_grads(model, loss_fn):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def rel(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 def assert_same(got, ref, tol, what):
     (loss, grads), (ref_loss, ref_grads) = got, ref
-    assert rel(loss.double(), ref_loss.double()) <= tol, (what, loss.item(), ref_loss.item())
+    assert rel_err(loss.double(), ref_loss.double()) <= tol, (what, loss.item(), ref_loss.item())
     assert grads.keys() == ref_grads.keys()
     total = torch.stack([g.norm() for g in ref_grads.values() if g is not None] or [torch.zeros(())]).norm()
     for name, g in grads.items():
@@ -313,10 +310,10 @@ def test_router_aux_loss_returned_and_switchable():
     ids, mask, labels, _ = batch(3)
     patched = lce_hf.apply(copy.deepcopy(model), options=F64)
     ours, ref = patched(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
-    assert rel(ours.aux_loss, ref.aux_loss) <= EXACT and len(ours.router_logits) == len(ref.router_logits)
+    assert rel_err(ours.aux_loss, ref.aux_loss) <= EXACT and len(ours.router_logits) == len(ref.router_logits)
     off = dict(input_ids=ids, labels=labels, output_router_logits=False)
     ours, ref = patched(**off), model(**off)
-    assert ours.aux_loss is None and rel(ours.loss, ref.loss.double()) <= NATIVE
+    assert ours.aux_loss is None and rel_err(ours.loss, ref.loss.double()) <= NATIVE
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2_vl"])
@@ -342,7 +339,7 @@ def test_eval_mode_runs_the_native_forward():
         assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
         lean = lce_hf.apply(copy.deepcopy(model), options=F64, eval_without_logits=True)
         out = lean(input_ids=ids, attention_mask=mask, labels=labels)
-    assert out.logits is None and rel(out.loss, oracle(model, ids, mask, labels)) <= EXACT
+    assert out.logits is None and rel_err(out.loss, oracle(model, ids, mask, labels)) <= EXACT
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -389,7 +386,7 @@ def test_shift_labels_keyword():
     ref = native(input_ids=ids, attention_mask=mask, labels=labels, shift_labels=shifted).loss
     logits = native(input_ids=ids, attention_mask=mask).logits
     exact = F.cross_entropy(logits.reshape(-1, V), shifted.reshape(-1), ignore_index=-100)
-    assert rel(got, exact) <= EXACT and rel(got, ref.double()) <= NATIVE
+    assert rel_err(got, exact) <= EXACT and rel_err(got, ref.double()) <= NATIVE
 
 
 def test_default_options_float32_loss():
@@ -465,7 +462,7 @@ def test_recognised_through_fsdp_and_plain_subclasses():
     mine = copy.deepcopy(model)
     mine.__class__ = MyLlama
     loss = lce_hf.apply(mine, options=F64)(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert rel(loss, exact[0]) <= EXACT
+    assert rel_err(loss, exact[0]) <= EXACT
 
 
 def test_compiled_model():
@@ -478,7 +475,7 @@ def test_compiled_model():
     for m in (compiled_then_applied, applied_then_compiled):
         assert lce_hf.is_applied(m)
         out = m(input_ids=ids, attention_mask=mask, labels=labels)
-        assert out.logits is None and rel(out.loss, ref) <= EXACT
+        assert out.logits is None and rel_err(out.loss, ref) <= EXACT
 
 
 def test_refusals():

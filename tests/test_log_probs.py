@@ -3,30 +3,20 @@
 The oracle is written here: the full logits, ``log_softmax``, ``gather`` and ``−Σ p·log p``, differentiated by
 autograd in float64. The objective is ``Σ a·log p + b·H`` with random per-row ``a``, ``b`` (so both upstream
 gradients vary per row). Low-precision runs must stay within twice plain PyTorch's error in the same dtype (logits in
-that dtype, softmax in fp32) plus a floor; the fused path's kernels run in Triton's interpreter on the CPU.
+that dtype, softmax in fp32), as ``helpers.assert_within_plain``; the fused path's kernels run in Triton's
+interpreter on the CPU.
 """
-
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, rel_err, upstream_grad
+from helpers import HAS_CUDA, HAS_TRITON, INTERPRET, assert_within_plain, plain_bound, rel_err, upstream_grad
 
 from linear_cross_entropy import LinearCrossEntropyOptions, token_log_probs
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-FUSED_HERE = HAS_TRITON and (INTERPRETING or HAS_CUDA)
+FUSED_HERE = HAS_TRITON and (INTERPRET or HAS_CUDA)
 needs_fused = pytest.mark.skipif(not FUSED_HERE, reason="needs triton and CUDA or TRITON_INTERPRET=1")
 
-_SLACK = 2.0
-_FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 NAMES = ("log_probs", "entropy", "grad_input", "grad_weight", "grad_bias")
 
 
@@ -72,12 +62,6 @@ def _ours(options, **kw):
     return fn
 
 
-def _assert_within_plain(ours, plain, ref, dtype, what=""):
-    for name, o, p, r in zip(NAMES, ours, plain, ref):
-        bound = _SLACK * rel_err(p, r) + _FLOOR[dtype]
-        assert rel_err(o, r) <= bound, f"{what} {name}: {rel_err(o, r):.3g} > {bound:.3g}"
-
-
 EXTRAS = {
     "plain": {},
     "scale+softcap": {"logit_scale": 0.7, "logit_softcap": 2.0},
@@ -112,7 +96,7 @@ def test_chunked_low_precision_within_plain_error(dtype):
     ref = _run(_oracle, x, w, b, t, torch.float64, a, c, logit_softcap=3.0)
     plain = _run(_oracle, x, w, b, t, dtype, a, c, logit_softcap=3.0)
     ours = _run(_ours(PATHS["chunked"], logit_softcap=3.0), x, w, b, t, dtype, a, c)
-    _assert_within_plain(ours, plain, ref, dtype)
+    assert_within_plain(ours, plain, ref, dtype, names=NAMES)
 
 
 def test_the_tolerance_sees_a_missing_entropy_gradient():
@@ -125,7 +109,7 @@ def test_the_tolerance_sees_a_missing_entropy_gradient():
     plain = _run(_oracle, x, w, b, t, dtype, a, c)
     without = _run(_ours(PATHS["chunked"]), x, w, b, t, dtype, a, None)
     for i in (2, 3, 4):
-        assert rel_err(without[i], ref[i]) > 10 * (_SLACK * rel_err(plain[i], ref[i]) + _FLOOR[dtype])
+        assert rel_err(without[i], ref[i]) > 10 * plain_bound(plain[i], ref[i], dtype)
 
 
 FUSED = {
@@ -149,7 +133,7 @@ def test_fused_within_plain_error(dtype, fused, extras, force_weight_grad_pass):
     plain = _run(_oracle, x, w, b, t, dtype, a, c, **extras)
     options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=fused["rows"], chunking_method=None)
     ours = _run(_ours(options, **extras), x, w, b, t, dtype, a, c)
-    _assert_within_plain(ours, plain, ref, dtype)
+    assert_within_plain(ours, plain, ref, dtype, names=NAMES)
 
 
 @pytest.mark.parametrize(
@@ -243,7 +227,7 @@ def test_gpu_fused_within_plain_error(dtype, rows):
     plain = _run(_oracle, x, w, b, t, dtype, a, c, **extras)
     options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=rows, chunking_method=None)
     ours = _run(_ours(options, **extras), x, w, b, t, dtype, a, c)
-    _assert_within_plain(ours, plain, ref, dtype)
+    assert_within_plain(ours, plain, ref, dtype, names=NAMES)
 
 
 @pytest.mark.gpu

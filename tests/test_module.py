@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     DEVICES,
     HAS_TORCH_MODULE,
     assert_identical,

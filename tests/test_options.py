@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_identical, forward_backward, make_case
+from helpers import assert_identical, forward_backward, make_case
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
 from linear_cross_entropy.options import resolve

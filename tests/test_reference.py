@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     DEVICES,
     HAS_TORCH_LCE,
     assert_identical,

@@ -1,56 +1,29 @@
-"""The tiled backend's Triton kernels on the CPU under ``TRITON_INTERPRET=1`` (set by conftest when no GPU).
-
-Small, odd shapes against float64 (N and V not multiples of the 16-wide interpreter tiles, V below one tile; H
-either a multiple of them, where the kernels load without masks, or not);
-the tolerance is the error of plain PyTorch in the same dtype times a slack (helpers from test_fused_kernels).
+"""The tiled backend's own behaviour on the CPU, its Triton kernels under ``TRITON_INTERPRET=1`` (set by conftest
+when no GPU): the accumulation policies, extras and metrics, repeated backward, strided views, the sparse backward,
+TMA loads against pointer loads. What it shares with the fused backend (results against float64, drawn problems,
+NaN) is in ``test_triton_backends.py``.
 """
-
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_fused_kernels import _plain, _problem, _rel, _run, check_against_float64, check_drawn_problem
+from helpers import Case, needs_interpreter, reference_grads, rel_err, small_problem
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
 from linear_cross_entropy.backends.common import LossParams
 
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (CPU runs)"),
-]
-pytest.importorskip("triton")
-from linear_cross_entropy.backends.tiled.launch import partial_stats  # noqa: E402 (needs triton)
+pytestmark = [pytest.mark.interpreter, needs_interpreter]
 
 
-def _tiled(x, w, y, b, policy="auto", **kw):
+def _tiled(x, w, y, b=None, policy="auto", **kw):
     options = LinearCrossEntropyOptions(backend="tiled", acc_policy=policy)
     return linear_cross_entropy(x, w, y, linear_bias=b, options=options, **kw)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(37, 24, 75), (37, 32, 75), (6, 20, 9)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize(
-    "extras",
-    [{}, {"bias": True}, {"class_weight": True, "label_smoothing": 0.3}, {"bias": True, "label_smoothing": 0.1}],
-    ids=["plain", "bias", "weights+smoothing", "bias+smoothing"],
-)
-def test_tiled_matches_float64(dtype, shape, reduction, extras):
-    check_against_float64(_tiled, dtype, shape, reduction, extras, seed=sum(shape))
-
-
-@pytest.mark.parametrize("policy", ["compact", "balanced", "accurate"])
-def test_accumulation_policies(policy):
-    check_against_float64(_tiled, torch.float16, (37, 24, 75), "mean", {"bias": True}, seed=5, policy=policy)
 
 
 @pytest.mark.parametrize("features", [18, 32])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_extras_and_metrics_match_the_reference(reduction, features):
-    x, w, b, y, _ = _problem(29, features, 53, torch.float32, seed=7, bias=True, class_weight=False)
+    x, w, b, y, _ = small_problem(29, features, 53, torch.float32, seed=7, bias=True)
     kw = dict(reduction=reduction, z_loss=1e-2, logit_scale=0.7, logit_softcap=3.0, return_metrics=True)
     upstream = torch.rand(29) + 0.5
     got = []
@@ -60,31 +33,31 @@ def test_extras_and_metrics_match_the_reference(reduction, features):
         out.loss.backward(upstream.to(cast) if reduction == "none" else None)
         got.append([out.loss, xs.grad, ws.grad, bs.grad, *out.metrics])
     for i, (o, r) in enumerate(zip(*got)):
-        assert _rel(o, r) <= 1e-5, (i, _rel(o, r))
+        assert rel_err(o, r) <= 1e-5, (i, rel_err(o, r))
 
 
 def test_repeated_backward_and_no_grad():
-    x, w, _, y, _ = _problem(9, 20, 40, torch.float32, seed=2, bias=False, class_weight=False)
+    x, w, _, y, _ = small_problem(9, 20, 40, torch.float32, seed=2)
     x.requires_grad_()
-    loss = _tiled(x, w, y, None)
+    loss = _tiled(x, w, y)
     loss.backward(retain_graph=True)
     first = x.grad.clone()
     loss.backward()  # nothing is consumed: backward recomputes from O(N) row statistics
     torch.testing.assert_close(x.grad, 2 * first)
     with torch.no_grad():
-        assert _tiled(x, w, y, None).grad_fn is None
+        assert _tiled(x, w, y).grad_fn is None
 
 
 def test_strided_views_need_no_copy():
-    x, w, _, y, _ = _problem(11, 40, 30, torch.float32, seed=3, bias=False, class_weight=False)
+    x, w, _, y, _ = small_problem(11, 40, 30, torch.float32, seed=3)
     xt = x.T.contiguous().T.requires_grad_()  # column-major
     wide = torch.zeros(w.shape[0], 2 * w.shape[1])
     wide[:, ::2] = w
     wv = wide[:, ::2].requires_grad_()  # every other column of a wider matrix
-    loss = _tiled(xt, wv, y, None)
+    loss = _tiled(xt, wv, y)
     loss.backward()
-    ref = _run(_plain, x.double(), w.double(), None, y, torch.ones(11))
-    assert _rel(loss, ref[0]) < 1e-6 and _rel(xt.grad, ref[1]) < 1e-6 and _rel(wv.grad, ref[2]) < 1e-6
+    ref = reference_grads(Case(x, w, y), upstream=torch.tensor(1.0))
+    assert rel_err(loss, ref[0]) < 1e-6 and rel_err(xt.grad, ref[1]) < 1e-6 and rel_err(wv.grad, ref[2]) < 1e-6
 
 
 def test_sparse_backward_skips_tiles_within_its_bound():
@@ -102,8 +75,8 @@ def test_sparse_backward_skips_tiles_within_its_bound():
         options = LinearCrossEntropyOptions(backend="tiled", sparse_backward_eps=eps)
         linear_cross_entropy(xs, ws, y, options=options, reduction="sum").backward()
         grads.append((xs.grad, ws.grad))
-    ref = _run(_plain, x.double(), w.double(), None, y, torch.ones(n), reduction="sum")
-    assert _rel(grads[0][0], ref[1]) < 1e-6 and _rel(grads[0][1], ref[2]) < 1e-6  # eps = 0 is exact
+    ref = reference_grads(Case(x, w, y, reduction="sum"), upstream=torch.tensor(1.0))
+    assert rel_err(grads[0][0], ref[1]) < 1e-6 and rel_err(grads[0][1], ref[2]) < 1e-6  # eps = 0 is exact
     p = F.softmax(x.double() @ w.double().T, dim=1)
     skipped = torch.zeros_like(p, dtype=torch.bool)
     for r in range(0, n, 16):
@@ -130,14 +103,10 @@ def test_sparse_backward_eps_is_validated():
 def test_tma_forward_matches_pointer_forward(features):
     """The forward's TMA loads (the GPU default for 16-bit operands, never picked on the CPU) zero-fill past N, V and
     H where the pointer loads clamp and mask: every per-split statistic must come out bit-equal."""
-    x, w, b, y, cw = _problem(37, features, 75, torch.float16, seed=3, bias=True, class_weight=True)
+    x, w, b, y, cw = small_problem(37, features, 75, torch.float16, seed=3, bias=True, class_weight=True)
     lp = LossParams("mean", -100, 0.2, False, logit_scale=0.8, logit_softcap=4.0, metrics=True)
+    from linear_cross_entropy.backends.tiled.launch import partial_stats
+
     tma, pointers = (partial_stats(x, w, b, y, cw, lp, use_tma=use) for use in (True, False))
     assert torch.isfinite(pointers).all()
     assert torch.equal(tma, pointers)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_tiled_matches_the_reference_on_drawn_problems(data):
-    check_drawn_problem("tiled", data)

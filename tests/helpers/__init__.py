@@ -1,0 +1,101 @@
+"""The tests' one toolbox, imported as ``from helpers import ...``: the problem builder and runner
+(:mod:`.problems`), the error metric and the tolerances (:mod:`.compare`), where things run (:mod:`.env`), the
+multi-process runner (:mod:`.ranks`). ``conftest.py`` holds only pytest's hooks and fixtures.
+
+The oracle is PyTorch itself — ``F.cross_entropy(F.linear(...))`` on float64 copies of the inputs — never this
+package, so every path of ours is checked against something it does not share code with.
+"""
+
+from .compare import (
+    EPS,
+    FLOOR,
+    LARGE_FLOOR,
+    LARGE_SLACK,
+    RESULTS,
+    ROUNDINGS_PER_TERM,
+    SLACK,
+    assert_identical,
+    assert_results_close,
+    assert_signature_extends,
+    assert_within_plain,
+    plain_bound,
+    rel_err,
+    within_plain,
+)
+from .env import (
+    DEVICES,
+    HAS_CUDA,
+    HAS_TORCH_LCE,
+    HAS_TORCH_MODULE,
+    HAS_TRITON,
+    INTERPRET,
+    WEIGHT_GRAD_PASSES,
+    backend_devices,
+    gpu_only,
+    needs_interpreter,
+    requires_torch_lce,
+)
+from .problems import (
+    Case,
+    cuda_problem,
+    forward_backward,
+    leaf,
+    make_case,
+    noncontiguous,
+    oracle_loss,
+    plain_loss,
+    reference_grads,
+    small_problem,
+    upstream_grad,
+)
+from .ranks import (
+    check_close,
+    check_within_plain,
+    expect_error,
+    free_port,
+    run_ranks,
+)
+
+__all__ = [
+    "assert_identical",
+    "assert_results_close",
+    "assert_signature_extends",
+    "assert_within_plain",
+    "backend_devices",
+    "Case",
+    "check_close",
+    "check_within_plain",
+    "cuda_problem",
+    "DEVICES",
+    "EPS",
+    "expect_error",
+    "FLOOR",
+    "forward_backward",
+    "gpu_only",
+    "free_port",
+    "HAS_CUDA",
+    "HAS_TORCH_LCE",
+    "HAS_TORCH_MODULE",
+    "HAS_TRITON",
+    "INTERPRET",
+    "LARGE_FLOOR",
+    "LARGE_SLACK",
+    "leaf",
+    "make_case",
+    "needs_interpreter",
+    "noncontiguous",
+    "oracle_loss",
+    "plain_bound",
+    "plain_loss",
+    "reference_grads",
+    "rel_err",
+    "requires_torch_lce",
+    "RESULTS",
+    "ROUNDINGS_PER_TERM",
+    "run_ranks",
+    "SLACK",
+    "small_problem",
+    "upstream_grad",
+    "WEIGHT_GRAD_PASSES",
+    "within_plain",
+]
