@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..options import ResolvedOptions
-from .chunked_gemm import accumulate_grads, chunk_buffers, finish_grads, logits_gemm
+from .chunked_gemm import accumulate_grads, chunk_buffers, concat_outputs, finish_grads, logits_gemm
 from .chunked_rows import (
     chain_rule,
     index_grad,
@@ -157,11 +157,10 @@ def chunk_loss_and_grad(
 
 
 # Logits per block of the softmax arithmetic. On the CPU 2^24 (64 MiB in fp32): every operation over a block (and
-# every GEMM) is one OpenMP parallel region, and where another process holds a core each region can wait a
-# scheduler time slice for its second thread, so a call's regions must be few: blocks are large and an fp32 chunk
-# (at most 64 MiB, options.budget_chunk_rows) is one block, processed in place. On a GPU 2^26, where smaller blocks
-# make it launch-bound (8-row blocks at V = 128k ran 12x slower than the fused path on an H200). Either way a
-# low-precision chunk never has a chunk-sized fp32 twin beyond one block.
+# every GEMM) is one OpenMP parallel region, which waits for a descheduled thread where other processes hold the
+# cores, so blocks are large and an fp32 chunk (options.budget_chunk_rows) is one block, processed in place; a
+# low-precision chunk has one block-sized fp32 twin. On a GPU 2^26, where smaller blocks make it launch-bound
+# (8-row blocks at V = 128k ran 12x slower than the fused path on an H200).
 _BLOCK_LOGITS = 1 << 24
 _BLOCK_LOGITS_GPU = 1 << 26
 
@@ -210,21 +209,9 @@ def _sweep(
     gx, gw, gb = finish_grads(buffers, w, b)
     if gx is not None and shard is not None and shard.input_grad_all_reduce:
         shard.sum_(gx)  # each rank's grad_x covers its classes only
-    losses, lse, stats = _concat(outputs, n * k, len(STATS) if lp.metrics else None, stat_dtype(ro.acc_dtype), x)
+    losses, lse, stats = concat_outputs(outputs, n * k, len(STATS) if lp.metrics else None, stat_dtype(ro.acc_dtype), x)
     stats = None if stats is None else stats.view(n, k, len(STATS))
     return losses.view(n, k), lse.view(n, k), stats, (gx, gw, gb)
-
-
-def _concat(outputs: list, rows: int, num_stats: int | None, sdt: torch.dtype, like: torch.Tensor) -> tuple:
-    """The blocks' ``(loss, lse, stats)`` as ``(rows,)``, ``(rows,)``, ``(rows, num_stats)`` (stats None without
-    ``num_stats``); one block's as they are, none (no rows) as empty tensors."""
-    if len(outputs) == 1:
-        return outputs[0]
-    if not outputs:
-        stats = None if num_stats is None else like.new_empty((rows, num_stats), dtype=sdt)
-        return like.new_empty(rows, dtype=sdt), like.new_empty(rows, dtype=sdt), stats
-    losses, lse, stats = zip(*outputs)
-    return torch.cat(losses), torch.cat(lse), None if num_stats is None else torch.cat(stats)
 
 
 def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):

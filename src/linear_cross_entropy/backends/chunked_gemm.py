@@ -1,4 +1,4 @@
-"""The chunked path's GEMMs and the buffers they write, allocated once per call.
+"""The chunked path's GEMMs and the buffers they write, allocated once per call, and the sweep's outputs.
 
 The K positions of a row are K loss rows: with the weight in ``(K, C, F)`` order (a copy only for K > 1), one GEMM
 per chunk of ``r`` input rows gives ``(r, K·C)``, which is the ``(r·K, C)`` logits of the loss rows ``n·K + k`` as
@@ -15,7 +15,7 @@ import torch
 from ..options import ResolvedOptions
 from .common import Grads, stat_dtype
 
-__all__ = ["ChunkBuffers", "chunk_buffers", "logits_gemm", "accumulate_grads", "finish_grads"]
+__all__ = ["ChunkBuffers", "chunk_buffers", "logits_gemm", "accumulate_grads", "finish_grads", "concat_outputs"]
 
 
 @dataclasses.dataclass
@@ -116,3 +116,15 @@ def finish_grads(buffers: ChunkBuffers, w: torch.Tensor, b: torch.Tensor | None)
     if grad_b is not None:
         grad_b = grad_b.view(k, c).T.to(b.dtype, memory_format=torch.contiguous_format)
     return buffers.grad_x, grad_w, grad_b
+
+
+def concat_outputs(outputs: list, rows: int, num_stats: int | None, sdt: torch.dtype, like: torch.Tensor) -> tuple:
+    """The blocks' ``(loss, lse, stats)`` as ``(rows,)``, ``(rows,)``, ``(rows, num_stats)`` (stats None without
+    ``num_stats``); one block's as they are, none (no rows) as empty tensors."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if not outputs:
+        stats = None if num_stats is None else like.new_empty((rows, num_stats), dtype=sdt)
+        return like.new_empty(rows, dtype=sdt), like.new_empty(rows, dtype=sdt), stats
+    losses, lse, stats = zip(*outputs)
+    return torch.cat(losses), torch.cat(lse), None if num_stats is None else torch.cat(stats)
