@@ -186,10 +186,8 @@ def _sweep(
     classes = c if shard is None else shard.num_classes  # vocabulary parallel: every rank's blocks are the same rows
     block = max(1, (_BLOCK_LOGITS if x.device.type == "cpu" else _BLOCK_LOGITS_GPU) // max(classes, 1))
     buffers = chunk_buffers(x, w, b, ro, None if scales is None else grads, block)
-    if lp.target_is_probs:
-        target_rows = target.transpose(1, 2).reshape(n * k, c)  # (N·K, C): a view for K = 1
-    else:
-        target_rows = target.reshape(n * k)
+    # (N·K,) indices or (N·K, C) probabilities (a view for K = 1)
+    target_rows = target.transpose(1, 2).reshape(n * k, c) if lp.target_is_probs else target.reshape(n * k)
     per_row = [target_rows, *(() if scales is None else scales), *(() if entropy_grad is None else entropy_grad)]
     per_row = [t if t is target_rows else t.reshape(n * k) for t in per_row]
     outputs = []  # (loss, lse, stats) per block
