@@ -4,7 +4,8 @@ Variants: our reference path (``options=None``), our chunked path (default ``Lin
 with torch >= 2.13, PyTorch's own reference and chunked path (``torch.nn.LinearCrossEntropyOptions()``).
 
 - Time: one fresh process per (shape, dtype, state) runs the variants interleaved, a warm-up round then ``runs``
-  rounds (by size: the smallest shapes many, the largest one), and reports each variant's median, so a change in
+  rounds (by size: the smallest shapes many; the largest one and no warm-up, its first-call costs lost in
+  seconds of work), and reports each variant's median, so a change in
   the machine's load touches every variant alike. "busy": another process spins on one core (``while True:
   pass``) for that whole process, as a shared CI runner or a laptop running something else would; idle and busy
   come from the same run. PyTorch's chunked path runs ~10x slower than the others; above ``--slow-limit``
@@ -16,7 +17,7 @@ Shapes are ``NxHxC`` (input ``(N, H)``, weight ``(C, H)``) or ``NxHxCxK`` (a K-d
 ``(C, K, H)``, logits ``(N, C, K)``, target ``(N, K)``). Every 20th target is ignored. A CSV of every number goes
 to ``bench_results/cpu/`` (ignored by git); the table comes last. Benchmarks measure; they do not assert.
 
-    python benchmarks/bench_cpu.py            # issue 21's grid, fp32 and bf16, idle and busy (~7 min on 2 idle cores)
+    python benchmarks/bench_cpu.py            # issue 21's grid, fp32 and bf16, idle and busy (~7-8 min, 2 idle cores)
     python benchmarks/bench_cpu.py --shapes 4096x1024x32000 --dtypes bfloat16 --states busy
 """
 
@@ -98,10 +99,11 @@ def _step(call, x, w, y) -> float:
 
 
 def child_time(variants: list[str], dtype_name: str, shape: str, runs: int) -> None:
-    """Interleaved rounds: a warm-up round, then ``runs``; one JSON line of seconds per variant."""
+    """Interleaved rounds: a warm-up round (unless ``runs`` is 1), then ``runs``; one JSON line of seconds per
+    variant."""
     x, w, y = _problem(dtype_name, shape)
     calls = _calls(variants)
-    for variant in variants:
+    for variant in variants if runs > 1 else ():  # one round only where a call takes seconds: first-call costs vanish
         _step(calls[variant], x, w, y)
     seconds = {v: [] for v in variants}
     for _ in range(runs):
