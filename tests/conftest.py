@@ -3,6 +3,7 @@ profiles. The helpers tests import (problem builder, oracle, runner, tolerances)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 

@@ -251,6 +251,66 @@ def test_k_dimensional_positions_are_rows_of_one_gemm(monkeypatch, seed):
     assert_results_close(actual, reference_grads(case), FLOAT64_TOL)
 
 
+def _budget_rows(n, f, c, dtype, weight_grad=True):
+    return resolve(
+        LinearCrossEntropyOptions(),
+        backend="chunked",
+        num_rows=n,
+        in_features=f,
+        num_classes=c,
+        dtype=dtype,
+        device=torch.device("cpu"),
+        weight_grad=weight_grad,
+    ).batch_chunk_size
+
+
+def test_cpu_budget_one_chunk_where_chunking_would_add_a_scratch():
+    """Low precision: one chunk where its logits take no more than chunking would (64 MiB of logits plus the
+    (C, F) fp32 weight-gradient scratch and the product buffer); fp32 and loss-only calls keep 64 MiB chunks."""
+    assert _budget_rows(2048, 512, 24000, torch.bfloat16) == 2048  # 98 MB <= 64 MiB + 49 MB + 25 MB
+    assert _budget_rows(4096, 1024, 32000, torch.bfloat16) == 4096  # 262 MB <= 64 MiB + 131 MB + 64 MiB
+    assert _budget_rows(8192, 1024, 32000, torch.bfloat16) == 1024  # 524 MB: chunks of <= 64 MiB
+    assert _budget_rows(2048, 512, 24000, torch.bfloat16, weight_grad=False) == 1024  # no scratch to save
+    assert _budget_rows(2048, 512, 24000, torch.float32) == 512  # the weight gradient accumulates in place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extras", [{}, {"class_weight": True}, {"class_weight": True, "label_smoothing": 0.3}])
+def test_plain_rows_match_the_general_rows(monkeypatch, dtype, extras, seed):
+    """Plain class-index rows (one log-softmax per block) against the m/Σexp route that the additions take: the
+    same values to a few roundings of the stats dtype, over several chunks, with a low-precision GEMM buffer."""
+    monkeypatch.setattr(chunked_mod, "is_plain", lambda lp: False)
+    case = make_case(40, 6, 33, bias=True, seed=seed, **extras).to(dtype)
+    options = chunked(batch_chunk_size=16)
+    general = forward_backward(linear_cross_entropy, case, options=options)
+    monkeypatch.undo()
+    plain = forward_backward(linear_cross_entropy, case, options=options)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_results_close(plain, general, tol, str(dtype))
+
+
+def test_out_of_range_target_marked_nan_in_every_block(monkeypatch, seed):
+    """Where the range check cannot run (a tensor subclass), a class outside [0, C) gives a NaN loss row and NaN
+    gradient rows, in any block; the other rows are the oracle's. Several blocks: their outputs are concatenated
+    (no in-place writes into a preallocated loss, which PyTorch's composite-compliance check refuses)."""
+    composite_compliance = pytest.importorskip("torch.testing._internal.composite_compliance")
+    monkeypatch.setattr(chunked_mod, "_BLOCK_LOGITS", 3 * 7)  # 3 loss rows per block
+    case = make_case(8, 4, 7, seed=seed, ignore_frac=0.0)
+
+    def op(x, w, t):
+        return linear_cross_entropy(x, w, t, reduction="none", options=chunked())
+
+    composite_compliance.check_with_mode(
+        op, (case.input, case.linear_weight, case.target), {}, lambda a, e: torch.testing.assert_close(a, e)
+    )
+    cct, mode = composite_compliance.generate_cct_and_mode()
+    bad = case.target.clone()
+    bad[4] = 9
+    with mode:
+        out = op(cct(case.input, mode), cct(case.linear_weight, mode), cct(bad, mode)).elem
+    assert out[4].isnan() and not out[[0, 1, 2, 3, 5, 6, 7]].isnan().any()
+
+
 def test_backend_auto_is_chunked_on_cpu(seed):
     case = make_case(9, 5, 7, bias=True, class_weight=True, label_smoothing=0.2, seed=seed)
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

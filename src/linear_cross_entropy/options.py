@@ -151,9 +151,13 @@ def aspect_ratio_chunk_rows(num_rows: int, in_features: int, num_classes: int, f
 _CHUNK_BUDGET_BYTES = 64 << 20
 
 
-def budget_chunk_rows(num_rows: int, num_classes: int, element_size: int) -> int:
-    """Rows per chunk of the chunked backend on the CPU: the largest power of two whose ``(rows, C)`` GEMM output
-    fits in 64 MiB (at least one row, never more than the call has)."""
+def budget_chunk_rows(num_rows: int, num_classes: int, element_size: int, scratch_bytes: int = 0) -> int:
+    """Rows per chunk of the chunked backend on the CPU: every row where the call's ``(N, C)`` GEMM output fits in
+    64 MiB plus ``scratch_bytes`` (what chunking would allocate besides its buffer: the fp32 weight-gradient scratch
+    of a low-precision call and its product buffer; one chunk needs neither, its one GEMM accumulates the whole
+    sum); else the largest power of two whose ``(rows, C)`` output fits in 64 MiB (at least one row)."""
+    if num_rows * num_classes * element_size <= _CHUNK_BUDGET_BYTES + scratch_bytes:
+        return max(1, num_rows)
     rows = max(1, _CHUNK_BUDGET_BYTES // max(1, num_classes * element_size))
     return max(1, min(1 << (rows.bit_length() - 1), num_rows))
 
@@ -220,7 +224,13 @@ def resolve(
         rows = memory_chunk_rows(num_rows, in_features, acc_policy, acc_dtype, dtype, weight_grad)
     elif chunking_method == "budget":
         gemm_dtype = acc_dtype if acc_policy == "accurate" else dtype
-        rows = budget_chunk_rows(num_rows, num_classes, gemm_dtype.itemsize)
+        scratch = 0
+        if weight_grad and acc_dtype.itemsize > gemm_dtype.itemsize:  # acc_dtype scratch + GEMM-dtype product
+            scratch = (
+                num_classes * in_features * acc_dtype.itemsize
+                + min(num_classes * in_features, _CHUNK_BUDGET_BYTES // gemm_dtype.itemsize) * gemm_dtype.itemsize
+            )
+        rows = budget_chunk_rows(num_rows, num_classes, gemm_dtype.itemsize, scratch)
     elif chunking_method is not None:
         rows = aspect_ratio_chunk_rows(num_rows, in_features, num_classes, _aspect_ratio_factor(chunking_method))
         if options.batch_chunk_size is not None and options.batch_chunk_size != rows:

@@ -33,19 +33,28 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .chunked_gemm import accumulate_grads, chunk_buffers, concat_outputs, finish_grads, logits_gemm
+from .chunked_rows import (
+    chain_rule,
+    index_grad,
+    into,
+    is_plain,
+    plain_index_rows,
+    probability_rows,
+    shifted_exp,
+    transform_logits,
+)
 from .common import (
     STATS,
     Grads,
     IndexRowSums,
     LossParams,
     ResolvedOptions,
-    entropy_coefs,
     function_outputs,
     index_rows,
     keep_mask,
     reduce_total,
     row_scales,
-    row_stats,
     stat_dtype,
     take_saved_grads,
 )
@@ -58,7 +67,7 @@ __all__ = ["linear_cross_entropy_chunked", "chunk_loss_and_grad", "forward_pass"
 
 
 def chunk_loss_and_grad(
-    raw: torch.Tensor,  # (r, C) GEMM output (x·Wᵀ + b) in the accumulation dtype; consumed (dr afterwards)
+    raw: torch.Tensor,  # (r, C) GEMM output (x·Wᵀ + b) in the accumulation dtype; consumed
     target: torch.Tensor,  # (r,) int64 indices or (r, C) probabilities
     class_weight: torch.Tensor | None,  # (C,) in the stats dtype
     lp: LossParams,
@@ -66,11 +75,13 @@ def chunk_loss_and_grad(
     z_scale: torch.Tensor | None,  # (r,) the z-loss's share per row, with ce_scale
     shard: VocabShard | None = None,  # vocabulary parallel: raw holds this rank's columns (index targets only)
     entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (r,) H and g_H, with ce_scale (index targets)
+    out: torch.Tensor | None = None,  # (r, C) where dr goes (default raw): the GEMM's buffer, in its dtype
 ):
     """Per-row cross entropy ``(r,)``, lse ``(r,)`` and statistics ``(r, len(STATS))`` (or None), in the stats
-    dtype, and, when ``ce_scale`` is given, ``dr`` in ``raw``'s storage (else None).
+    dtype, and, when ``ce_scale`` is given, ``dr`` in ``out`` (else None).
 
-    The softmax is formed in place (``z ← exp(z − m)``, ``m`` the row max) so a block needs no second ``(r, C)``
+    Plain class-index rows take :func:`.chunked_rows.plain_index_rows` (one fused log-softmax). Otherwise the
+    softmax is formed in place (``z ← exp(z − m)``, ``m`` the row max) so a block needs no second ``(r, C)``
     temporary, and ``lse − z_y`` is taken as ``(m − z_y) + log Σ exp(z − m)``, which keeps small losses next to
     large logits exact.
 
@@ -84,17 +95,16 @@ def chunk_loss_and_grad(
     With ``entropy_grad`` (each row's entropy ``H`` and its upstream gradient ``g_H``), ``dr`` also carries
     ``g_H·∂H/∂z`` (:func:`.common.entropy_coefs`).
     """
+    out = raw if out is None else out
+    if shard is None and entropy_grad is None and is_plain(lp):
+        return plain_index_rows(raw, out, target, class_weight, lp, ce_scale)
     num_classes = raw.shape[1] if shard is None else shard.num_classes
     sdt = stat_dtype(raw.dtype)
     eps = lp.label_smoothing if lp.label_smoothing > 0 else 0.0
     want_grad = ce_scale is not None
-    z = raw if lp.logit_scale == 1.0 else raw.mul_(lp.logit_scale)
-    tanh = None
-    if lp.logit_softcap:
-        z = z.div_(lp.logit_softcap).tanh_()
-        tanh = z.clone() if want_grad else None  # for the chain rule: 1 − tanh²
-        z = z.mul_(lp.logit_softcap)
+    z, tanh = transform_logits(raw, lp, want_grad)
     m = z.amax(dim=1).to(sdt)  # (r,)
+    norm = predicted = None
     if lp.metrics:
         predicted = z.argmax(dim=1)
         if shard is None:
@@ -104,28 +114,8 @@ def chunk_loss_and_grad(
             local_max = m.clone()
 
     if lp.target_is_probs:
-        q = target.to(sdt)
-        if eps:
-            q = q * (1.0 - eps) + eps / num_classes
-        if class_weight is not None:
-            q = q * class_weight
-        q_sum = q.sum(dim=1)
-        zq = (z.to(sdt) * q).sum(dim=1)  # Σ_c q_c z_c
-        e = _shifted_exp(z, m)
-        sum_exp = e.sum(dim=1)
-        lse = m + sum_exp.log()
-        loss = q_sum * lse - zq
-        stats = None
-        if lp.metrics:
-            e_log_e = torch.special.xlogy(e, e).sum(dim=1, dtype=sdt)
-            stats = row_stats(m, sum_exp, e_log_e, norm, predicted == target.argmax(dim=1), -loss)
-        if not want_grad:
-            return loss, lse, stats, None
-        coef = ce_scale * q_sum
-        if lp.z_loss:
-            coef = coef + z_scale * (2.0 * lp.z_loss) * lse
-        dz = e.mul_((coef / sum_exp)[:, None]).sub_(q * ce_scale[:, None])  # (Σq·s + s_z·2λ·lse)·p − s·q
-        return loss, lse, stats, _into(raw, _chain_rule(dz, tanh, lp))
+        loss, lse, stats, dz = probability_rows(z, m, target, class_weight, lp, ce_scale, z_scale, norm, predicted)
+        return loss, lse, stats, None if dz is None else into(out, chain_rule(dz, tanh, lp))
 
     keep = target != lp.ignore_index
     if shard is None:
@@ -147,7 +137,7 @@ def chunk_loss_and_grad(
         if class_weight is not None:
             w_y = torch.where(in_slice, w_y, 0.0)
         m = shard.max_(m)  # the global row max, before the shifted exponentials
-    e = _shifted_exp(z, m)
+    e = shifted_exp(z, m)
     sum_exp = e.sum(dim=1)
     e_log_e = torch.special.xlogy(e, e).sum(dim=1, dtype=sdt) if lp.metrics else None
     if shard is None:
@@ -165,49 +155,15 @@ def chunk_loss_and_grad(
     loss, lse, stats, coefs = index_rows(sums, target, w_sum, lp, num_classes, ce_scale, z_scale)
     if not want_grad:
         return loss, lse, stats, None
-    if entropy_grad is None:
-        dz = e.mul_((coefs.coef / sum_exp)[:, None])  # coef·p
-    else:  # coef'·p + entropy_coef·p·log p
-        coef, entropy_coef = entropy_coefs(coefs.coef, keep, *entropy_grad)
-        p = e.div_(sum_exp[:, None])
-        dz = torch.special.xlogy(p, p).mul_(entropy_coef[:, None]).add_(p.mul_(coef[:, None]))
-    on_target = torch.where(in_slice, -coefs.target, 0.0)
-    dz.scatter_add_(1, y[:, None], on_target[:, None].to(dz.dtype))
-    if eps:
-        w = class_weight if class_weight is not None else torch.ones((), dtype=sdt, device=z.device)
-        dz.sub_(coefs.smooth[:, None] * w)
-    return loss, lse, stats, _into(raw, _chain_rule(dz, tanh, lp))
-
-
-def _chain_rule(dz: torch.Tensor, tanh: torch.Tensor | None, lp: LossParams) -> torch.Tensor:
-    """``dr = dz·a·(1 − tanh²)`` in place (the factors that are on)."""
-    if tanh is not None:
-        dz.mul_(tanh.square_().neg_().add_(1.0))
-    if lp.logit_scale != 1.0:
-        dz.mul_(lp.logit_scale)
-    return dz
-
-
-def _shifted_exp(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``exp(z − m)`` in the stats dtype: in place when ``z`` already is in it, else in a temporary."""
-    if z.dtype == m.dtype:
-        return z.sub_(m[:, None]).exp_()
-    return (z.to(m.dtype) - m[:, None]).exp_()
-
-
-def _into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` stored in ``buffer``'s dtype, reusing ``buffer`` when the dtypes differ."""
-    if value is buffer:
-        return buffer
-    return buffer.copy_(value)
+    dz = index_grad(e, sum_exp, coefs, keep, in_slice, y, class_weight, eps, entropy_grad)
+    return loss, lse, stats, into(out, chain_rule(dz, tanh, lp))
 
 
 # Logits per block of the softmax arithmetic. On the CPU 2^24 (64 MiB in fp32): every operation over a block (and
-# every GEMM) is one OpenMP parallel region, and where another process holds a core each region can wait a
-# scheduler time slice for its second thread, so a call's regions must be few: blocks are large and an fp32 chunk
-# (at most 64 MiB, options.budget_chunk_rows) is one block, processed in place. On a GPU 2^26, where smaller blocks
-# make it launch-bound (8-row blocks at V = 128k ran 12x slower than the fused path on an H200). Either way a
-# low-precision chunk never has a chunk-sized fp32 twin beyond one block.
+# every GEMM) is one OpenMP parallel region, which waits for a descheduled thread where other processes hold the
+# cores, so blocks are large and an fp32 chunk (options.budget_chunk_rows) is one block, processed in place; a
+# low-precision chunk has one block-sized fp32 twin. On a GPU 2^26, where smaller blocks make it launch-bound
+# (8-row blocks at V = 128k ran 12x slower than the fused path on an H200).
 _BLOCK_LOGITS = 1 << 24
 _BLOCK_LOGITS_GPU = 1 << 26
 
@@ -225,119 +181,38 @@ def _sweep(
     shard: VocabShard | None = None,
     entropy_grad: tuple[torch.Tensor, torch.Tensor] | None = None,  # (N, K) each: H and g_H, with scales
 ):
-    """One pass over the chunks of rows: per-row losses and lse ``(N, K)``, statistics ``(N, K, len(STATS))`` (or
-    None) and, with ``scales``, the three gradients.
-
-    The K positions of a row are K loss rows: with the weight in ``(K, C, F)`` order (a copy only for K > 1), one
-    GEMM per chunk of ``r`` input rows gives ``(r, K·C)``, which is the ``(r·K, C)`` logits of the loss rows
-    ``n·K + k`` as a view; the targets, shares and outputs are flattened in that order, and the gradients
-    ``grad_x = dz·W`` and ``grad_W = dzᵀ·x`` are again one GEMM each per chunk. Per chunk the GEMMs write into
-    buffers allocated once per call.
-    """
-    n, f = x.shape
+    """One pass over the chunks of rows (:mod:`.chunked_gemm`): per-row losses and lse ``(N, K)``, statistics
+    ``(N, K, len(STATS))`` (or None) and, with ``scales``, the three gradients. Loss rows are ``n·K + k``; the
+    targets, shares and outputs are flattened in that order, and each block's outputs are concatenated once."""
+    n = x.shape[0]
     c, k, _ = w.shape
-    kc = k * c
-    acc, sdt = ro.acc_dtype, stat_dtype(ro.acc_dtype)
-    accurate = ro.acc_policy == "accurate" and acc != x.dtype
-    gemm_dtype = acc if accurate else x.dtype
-    w_rows = w.to(gemm_dtype).transpose(0, 1).reshape(kc, f)  # (K·C, F): a view unless K > 1 or "accurate" upcasts
-    b_rows = None if b is None else b.to(gemm_dtype).T.reshape(kc)
-    if lp.target_is_probs:
-        target_rows = target.transpose(1, 2).reshape(n * k, c)  # (N·K, C): a view for K = 1
-    else:
-        target_rows = target.reshape(n * k)
-    scale_rows = None if scales is None else tuple(s.reshape(n * k) for s in scales)
-    entropy_rows = None if entropy_grad is None else tuple(t.reshape(n * k) for t in entropy_grad)
-    losses = torch.empty(n * k, dtype=sdt, device=x.device)
-    lse = torch.empty(n * k, dtype=sdt, device=x.device)
-    stats = torch.empty((n * k, len(STATS)), dtype=sdt, device=x.device) if lp.metrics else None
-    want = scales is not None
-    grad_x = torch.empty((n, f), dtype=x.dtype, device=x.device) if want and grads.input else None  # every row set
-    # The weight gradient accumulates across chunks: in acc_dtype (a (K·C, F) scratch) unless "compact" or the
-    # dtypes agree, in which case it accumulates in place in the parameter's dtype.
-    # PyTorch's rule: off CUDA, mixed-precision "compact" behaves as "balanced" (no fast low-precision addmm there).
-    compact = ro.acc_policy == "compact" and (x.device.type == "cuda" or acc == w.dtype)
-    wgrad_dtype = w.dtype if (compact or acc == w.dtype) else acc
-    if ro.batch_chunk_size >= n:  # one chunk: its one GEMM is the whole sum (accumulated inside the GEMM)
-        wgrad_dtype = gemm_dtype
-    # The first chunk writes the weight gradient, later chunks add to it (zeros only when there is no chunk).
-    grad_w = None
-    if want and grads.weight:
-        grad_w = (torch.empty if n else torch.zeros)((kc, f), dtype=wgrad_dtype, device=x.device)
-    grad_b = torch.zeros(kc, dtype=sdt, device=x.device) if want and grads.bias else None
-
-    rows = min(ro.batch_chunk_size, max(n, 1))  # input rows per chunk
-    # Vocabulary parallel: blocks sized by the global V, so that every rank's blocks (and collectives) are the same
-    # rows.
-    block_classes = c if shard is None else shard.num_classes
-    block = max(1, (_BLOCK_LOGITS if x.device.type == "cpu" else _BLOCK_LOGITS_GPU) // max(block_classes, 1))
-    logits = torch.empty((rows, kc), dtype=gemm_dtype, device=x.device)  # one chunk's GEMM output, then dz
-    # A low-precision GEMM output is upcast a block at a time into this buffer (the softmax runs in acc_dtype).
-    upcast = None if acc == gemm_dtype else torch.empty((min(block, rows * k), c), dtype=acc, device=x.device)
-    # The low-precision product dzᵀ·x, added into an acc_dtype weight-gradient scratch, in blocks of classes no
-    # larger than the logits buffer (one block where the chunk has at least F rows).
-    product = None
-    if grad_w is not None and grad_w.dtype != gemm_dtype:
-        product = torch.empty((max(1, min(kc, logits.numel() // max(f, 1))), f), dtype=gemm_dtype, device=x.device)
-
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        x_c = x[start:stop].to(gemm_dtype)
-        z = logits[: stop - start]  # (r, K·C)
-        if b_rows is None:
-            torch.mm(x_c, w_rows.T, out=z)
-        else:
-            torch.addmm(b_rows, x_c, w_rows.T, out=z)
+    classes = c if shard is None else shard.num_classes  # vocabulary parallel: every rank's blocks are the same rows
+    block = max(1, (_BLOCK_LOGITS if x.device.type == "cpu" else _BLOCK_LOGITS_GPU) // max(classes, 1))
+    buffers = chunk_buffers(x, w, b, ro, None if scales is None else grads, block)
+    # (N·K,) indices or (N·K, C) probabilities (a view for K = 1)
+    target_rows = target.transpose(1, 2).reshape(n * k, c) if lp.target_is_probs else target.reshape(n * k)
+    per_row = [target_rows, *(() if scales is None else scales), *(() if entropy_grad is None else entropy_grad)]
+    per_row = [t if t is target_rows else t.reshape(n * k) for t in per_row]
+    outputs = []  # (loss, lse, stats) per block
+    for start in range(0, n, buffers.rows):
+        x_c = x[start : start + buffers.rows].to(buffers.logits.dtype)
+        z = logits_gemm(x_c, buffers)  # (r, K·C)
         z_rows = z.view(-1, c)  # (r·K, C): becomes dz in place
         for b0 in range(0, z_rows.shape[0], block):
-            b1 = min(b0 + block, z_rows.shape[0])
-            z_b = z_rows[b0:b1]
-            work = z_b if upcast is None else upcast[: b1 - b0].copy_(z_b)
-            rows_b = slice(start * k + b0, start * k + b1)
-            s_b = None if scale_rows is None else scale_rows[0][rows_b]
-            s_z_b = None if scale_rows is None else scale_rows[1][rows_b]
-            eg_b = None if entropy_rows is None else tuple(t[rows_b] for t in entropy_rows)
-            loss_b, lse_b, stats_b, dz_b = chunk_loss_and_grad(
-                work, target_rows[rows_b], class_weight, lp, s_b, s_z_b, shard, eg_b
-            )
-            losses[rows_b] = loss_b
-            lse[rows_b] = lse_b
-            if stats is not None:
-                stats[rows_b] = stats_b
-            if dz_b is not None and dz_b.data_ptr() != z_b.data_ptr():
-                z_b.copy_(dz_b)
-        if not want:
-            continue
-        dz = z
-        if grad_b is not None:
-            grad_b += dz.sum(dim=0, dtype=sdt)
-        if grad_x is not None:
-            if grad_x.dtype == gemm_dtype:
-                torch.mm(dz, w_rows, out=grad_x[start:stop])
-            else:
-                grad_x[start:stop] = dz @ w_rows
-        if grad_w is not None:
-            if product is None:
-                if start == 0:
-                    torch.mm(dz.T, x_c, out=grad_w)
-                else:
-                    grad_w.addmm_(dz.T, x_c)
-            else:
-                for c0 in range(0, kc, product.shape[0]):
-                    c1 = min(c0 + product.shape[0], kc)
-                    part = torch.mm(dz[:, c0:c1].T, x_c, out=product[: c1 - c0])
-                    if start == 0:
-                        grad_w[c0:c1].copy_(part)
-                    else:
-                        grad_w[c0:c1] += part
-    if grad_x is not None and shard is not None and shard.input_grad_all_reduce:
-        shard.sum_(grad_x)  # each rank's grad_x covers its classes only
-    if grad_w is not None:  # (K·C, F) -> (C, K, F), one copy at most
-        grad_w = grad_w.view(k, c, f).transpose(0, 1).to(w.dtype, memory_format=torch.contiguous_format)
-    if grad_b is not None:
-        grad_b = grad_b.view(k, c).T.to(b.dtype, memory_format=torch.contiguous_format)
+            z_b = z_rows[b0 : b0 + block]
+            work = z_b if buffers.upcast is None else buffers.upcast[: z_b.shape[0]].copy_(z_b)
+            rows_b = [t[start * k + b0 : start * k + b0 + z_b.shape[0]] for t in per_row]
+            t_b, s_b, s_z_b = rows_b[0], *(rows_b[1:3] if scales is not None else (None, None))
+            eg_b = tuple(rows_b[3:5]) if entropy_grad is not None else None
+            outputs.append(chunk_loss_and_grad(work, t_b, class_weight, lp, s_b, s_z_b, shard, eg_b, out=z_b)[:3])
+        if scales is not None:
+            accumulate_grads(z, x_c, start, buffers)
+    gx, gw, gb = finish_grads(buffers, w, b)
+    if gx is not None and shard is not None and shard.input_grad_all_reduce:
+        shard.sum_(gx)  # each rank's grad_x covers its classes only
+    losses, lse, stats = concat_outputs(outputs, n * k, len(STATS) if lp.metrics else None, stat_dtype(ro.acc_dtype), x)
     stats = None if stats is None else stats.view(n, k, len(STATS))
-    return losses.view(n, k), lse.view(n, k), stats, (grad_x, grad_w, grad_b)
+    return losses.view(n, k), lse.view(n, k), stats, (gx, gw, gb)
 
 
 def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOptions, grads: Grads, shard=None):
@@ -345,11 +220,13 @@ def forward_pass(x, w, b, target, class_weight, lp: LossParams, ro: ResolvedOpti
     upstream gradient of 1 (None entries where not wanted); for ``"none"`` it is None (backward recomputes)."""
     sdt = stat_dtype(ro.acc_dtype)
     cw = None if class_weight is None else class_weight.to(sdt)
-    keep = keep_mask(target, lp)
+    keep = keep_mask(target, lp) if lp.z_loss else None  # the z-loss's rows (reduce_total reads it for no other)
     if lp.reduction == "none":
         losses, lse, stats, _ = _sweep(x, w, b, target, cw, lp, ro, None, grads, shard)
         return reduce_total(losses, lse, keep, None, lp), lse, stats, None
-    scales = row_scales(target, cw, lp, sdt, shard)
+    # Plain rows zero the ignored rows' shares themselves, so without class weights one share serves every row.
+    uniform = shard is None and is_plain(lp)
+    scales = row_scales(target, cw, lp, sdt, shard, uniform=uniform)
     wanted = (scales.ce, scales.z) if grads.any else None
     losses, lse, stats, saved = _sweep(x, w, b, target, cw, lp, ro, wanted, grads, shard)
     return reduce_total(losses, lse, keep, scales, lp), lse, stats, saved
