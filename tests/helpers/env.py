@@ -3,6 +3,7 @@ cannot run."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -12,12 +13,8 @@ import torch.nn.functional as F
 HAS_CUDA = torch.cuda.is_available()
 # conftest sets TRITON_INTERPRET=1 without a GPU: the Triton backends' kernels then run in Triton's interpreter
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+# found, not imported: the spawned workers of the multi-process tests import this module, most of them never triton
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 # PyTorch >= 2.13 ships the op we are a drop-in for; older versions (e.g. the GPU machine's 2.11) do not.
 HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 HAS_TORCH_MODULE = hasattr(torch.nn, "LinearCrossEntropyLoss")
