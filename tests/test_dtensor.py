@@ -19,8 +19,8 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import INTERPRET, check_close, check_within_plain, expect_error, run_ranks
-from test_distributed import METRICS, WALL_LIMIT_S, V, single_process, vocab_problem
+from helpers import INTERPRET, check_close, expect_error, run_ranks
+from test_distributed import WALL_LIMIT_S, V, check_results, single_process, vocab_problem
 
 from linear_cross_entropy import LinearCrossEntropyLoss, LinearCrossEntropyOptions, linear_cross_entropy
 
@@ -133,23 +133,11 @@ def _run_case(rank, world, mesh, errors, name, kwargs, use_bias, class_weights, 
     if form == "shard" and tuple(xs.grad.placements) != (Shard(0),):
         errors.append(f"{name}: grad_input placed {xs.grad.placements}, expected the input's (Shard(0),)")
 
-    actual = [("loss", loss.detach()), ("grad_input", xs.grad), ("grad_weight", ws.grad)]
-    expected = [ref[1], ref[2], ref[3]]
-    approx = [plain[1], plain[2], plain[3]] if fused else [None] * 3
-    if use_bias:
-        actual.append(("grad_bias", bs.grad))
-        expected.append(ref[4])
-        approx.append(plain[4] if fused else None)
-    if metrics:
-        for field in METRICS:
-            actual.append((f"metric {field}", getattr(out.metrics, field)))
-            expected.append(getattr(ref[0].metrics, field))
-            approx.append(getattr(plain[0].metrics, field) if fused else None)
-    for (what, a), e, p in zip(actual, expected, approx):
-        if fused:
-            check_within_plain(errors, f"{name} {what}", _full(a), p, e)
-        else:
-            check_close(errors, f"{name} {what}", _full(a), e)
+    results = tuple(
+        None if v is None else _full(v) for v in (loss.detach(), xs.grad, ws.grad, bs.grad if use_bias else None)
+    )
+    full_metrics = type(out.metrics)(*map(_full, out.metrics)) if metrics else None
+    check_results(errors, name, results, full_metrics, ref, plain if fused else None)
 
 
 def _expect_value_error(errors, name, match, fn):
