@@ -18,7 +18,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ..common import IndexRowSums, LossParams, index_rows
+from ..common import LossParams, index_rows
+from ..partials import SPLITS, Partials, combine_partials
 from ..tma import descriptor, have_descriptors, input_precision
 from .softmax_gemm_kernels import _input_grad_kernel, _logits_stats_kernel, _weight_grad_kernel
 
@@ -131,20 +132,21 @@ def combine_stats(
     num_classes: int,
     shares: tuple[torch.Tensor, torch.Tensor] | None = None,  # (r,) fp32 s, s_z; None: no coefficients
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(loss (r,), lse (r,), coefs (3, r) or None)`` in fp32: ``M = max_t m_t``, ``Σ exp(z − M) = Σ_t
-    s_t·exp(m_t − M)``, then the formulas every backend shares (:func:`..common.index_rows`)."""
+    """``(loss (r,), lse (r,), coefs (3, r) or None)`` in fp32: the tiles' partials combined as every split
+    vocabulary is (:func:`..partials.combine_partials` over :data:`..partials.SPLITS`: ``M = max_t m_t``,
+    ``Σ exp(z − M) = Σ_t s_t·exp(m_t − M)``), then the formulas every backend shares (:func:`..common.index_rows`)."""
     m, s, z_sum = stats.partials.unbind(0)  # (tiles, r) each
-    big_m = m.amax(dim=0)
-    sums = IndexRowSums(
-        m=big_m,
-        sum_exp=(s * torch.exp(m - big_m)).sum(dim=0),
-        z_y=stats.z_y,
-        w_y=1.0,
-        z_sum=z_sum.sum(dim=0) if lp.label_smoothing > 0 else None,
+    parts = Partials(
+        m=m,
+        sum_exp=s,
+        z_y=stats.z_y[None],  # (1, r): the one tile holding each row's target wrote it
+        w_y=None,
+        z_sum=z_sum if lp.label_smoothing > 0 else None,
         e_log_e=None,
-        norm=None,
+        sq_sum=None,
         predicted=None,
     )
+    sums = combine_partials(parts, SPLITS)
     ce, zs = (None, None) if shares is None else shares
     loss, lse, _, coefs = index_rows(sums, target, float(num_classes), lp, num_classes, ce, zs)
     return loss, lse, None if coefs is None else torch.stack(coefs)
