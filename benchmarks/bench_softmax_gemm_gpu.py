@@ -51,6 +51,9 @@ VARIANTS = {
     "t512": _BASE,  # the default: 64×512 gradient tiles (half the exp recomputation of 128×256)
     # and 2 CTAs per SM for the logits GEMM, so that one CTA's softmax epilogue overlaps another's MMA
     "t128": SoftmaxGemmConfigT(_T(128, 128, 64, 4, 2), _T(128, 128, 64, 8, 3), _T(128, 128, 64, 8, 3)),
+    # 128×256 gradient tiles with shorter / longer reduction steps (more stages / fewer barriers per prologue)
+    "t256k32": dataclasses.replace(_BASE, input_grad=_T(128, 256, 32, 8, 4), weight_grad=_T(128, 256, 32, 8, 4)),
+    "t256k128": dataclasses.replace(_BASE, input_grad=_T(128, 256, 128, 8, 2), weight_grad=_T(128, 256, 128, 8, 2)),
 }
 LP = LossParams("mean", -100, 0.0, False)
 NEW_PIECES = (

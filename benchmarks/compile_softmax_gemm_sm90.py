@@ -28,13 +28,15 @@ VARIANTS = {
     "t256": [(128, 256, 64, 8, 3)] * 3,
     "t512": [(128, 256, 64, 8, 3), (64, 512, 64, 8, 2), (64, 512, 64, 8, 2)],
     "t128": [(128, 128, 64, 4, 2), (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)],
+    "t256k32": [(128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (128, 256, 32, 8, 4)],
+    "t256k128": [(128, 256, 64, 8, 3), (128, 256, 128, 8, 2), (128, 256, 128, 8, 2)],
 }
 _ROWS = {"target_ptr": "*i64", "lse_ptr": "*fp32", "coef_ptr": "*fp32"}
 _DIMS = {"n_rows": "i32", "n_classes": "i32", "n_features": "i32"}
 
 
 def report(fn, sig: dict, consts: dict, warps: int, stages: int) -> str:
-    jit = fn.fn  # under @triton.heuristics
+    jit = fn if isinstance(fn, triton.runtime.JITFunction) else fn.fn  # fn.fn: under @triton.heuristics
     sig = sig | {k: "constexpr" for k in consts if k not in sig}
     src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
     try:
@@ -75,7 +77,8 @@ def main():
         print(f"{name} stats {m}x{n}x{k} w{w} s{s}:", report(K._logits_stats_kernel, sig, consts, w, s))
         (m, n, k, w, s), out = dx, dt
         for store in (False, True):
-            sig = {"z_desc": _desc(dt, m, k), "w_desc": _desc(dt, k, n), "out_desc": _desc(out, m, n)} | _ROWS | _DIMS
+            sig = {"z_desc": _desc(dt, m, k), "w_desc": _desc(dt, k, n), "out_desc": _desc(out, m, n // 2)}
+            sig |= _ROWS | _DIMS
             extra = {"dz_desc": _desc(dt, m, k)} if store else {}
             consts = (
                 common | dict(STORE_DZ=store, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) | ({} if store else {"dz_desc": None})
@@ -83,15 +86,12 @@ def main():
             label = f"{name} dz·W{' +dz' if store else ''} {m}x{n}x{k} w{w} s{s}:"
             print(label, report(K._input_grad_kernel, sig | extra, consts, w, s))
         m, n, k, w, s = dw
-        for acc in (False, True):
-            out = "fp32" if acc else dt
-            sig = {"z_desc": _desc(dt, k, m), "x_desc": _desc(dt, k, n), "out_desc": _desc(out, m, n)} | _ROWS | _DIMS
-            extra = {"acc_desc": _desc(out, m, n)} if acc else {}
-            consts = (
-                common | dict(ACCUMULATE=acc, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) | ({} if acc else {"acc_desc": None})
-            )
-            label = f"{name} dzᵀ·x{' fp32 +=' if acc else ''} {m}x{n}x{k} w{w} s{s}:"
-            print(label, report(K._weight_grad_kernel, sig | extra, consts, w, s))
+        for acc, out in ((False, dt), (False, "fp32"), (True, "fp32")):  # grad_W; the scratch's first chunk; +=
+            sig = {"z_desc": _desc(dt, k, m), "x_desc": _desc(dt, k, n), "out_desc": _desc(out, m, n // 2)}
+            sig |= _ROWS | _DIMS
+            consts = common | dict(ACCUMULATE=acc, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
+            label = f"{name} dzᵀ·x {out}{' +=' if acc else ''} {m}x{n}x{k} w{w} s{s}:"
+            print(label, report(K._weight_grad_kernel, sig, consts, w, s))
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def input_grad(
     t = (config or default_config(z.device)).input_grad
     _input_grad_kernel[(triton.cdiv(r, t.block_m) * triton.cdiv(h, t.block_n),)](
         descriptor(z, t.block_m, t.block_k), descriptor(w, t.block_k, t.block_n),
-        descriptor(out, t.block_m, t.block_n), None if dz_out is None else descriptor(dz_out, t.block_m, t.block_k),
+        descriptor(out, t.block_m, t.block_n // 2), None if dz_out is None else descriptor(dz_out, t.block_m, t.block_k),
         target, lse, coefs, r, v, h, **_meta(t, lp, z.dtype),
     )  # fmt: skip
 
@@ -195,8 +195,8 @@ def weight_grad(
             out.zero_()
         return
     t = (config or default_config(z.device)).weight_grad
-    out_desc = descriptor(out, t.block_m, t.block_n)
     _weight_grad_kernel[(triton.cdiv(v, t.block_m) * triton.cdiv(h, t.block_n),)](
-        descriptor(z, t.block_k, t.block_m), descriptor(x, t.block_k, t.block_n), out_desc,
-        out_desc if accumulate else None, target, lse, coefs, r, v, h, **_meta(t, lp, z.dtype),
+        descriptor(z, t.block_k, t.block_m), descriptor(x, t.block_k, t.block_n),
+        descriptor(out, t.block_m, t.block_n // 2), target, lse, coefs, r, v, h,
+        ACCUMULATE=accumulate, **_meta(t, lp, z.dtype),
     )  # fmt: skip

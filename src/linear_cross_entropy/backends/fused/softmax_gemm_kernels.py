@@ -119,13 +119,25 @@ def _row_coefs(lse_ptr, coef_ptr, target_ptr, offs, n_rows, HAS_SMOOTHING: tl.co
     return lse2, coef, target_coef, smooth_coef, target
 
 
+@triton.jit
+def _store_halves(out_desc, acc, row, col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """``out[row:, col:] (+)= acc`` in two ``(BLOCK_M, BLOCK_N / 2)`` halves (``out_desc``'s block): a whole fp32
+    staging tile (128 KiB at 64×512) beside the pipeline's stages would not fit one SM's shared memory."""
+    left, right = acc.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+    if ACCUMULATE:
+        left += out_desc.load([row, col])
+        right += out_desc.load([row, col + BLOCK_N // 2])
+    out_desc.store([row, col], left.to(out_desc.dtype))
+    out_desc.store([row, col + BLOCK_N // 2], right.to(out_desc.dtype))
+
+
 @triton.heuristics({"STORE_DZ": lambda args: args["dz_desc"] is not None})
 @triton.jit
 def _input_grad_kernel(
     # tensor descriptors and pointers
     z_desc,  # (r, V) blocks (BLOCK_M, BLOCK_K): the logits
     w_desc,  # (V, H) blocks (BLOCK_K, BLOCK_N)
-    out_desc,  # (r, H) blocks (BLOCK_M, BLOCK_N): grad_x, written
+    out_desc,  # (r, H) blocks (BLOCK_M, BLOCK_N / 2): grad_x, written
     dz_desc,  # (r, V) blocks (BLOCK_M, BLOCK_K): dz, written by the first feature block's programs; or None
     target_ptr,  # (r,) int64
     lse_ptr,  # (r,) fp32
@@ -160,17 +172,15 @@ def _input_grad_kernel(
                 dz_desc.store([first_row, k], dz)
         w = w_desc.load([k, first_feature])  # (BLOCK_K, BLOCK_N)
         acc = tl.dot(dz, w, acc, input_precision=INPUT_PRECISION)
-    out_desc.store([first_row, first_feature], acc.to(out_desc.dtype))
+    _store_halves(out_desc, acc, first_row, first_feature, BLOCK_M, BLOCK_N, False)
 
 
-@triton.heuristics({"ACCUMULATE": lambda args: args["acc_desc"] is not None})
 @triton.jit
 def _weight_grad_kernel(
     # tensor descriptors and pointers
     z_desc,  # (r, V) blocks (BLOCK_K, BLOCK_M): the logits
     x_desc,  # (r, H) blocks (BLOCK_K, BLOCK_N)
-    out_desc,  # (V, H) blocks (BLOCK_M, BLOCK_N): grad_W (or the fp32 scratch), written
-    acc_desc,  # (V, H) blocks (BLOCK_M, BLOCK_N): added to the product (the scratch itself); or None
+    out_desc,  # (V, H) blocks (BLOCK_M, BLOCK_N / 2): grad_W or the fp32 scratch, written (added to under ACCUMULATE)
     target_ptr,  # (r,) int64
     lse_ptr,  # (r,) fp32
     coef_ptr,  # (3, r) fp32: coef, T, E
@@ -201,6 +211,4 @@ def _weight_grad_kernel(
         dz = _dz_tile(z, offs_c, lse2, coef, target_coef, smooth_coef, target, HAS_SMOOTHING).to(z.dtype)
         x = x_desc.load([k, first_feature])  # (BLOCK_K, BLOCK_N)
         acc = tl.dot(dz.T, x, acc, input_precision=INPUT_PRECISION)
-    if ACCUMULATE:
-        acc += acc_desc.load([first_col, first_feature]).to(tl.float32)
-    out_desc.store([first_col, first_feature], acc.to(out_desc.dtype))
+    _store_halves(out_desc, acc, first_col, first_feature, BLOCK_M, BLOCK_N, ACCUMULATE)
