@@ -12,10 +12,10 @@ import contextlib
 import torch
 
 from . import dispatch, distributed, dtensor, validate
-from .backends.common import LossParams, keep_mask, summarize_metrics
+from .backends.common import LossParams, backward_once, keep_mask, summarize_metrics
 from .backends.reference import linear_cross_entropy_reference, reference_with_extras
 from .metrics import LinearCrossEntropyOutput, LossMetrics
-from .options import LinearCrossEntropyOptions
+from .options import LinearCrossEntropyOptions, materializes
 
 __all__ = ["linear_cross_entropy"]
 
@@ -124,6 +124,14 @@ def linear_cross_entropy(
     if shard is None and not extras and (options is None or (not shape.batched and tuple(target.shape) == (1,))):
         # The reference's own quirk (a (1,) target for an unbatched input) is served by the reference itself.
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
+    if shard is None and not extras and _materializes(options, shape, input):
+        # Small CPU call with default options: the reference computation with the softmax in fp32, the other
+        # backends' precision (its out-of-range targets raise PyTorch's own IndexError).
+        softmax_dtype = torch.promote_types(input.dtype, torch.float32)
+        kwargs = reference_kwargs | {"weight": weight}  # class weights in the loss's precision, as the backends'
+        loss = linear_cross_entropy_reference(input, linear_weight, target, **kwargs, softmax_dtype=softmax_dtype)
+        loss = loss.to(options.loss_dtype or input.dtype)
+        return loss if options.allow_retain_graph else backward_once(loss)
 
     lp = _loss_params(
         shape, reduction, ignore_index, label_smoothing, z_loss, logit_scale, logit_softcap, return_metrics
@@ -136,6 +144,18 @@ def linear_cross_entropy(
 
     loss, lse, stats, t = _compute(options, lp, shape, input, linear_weight, linear_bias, target, weight, shard)
     return _output(loss, lse, stats, t, lp, input.shape[:-1], shape.out_features)
+
+
+def _materializes(options, shape, input) -> bool:
+    """A small CPU call with default options and index targets: the reference computation beats chunking
+    (:func:`.options.materializes`). Not under autocast (the backends' path casts), torch.compile or a torch.func
+    transform (the custom op's path: one graph, and NaN for a class index that cannot be checked eagerly)."""
+    if options is None or shape.target_is_probs or dispatch.autocast_enabled(input.device.type):
+        return False
+    if torch.compiler.is_compiling() or dispatch.under_functorch():
+        return False
+    num_logits = shape.num_rows * shape.num_classes * shape.positions
+    return materializes(options, num_logits=num_logits, dtype=input.dtype, device=input.device)
 
 
 def _class_weights(weight, input):

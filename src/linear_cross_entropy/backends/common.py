@@ -275,18 +275,39 @@ def summarize_metrics(stats: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor
     return {k: torch.where(keep, v, 0.0).sum() / count for k, v in fields.items()}
 
 
+SECOND_BACKWARD = (  # PyTorch's message first (what users' tests match), then why and what to do
+    "linear_cross_entropy chunked backward called twice; retain_graph=True / double backward are not supported. "
+    "Its gradients were computed in forward and consumed by the first backward: pass "
+    "LinearCrossEntropyOptions(allow_retain_graph=True) to keep them for repeated backward."
+)
+
+
 def take_saved_grads(ctx) -> tuple:
     """The gradients forward computed for an upstream gradient of 1; consumed unless ``allow_retain_graph``."""
     saved = ctx.saved_grads
     if saved is None:
-        raise RuntimeError(  # PyTorch's message first (what users' tests match), then why and what to do
-            "linear_cross_entropy chunked backward called twice; retain_graph=True / double backward are not "
-            "supported. Its gradients were computed in forward and consumed by the first backward: pass "
-            "LinearCrossEntropyOptions(allow_retain_graph=True) to keep them for repeated backward."
-        )
+        raise RuntimeError(SECOND_BACKWARD)
     if not ctx.ro.allow_retain_graph:
         ctx.saved_grads = None
     return saved
+
+
+def backward_once(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` whose graph raises :data:`SECOND_BACKWARD` on a second backward, as the chunked path's does without
+    ``allow_retain_graph``: for a loss computed by plain autograd ops (the small calls of :mod:`..functional`), so
+    that whether a second backward works does not depend on the call's size."""
+    if loss.grad_fn is None:
+        return loss
+    calls = 0
+
+    def count(grad_outputs):
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError(SECOND_BACKWARD)
+
+    loss.grad_fn.register_prehook(count)
+    return loss
 
 
 def function_outputs(ctx, loss: torch.Tensor, lse: torch.Tensor, stats: torch.Tensor | None) -> tuple:
