@@ -73,7 +73,9 @@ class LinearCrossEntropyOptions:
     - ``acc_dtype``: ``None`` (fp32 for fp16/bf16 inputs under ``acc_policy="auto"``, else the input dtype) or one
       of fp16, bf16, fp32, fp64.
 
-    Ours: ``backend`` is ``"auto"`` (the fused GPU path when it supports the call, else the chunked path),
+    Ours: ``backend`` is ``"auto"`` (the fused GPU path when it supports the call, else the chunked path; on the
+    CPU, a call small enough that chunking costs more than it saves runs the reference computation with the
+    softmax in fp32 when every other field is left at its default, see :func:`materializes`),
     ``"chunked"`` (pure PyTorch, any device), ``"fused"`` (Triton kernels between cuBLAS GEMMs; needs CUDA and
     ``triton``, else falls back to ``"chunked"`` with a warning) or ``"tiled"`` (memory-minimal: Triton kernels that
     hold logits only as register tiles and add gradients with atomics; never picked by ``"auto"``). On
