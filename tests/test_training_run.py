@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from linear_cross_entropy import LinearCrossEntropyOptions
-
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_gpt.py"
 _spec = importlib.util.spec_from_file_location("train_tiny_gpt", _PATH)
 example = importlib.util.module_from_spec(_spec)
@@ -45,13 +43,13 @@ def bound(data, reference):
 
 
 def test_curves_agree(data, reference, bound):
-    ours = example.train(data, CFG, LinearCrossEntropyOptions())[0]
+    ours = example.train(data, CFG, example.OURS)[0]
     assert len(ours) == len(reference) == CFG.steps
     assert reference[-1] < reference[0] - 1.0  # it learns
     assert example.max_rel_diff(ours, reference) <= bound <= example.RTOL
 
 
 def test_tolerance_can_fail(data, reference, bound):
-    faster = example.train(data, dataclasses.replace(CFG, lr=CFG.lr * 1.01), LinearCrossEntropyOptions())[0]
+    faster = example.train(data, dataclasses.replace(CFG, lr=CFG.lr * 1.01), example.OURS)[0]
     assert abs(faster[0] - reference[0]) <= bound * abs(reference[0])  # same start: same data and weights
     assert example.max_rel_diff(faster, reference) > bound
