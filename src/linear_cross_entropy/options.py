@@ -167,20 +167,20 @@ def budget_chunk_rows(num_rows: int, num_classes: int, element_size: int, scratc
 # CPU calls with default options whose logits are no more than this many elements (keyed by the input's element
 # size) run the reference computation instead of the chunked backend: F.linear, then F.cross_entropy with the
 # softmax in fp32, the logits materialised. Below these sizes the chunked backend's fixed cost (~0.5 ms of
-# validation, resolution and ~40 more small ATen calls on the CI CPU) outweighs what its fewer passes save. Measured
-# crossovers on the 2-core CI machine (benchmarks/NOTES.md, "issue 21, third pass"): bf16 between 256K logits
-# (1.15 vs 1.71 ms) and 512K (3.24 vs 3.00 ms; the fp32 upcast's copies grow with the logits); fp32 near 2M (1M:
-# 6.5–7.0 vs 7.3–7.8 ms; 2M: 12.9 vs 12.3 ms). Peak memory: at most ~3 fp32 copies of the logits (12 MiB at 1M), below
-# PyTorch 2.13's chunked path (~108 MiB at 64×32×1000).
+# validation, resolution and ~40 more small ATen calls on the CI CPU) outweighs what its fewer passes save.
+# Measured crossovers on the 2-core CI machine, reference computation vs chunked (benchmarks/NOTES.md, "issue 21,
+# third pass"): bf16 between 256K logits (1.15 vs 1.71 ms) and 512K (3.24 vs 3.00 ms: the fp32 upcast's copies
+# grow with the logits); fp32 near 2M (1M: 6.5–7.0 vs 7.3–7.8 ms; 2M: 12.9 vs 12.3 ms). Peak memory: at most ~3
+# fp32 copies of the logits (12 MiB at 1M), below PyTorch 2.13's chunked path (~108 MiB at 64×32×1000).
 _MATERIALIZE_MAX_LOGITS = {2: 1 << 18, 4: 1 << 20, 8: 1 << 20}
 
 
 def materializes(
     options: LinearCrossEntropyOptions, *, num_logits: int, dtype: torch.dtype, device: torch.device
 ) -> bool:
-    """Whether a call of ``num_logits`` logits in all runs the reference computation (the
-    logits materialised, the softmax in at least fp32) instead of the chunked backend: on the CPU, with every
-    field that picks a backend, chunks or accumulation left at ``"auto"``/None, and logits no more than
+    """Whether a call with ``num_logits`` logits in total runs the reference computation (the logits materialised,
+    the softmax in at least fp32) instead of the chunked backend: on the CPU, with every field that picks a
+    backend, chunks or accumulation left at ``"auto"``/None, and logits no more than
     :data:`_MATERIALIZE_MAX_LOGITS`. An explicit ``backend="chunked"``, ``batch_chunk_size``, ``chunking_method``,
     ``acc_policy`` or ``acc_dtype`` always runs the chunked backend."""
     defaults = (
