@@ -20,17 +20,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from bench_softmax_gemm_gpu import VARIANTS  # noqa: E402 - the configurations the GPU benchmark times
+
 from linear_cross_entropy.backends.fused import softmax_gemm_kernels as K  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-# (block_m, block_n, block_k, warps, stages) of the stats, input-gradient and weight-gradient kernels
-VARIANTS = {
-    "t256": [(128, 256, 64, 8, 3)] * 3,
-    "t512": [(128, 256, 64, 8, 3), (64, 512, 64, 8, 2), (64, 512, 64, 8, 2)],
-    "t128": [(128, 128, 64, 4, 2), (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)],
-    "t256k32": [(128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (128, 256, 32, 8, 4)],
-    "t256k128": [(128, 256, 64, 8, 3), (128, 256, 128, 8, 2), (128, 256, 128, 8, 2)],
-}
 _ROWS = {"target_ptr": "*i64", "lse_ptr": "*fp32", "coef_ptr": "*fp32"}
 _DIMS = {"n_rows": "i32", "n_classes": "i32", "n_features": "i32"}
 
@@ -57,6 +51,11 @@ def _run(flag: str, path: str) -> str:
     return subprocess.run([os.path.join(_BIN, "cuobjdump"), flag, path], capture_output=True, text=True).stdout
 
 
+def _tile(t) -> tuple:
+    """``(block_m, block_n, block_k, warps, stages)`` of one kernel's :class:`GemmTiles`."""
+    return t.block_m, t.block_n, t.block_k, t.num_warps, t.num_stages
+
+
 def _desc(dt, rows, cols):
     return f"tensordesc<{dt}[{rows}, {cols}]>"
 
@@ -69,13 +68,14 @@ def main():
     dt = args.dtype
     print("triton", triton.__version__, "target sm_90,", dt)
     for name in args.variants:
-        (m, n, k, w, s), dx, dw = VARIANTS[name]
+        config = VARIANTS[name]
+        m, n, k, w, s = _tile(config.stats)
         sig = {"x_desc": _desc(dt, m, k), "w_desc": _desc(dt, n, k), "z_desc": _desc(dt, m, n)}
         sig |= {"target_ptr": "*i64", "partials_ptr": "*fp32", "z_y_ptr": "*fp32"} | _DIMS
         common = dict(HAS_SMOOTHING=False, GROUP_M=8, INPUT_PRECISION="tf32")
         consts = common | dict(bias_ptr=None, HAS_BIAS=False, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
         print(f"{name} stats {m}x{n}x{k} w{w} s{s}:", report(K._logits_stats_kernel, sig, consts, w, s))
-        (m, n, k, w, s), out = dx, dt
+        (m, n, k, w, s), out = _tile(config.input_grad), dt
         for store in (False, True):
             sig = {"z_desc": _desc(dt, m, k), "w_desc": _desc(dt, k, n), "out_desc": _desc(out, m, n // 2)}
             sig |= _ROWS | _DIMS
@@ -85,7 +85,7 @@ def main():
             )
             label = f"{name} dz·W{' +dz' if store else ''} {m}x{n}x{k} w{w} s{s}:"
             print(label, report(K._input_grad_kernel, sig | extra, consts, w, s))
-        m, n, k, w, s = dw
+        m, n, k, w, s = _tile(config.weight_grad)
         for acc, out in ((False, dt), (False, "fp32"), (True, "fp32")):  # grad_W; the scratch's first chunk; +=
             sig = {"z_desc": _desc(dt, k, m), "x_desc": _desc(dt, k, n), "out_desc": _desc(out, m, n // 2)}
             sig |= _ROWS | _DIMS
