@@ -67,6 +67,13 @@ def _rank_main(rank, body, world, port, args, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(errors))
         if dist.is_initialized():
+            # Every rank reaches teardown before any destroys the group: a gloo rank torn down while its peer still
+            # had collectives in flight once aborted ("terminate called without an active exception", SIGABRT) after
+            # a passing run. A rank stuck in a collective ends at the group's own timeout instead.
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - the errors list already says what went wrong
+                pass
             dist.destroy_process_group()
 
 
