@@ -124,13 +124,10 @@ def linear_cross_entropy(
     if shard is None and not extras and (options is None or (not shape.batched and tuple(target.shape) == (1,))):
         # The reference's own quirk (a (1,) target for an unbatched input) is served by the reference itself.
         return linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
-    if shard is None and not extras and _materializes(options, shape, input):
-        # Small CPU call with default options: the reference computation with the softmax in fp32, the other
-        # backends' precision (its out-of-range targets raise PyTorch's own IndexError).
-        softmax_dtype = torch.promote_types(input.dtype, torch.float32)
-        kwargs = reference_kwargs | {"weight": weight}  # class weights in the loss's precision, as the backends'
-        loss = linear_cross_entropy_reference(input, linear_weight, target, **kwargs, softmax_dtype=softmax_dtype)
-        loss = loss.to(options.loss_dtype or input.dtype)
+    if shard is None and not extras and _materializes(options, shape, input, weight):
+        # Small CPU call with default options: PyTorch's own computation, bit for bit (its out-of-range targets
+        # raise PyTorch's own IndexError).
+        loss = linear_cross_entropy_reference(input, linear_weight, target, **reference_kwargs)
         return loss if options.allow_retain_graph else backward_once(loss)
 
     lp = _loss_params(
@@ -146,11 +143,15 @@ def linear_cross_entropy(
     return _output(loss, lse, stats, t, lp, input.shape[:-1], shape.out_features)
 
 
-def _materializes(options, shape, input) -> bool:
-    """A small CPU call with default options and index targets: the reference computation beats chunking
-    (:func:`.options.materializes`). Not under autocast (the backends' path casts), torch.compile or a torch.func
-    transform (the custom op's path: one graph, and NaN for a class index that cannot be checked eagerly)."""
+def _materializes(options, shape, input, weight) -> bool:
+    """A small CPU call with default options and index targets: PyTorch's own computation beats chunking
+    (:func:`.options.materializes`). Only where it is exactly PyTorch's call: not with class weights in another
+    dtype (the backends keep them in the loss's precision), not under autocast (the backends' path casts),
+    torch.compile or a torch.func transform (the custom op's path: one graph, and NaN for a class index that cannot
+    be checked eagerly)."""
     if options is None or shape.target_is_probs or dispatch.autocast_enabled(input.device.type):
+        return False
+    if weight is not None and weight.dtype != input.dtype:
         return False
     if torch.compiler.is_compiling() or dispatch.under_functorch():
         return False

@@ -74,8 +74,8 @@ class LinearCrossEntropyOptions:
       of fp16, bf16, fp32, fp64.
 
     Ours: ``backend`` is ``"auto"`` (the fused GPU path when it supports the call, else the chunked path; on the
-    CPU, a call small enough that chunking costs more than it saves runs the reference computation with the
-    softmax in fp32 when every other field is left at its default, see :func:`materializes`),
+    CPU, a call small enough that chunking costs more than it saves runs PyTorch's own computation when every
+    other field is left at its default, see :func:`materializes`),
     ``"chunked"`` (pure PyTorch, any device), ``"fused"`` (Triton kernels between cuBLAS GEMMs; needs CUDA and
     ``triton``, else falls back to ``"chunked"`` with a warning) or ``"tiled"`` (memory-minimal: Triton kernels that
     hold logits only as register tiles and add gradients with atomics; never picked by ``"auto"``). On
@@ -165,30 +165,34 @@ def budget_chunk_rows(num_rows: int, num_classes: int, element_size: int, scratc
 
 
 # CPU calls with default options whose logits are no more than this many elements (keyed by the input's element
-# size) run the reference computation instead of the chunked backend: F.linear, then F.cross_entropy with the
-# softmax in fp32, the logits materialised. Below these sizes the chunked backend's fixed cost (~0.5 ms of
-# validation, resolution and ~40 more small ATen calls on the CI CPU) outweighs what its fewer passes save.
-# Measured crossovers on the 2-core CI machine, reference computation vs chunked (benchmarks/NOTES.md, "issue 21,
-# third pass"): bf16 between 256K logits (1.15 vs 1.71 ms) and 512K (3.24 vs 3.00 ms: the fp32 upcast's copies
-# grow with the logits); fp32 near 2M (1M: 6.5–7.0 vs 7.3–7.8 ms; 2M: 12.9 vs 12.3 ms). Peak memory: at most ~3
-# fp32 copies of the logits (12 MiB at 1M), below PyTorch 2.13's chunked path (~108 MiB at 64×32×1000).
-_MATERIALIZE_MAX_LOGITS = {2: 1 << 18, 4: 1 << 20, 8: 1 << 20}
+# size) run PyTorch's own computation instead of the chunked backend: F.linear, then F.cross_entropy in the input's
+# dtype, the logits materialised. Below these sizes the chunked backend's fixed cost (~0.5 ms of validation,
+# resolution and ~40 more small ATen calls) and, for 16-bit input, its softmax in fp32 (an upcast copy, a second
+# exp pass and a copy back, against PyTorch's bf16 log-softmax and its backward) outweigh what its fewer passes
+# save. Measured on the 2-core CI machine, bf16, chunked ÷ reference, idle / one core busy (benchmarks/NOTES.md,
+# "issue 21, fourth pass"): 4M logits 1.12 / 1.26, 8M 1.16 / 1.35, 16M 1.02 / 1.08, 32M 1.01 / 0.98, 49M 0.95 /
+# 0.93; fp32 near 2M (1M: 6.5–7.0 vs 7.3–7.8 ms; 2M: 12.9 vs 12.3 ms). Peak memory stays below PyTorch 2.13's
+# chunked path (bf16 at 32M logits: +193 MB against its +357 MB; fp32 at 1M logits: ~12 MB, against the ~108 MB
+# its path takes already at 64×32×1000).
+_MATERIALIZE_MAX_LOGITS = {2: 1 << 25, 4: 1 << 20, 8: 1 << 20}
 
 
 def materializes(
     options: LinearCrossEntropyOptions, *, num_logits: int, dtype: torch.dtype, device: torch.device
 ) -> bool:
-    """Whether a call with ``num_logits`` logits in total runs the reference computation (the logits materialised,
-    the softmax in at least fp32) instead of the chunked backend: on the CPU, with every field that picks a
-    backend, chunks or accumulation left at ``"auto"``/None, and logits no more than
-    :data:`_MATERIALIZE_MAX_LOGITS`. An explicit ``backend="chunked"``, ``batch_chunk_size``, ``chunking_method``,
-    ``acc_policy`` or ``acc_dtype`` always runs the chunked backend."""
+    """Whether a call with ``num_logits`` logits in total runs PyTorch's own computation (the logits materialised,
+    the softmax in the input's dtype: the results of ``cross_entropy(linear(...))`` bit for bit) instead of the
+    chunked backend: on the CPU, with every field that picks a backend, chunks, accumulation or the loss's dtype
+    left at ``"auto"``/None, and logits no more than :data:`_MATERIALIZE_MAX_LOGITS`. An explicit
+    ``backend="chunked"``, ``batch_chunk_size``, ``chunking_method``, ``acc_policy``, ``acc_dtype`` or a
+    ``loss_dtype`` other than the input's always runs the chunked backend (softmax in at least fp32)."""
     defaults = (
         options.backend == "auto"
         and options.batch_chunk_size is None
         and options.chunking_method == "auto"
         and options.acc_policy == "auto"
         and options.acc_dtype is None
+        and options.loss_dtype in (None, dtype)
     )
     return defaults and device.type == "cpu" and num_logits <= _MATERIALIZE_MAX_LOGITS.get(dtype.itemsize, 0)
 

@@ -22,21 +22,13 @@ def linear_cross_entropy_reference(
     reduction: str = "mean",
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-    softmax_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Exactly PyTorch's reference: the logits ``(N, C, *out_features)`` are computed and kept.
-
-    ``softmax_dtype``: the dtype the loss reads the logits (and class weights) in, the loss's dtype too (None: the
-    input's). fp32 for fp16/bf16 input is what the other backends compute: logits rounded to the input's dtype by
-    the GEMM, the softmax in fp32, ``dz`` rounded back for the gradient GEMMs."""
+    """Exactly PyTorch's reference: the logits ``(N, C, *out_features)`` are computed and kept."""
     num_classes, out_features, in_features = linear_weight.shape[0], linear_weight.shape[1:-1], linear_weight.shape[-1]
     flat = math.prod(out_features, start=num_classes)
     bias = None if linear_bias is None else linear_bias.reshape(flat)
     logits = F.linear(input, linear_weight.reshape(flat, in_features), bias)
     logits = logits.reshape(*input.shape[:-1], num_classes, *out_features)
-    if softmax_dtype is not None:
-        logits = logits.to(softmax_dtype)
-        weight = None if weight is None else weight.to(softmax_dtype)
     return F.cross_entropy(
         logits,
         target,
