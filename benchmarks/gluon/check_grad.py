@@ -1,0 +1,305 @@
+"""GPU check and timing of the Gluon ``dz·W`` with the softmax in its prologue (``grad_gemm.py``).
+
+    cd /work/main && PYTHONPATH=src python benchmarks/gluon/check_grad.py
+
+Every step runs in its own subprocess with a wall-clock limit (a deadlock or crash costs only that step):
+(1) correctness at r = 1024, H in {768, 2048}, V in {50257, 151936}, 10% ignored rows, with / without label
+smoothing, bf16 and fp32 outputs, forced V splits, NaN-poisoned outputs: grad_x against float64 ``dz·W`` built from
+the same z, lse, coefs; its error must be within 2x of cuBLAS's on the bf16-rounded dz (max abs and relative
+Frobenius); the stored dz (STORE_DZ) within one bf16 ulp of the float64 dz, the padding columns untouched;
+(2) timings (``do_bench`` medians): cuBLAS ``dz @ W`` on a precomputed bf16 dz (the floor), the plain-Triton
+``_input_grad_kernel`` (its launcher, 64x512 default and 128x256), the Gluon kernel without / with STORE_DZ.
+A table comes last.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECK_CASES = [(1024, h, v) for v in (50257, 151936) for h in (768, 2048)]
+TIME_SHAPES = [(4096, 896, 151936), (4096, 2048, 128256), (2048, 768, 50257)]
+LIMITS = {"check": 150, "time_base": 60, "time_gluon": 75}
+
+
+def _setup():
+    import torch
+
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
+    import grad_gemm as gg
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return torch, gg
+
+
+def _result(d):
+    print("@@RESULT " + json.dumps(d), flush=True)
+
+
+def _problem(torch, r, h, v, seed, smoothing):
+    """x, W, target (10% ignored), z (bf16, row-padded), lse (r,) fp32, coefs (3, r) fp32 — as the v14 bench builds
+    them: the plain-Triton logits+stats GEMM and ``combine_stats`` (mean reduction, ignore_index -100)."""
+    from linear_cross_entropy.backends.common import LossParams
+    from linear_cross_entropy.backends.fused import softmax_gemm as tsg
+    from linear_cross_entropy.backends.fused.gemm import row_padded
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(r, h, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(v, h, device="cuda", generator=g) * (2 / h**0.5)).bfloat16()
+    y = torch.randint(0, v, (r,), device="cuda", generator=g)
+    y[torch.rand(r, device="cuda", generator=g) < 0.10] = -100
+    y[:4] = torch.tensor([0, v - 1, v - 2, (v // 64) * 64], device="cuda")  # edge classes (last, partial step)
+    kept = (y != -100).sum().clamp_min(1)
+    share = torch.ones(r, device="cuda") / kept
+    lp = LossParams("mean", -100, 0.1 if smoothing else 0.0, False)
+    z = row_padded(r, v, torch.bfloat16, torch.device("cuda"))
+    stats = tsg.logits_stats(x, w, None, y, z, lp)
+    _, lse, coefs = tsg.combine_stats(stats, y, lp, v, (share, share))
+    return x, w, y, z, lse.contiguous(), coefs.contiguous(), lp
+
+
+def _dz64(torch, z, y, lse, coefs, smoothing):
+    zd = z.double()
+    coef, t, e = coefs.double().unbind(0)
+    dz = coef[:, None] * torch.exp(zd - lse.double()[:, None])
+    rows = torch.nonzero(y >= 0).squeeze(1)
+    dz[rows, y[rows]] -= t[rows]
+    if smoothing:
+        dz -= e[:, None]
+    return dz
+
+
+def _errs(torch, got, ref):
+    d = got.double() - ref
+    return d.abs().max().item(), (d.norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _ulp_ok(torch, got, ref64):
+    """(#entries off by more than one bf16 ulp of the float64 value, max |Δ|)."""
+    ref = ref64.float()
+    _, ex = torch.frexp(ref)
+    ulp = torch.ldexp(torch.ones_like(ref), ex - 8)
+    diff = (got.float() - ref).abs()
+    return int((diff > ulp * 1.0001 + 1e-30).sum().item()), diff.max().item()
+
+
+def step_check():
+    torch, gg = _setup()
+    from linear_cross_entropy.backends.fused.gemm import row_padded
+
+    i = 0
+    for r, h, v in CHECK_CASES:
+        for smoothing in (False, True):
+            i += 1
+            x, w, y, z, lse, coefs, _ = _problem(torch, r, h, v, seed=i, smoothing=smoothing)
+            dz = _dz64(torch, z, y, lse, coefs, smoothing)
+            ref = dz @ w.double()
+            cub = dz.bfloat16() @ w  # cuBLAS on the bf16-rounded dz (bf16 out)
+            cub_max, cub_rel = _errs(torch, cub, ref)
+            cub32_max, cub32_rel = _errs(torch, (dz.bfloat16().float() @ w.float()), ref)
+            variants = [
+                ("bf16 out", torch.bfloat16, False, None),
+                ("bf16 out + STORE_DZ", torch.bfloat16, True, None),
+                ("fp32 out", torch.float32, False, None),
+                ("bf16 out, 3 V splits", torch.bfloat16, False, 3),
+                ("fp32 out + STORE_DZ, 2 V splits", torch.float32, True, 2),
+            ]
+            for name, odt, store, splits in variants:
+                label = f"r={r} H={h} V={v} smoothing={int(smoothing)} {name}"
+                try:
+                    out = torch.full((r, h), float("nan"), dtype=odt, device="cuda")
+                    dzo = None
+                    if store:
+                        dzo = row_padded(r, v, torch.bfloat16, torch.device("cuda"))
+                        dzo.as_strided((r, dzo.stride(0)), (dzo.stride(0), 1)).fill_(float("nan"))
+                    gg.grad_x(z, w, y, lse, coefs, smoothing, out, dzo, splits=splits)
+                    torch.cuda.synchronize()
+                    nan = int(torch.isnan(out).sum().item())
+                    mx, rel = _errs(torch, out, ref)
+                    bmax, brel = (cub_max, cub_rel) if odt == torch.bfloat16 else (cub32_max, cub32_rel)
+                    ok = nan == 0 and mx <= 2 * bmax and rel <= 2 * brel
+                    msg = f"NaN {nan}, max|Δ| {mx:.3g} (cuBLAS {bmax:.3g}), rel {rel:.3g} (cuBLAS {brel:.3g})"
+                    if store:
+                        full = dzo.as_strided((r, dzo.stride(0)), (dzo.stride(0), 1))
+                        pad_nan = bool(torch.isnan(full[:, v:]).all().item()) if full.shape[1] > v else True
+                        dnan = int(torch.isnan(dzo).sum().item())
+                        over, dmax = _ulp_ok(torch, dzo, dz)
+                        ok = ok and dnan == 0 and over == 0 and pad_nan
+                        msg += f"; dz NaN {dnan}, > 1 ulp {over}, max|Δ| {dmax:.3g}, padding untouched {pad_nan}"
+                    print(f"{'PASS' if ok else 'FAIL'} {label}: {msg}", flush=True)
+                    _result(dict(kind="check", ok=ok))
+                except Exception as e:  # noqa: BLE001
+                    txt = str(e).strip().splitlines()
+                    print(f"FAIL {label}: {type(e).__name__}: {txt[-1][:300] if txt else ''}", flush=True)
+                    _result(dict(kind="check", ok=False))
+                    if "CUDA" in str(e) or "illegal" in str(e):
+                        return
+            del x, w, y, z, dz, ref, cub
+            torch.cuda.empty_cache()
+
+
+def _time(name, shape, fn):
+    import triton.testing
+
+    try:
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except Exception as e:  # noqa: BLE001
+        txt = str(e).strip().splitlines()
+        print(f"  {name} {shape}: failed: {type(e).__name__}: {txt[-1][:200] if txt else ''}", flush=True)
+        ms = float("nan")
+    r, h, v = shape
+    print(f"  {name:36s} {r}x{h}x{v}: {ms:.3f} ms ({2 * r * h * v / ms / 1e9:.0f} TFLOP/s)", flush=True)
+    _result(dict(kind="time", variant=name, shape=list(shape), ms=ms))
+
+
+def step_time_base():
+    torch, gg = _setup()
+    import dataclasses
+
+    from linear_cross_entropy.backends.fused import softmax_gemm as tsg
+
+    base = tsg.default_config(torch.device("cuda"))
+    t256 = dataclasses.replace(base, input_grad=tsg.GemmTiles(128, 256, 64, 8, 3))
+    for shape in TIME_SHAPES:
+        r, h, v = shape
+        x, w, y, z, lse, coefs, lp = _problem(torch, r, h, v, seed=0, smoothing=False)
+        dzb = torch.empty_like(z)
+        tsg.input_grad(z, w, y, lse, coefs, lp, torch.empty(r, h, dtype=torch.bfloat16, device="cuda"), dzb, base)
+        gx = torch.empty(r, h, dtype=torch.bfloat16, device="cuda")
+        # loop tensors are bound as defaults (B023): the lambdas run inside _time, before the del below
+        _time("cuBLAS dz @ W (bf16 dz given)", shape, lambda dzb=dzb, w=w, gx=gx: torch.matmul(dzb, w, out=gx))
+        _time(
+            "Triton v14 input_grad 64x512",
+            shape,
+            lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx, lp=lp: tsg.input_grad(
+                z, w, y, lse, coefs, lp, gx, None, base
+            ),
+        )
+        _time(
+            "Triton v14 input_grad 128x256",
+            shape,
+            lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx, lp=lp: tsg.input_grad(
+                z, w, y, lse, coefs, lp, gx, None, t256
+            ),
+        )
+        _time(
+            "Triton v14 input_grad 128x256 +dz",
+            shape,
+            lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx, lp=lp, dzb=dzb: tsg.input_grad(
+                z, w, y, lse, coefs, lp, gx, dzb, t256
+            ),
+        )
+        del x, w, y, z, dzb
+        torch.cuda.empty_cache()
+
+
+def step_time_gluon():
+    torch, gg = _setup()
+    for shape in TIME_SHAPES:
+        r, h, v = shape
+        x, w, y, z, lse, coefs, lp = _problem(torch, r, h, v, seed=0, smoothing=False)
+        gx = torch.empty(r, h, dtype=torch.bfloat16, device="cuda")
+        dzb = torch.empty_like(z)
+        # loop tensors are bound as defaults (B023): the lambdas run inside _time, before the del below
+        _time(
+            "Gluon grad_x",
+            shape,
+            lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: gg.grad_x(z, w, y, lse, coefs, False, gx),
+        )
+        _time(
+            "Gluon grad_x + STORE_DZ",
+            shape,
+            lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx, dzb=dzb: gg.grad_x(z, w, y, lse, coefs, False, gx, dzb),
+        )
+        _time(
+            "Gluon grad_x (label smoothing)",
+            shape,
+            lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: gg.grad_x(z, w, y, lse, coefs, True, gx),
+        )
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        tiles = -(-r // gg.DEFAULT.block_m) * -(-h // gg.DEFAULT.block_n)
+        if gg.choose_splits(tiles, sms, -(-v // gg.DEFAULT.block_k)) > 1:  # the split path's fp32 epilogue is C7515
+            _time(
+                "Gluon grad_x (forced 1 split)",
+                shape,
+                lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: gg.grad_x(z, w, y, lse, coefs, False, gx, splits=1),
+            )
+        del x, w, y, z, dzb
+        torch.cuda.empty_cache()
+
+
+def _run_step(step, limit):
+    t0 = time.time()
+    cmd = [sys.executable, os.path.abspath(__file__), "--step", step]
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+        out, err, status = cp.stdout, cp.stderr, f"exit {cp.returncode}"
+    except subprocess.TimeoutExpired as e:
+        dec = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        out, err, status = dec(e.stdout), dec(e.stderr), f"TIMEOUT after {limit} s (deadlock? killed)"
+    results = []
+    for line in out.splitlines():
+        if line.startswith("@@RESULT "):
+            results.append(json.loads(line[len("@@RESULT ") :]))
+        else:
+            print(line)
+    if status != "exit 0":
+        print(f"  [{step}] {status}; stderr tail:\n    " + "\n    ".join(err.strip().splitlines()[-12:]))
+    print(f"  [{step}] {status}, {time.time() - t0:.0f} s", flush=True)
+    return results, status
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--step":
+        return {"check": step_check, "time_base": step_time_base, "time_gluon": step_time_gluon}[sys.argv[2]]()
+    t0 = time.time()
+    info = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, triton; print(torch.cuda.get_device_name(), 'torch', "
+            "torch.__version__, 'triton', triton.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    print(info.stdout.strip() or info.stderr.strip()[-500:])
+    results = []
+    print("== check", flush=True)
+    res, status = _run_step("check", LIMITS["check"])
+    results += res
+    print("== time_base", flush=True)
+    results += _run_step("time_base", LIMITS["time_base"])[0]
+    if status.startswith("TIMEOUT") and not res:
+        print("== time_gluon: skipped (the check hung before any case reported)")
+    else:
+        print("== time_gluon", flush=True)
+        results += _run_step("time_gluon", LIMITS["time_gluon"])[0]
+
+    checks = [r for r in results if r["kind"] == "check"]
+    print(
+        f"\n== summary: checks {sum(r['ok'] for r in checks)} PASS, {sum(not r['ok'] for r in checks)} FAIL"
+        + (" (check step " + status + ")" if status != "exit 0" else "")
+    )
+    times = [r for r in results if r["kind"] == "time"]
+    variants = list(dict.fromkeys(r["variant"] for r in times))
+    shapes = [tuple(s) for s in TIME_SHAPES]
+    lookup = {(r["variant"], tuple(r["shape"])): r["ms"] for r in times}
+    print("\n| variant | " + " | ".join(f"{r}x{h}x{v} ms (× cuBLAS)" for r, h, v in shapes) + " |")
+    print("|---" * (len(shapes) + 1) + "|")
+    for var in variants:
+        cells = []
+        for s in shapes:
+            ms, base = lookup.get((var, s)), lookup.get(("cuBLAS dz @ W (bf16 dz given)", s))
+            cells.append(
+                "—" if ms is None else (f"{ms:.3f} ({ms / base:.2f}×)" if base and base == base else f"{ms:.3f}")
+            )
+        print(f"| {var} | " + " | ".join(cells) + " |")
+    print(f"\ntotal {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
