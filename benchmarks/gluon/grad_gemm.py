@@ -21,8 +21,11 @@ Design (what compiled without ptxas serialising the wgmma pipeline; see "What pt
 - Step k: wait ``ready[k % S]``; ``ldmatrix`` the z tile straight into wgmma's A register layout
   (``DotOperandLayout(0, acc_layout, k_width=2)``); form dz there (fp32 math, bf16 pack); issue the async wgmma
   with dz as A; ``warpgroup_mma_wait(1)`` (step k − 1 retired in this warpgroup); CTA barrier (retired in both);
-  TMA-load step k + S − 1 into step k − 1's slot. So the ``exp2``/FMAs of step k + 1 run while the tensor core
-  executes step k's wgmmas (software pipeline within each warpgroup; the SASS shows the next step's LDSM / MUFU
+  TMA-load step k + S − 1 into step k − 1's slot. The loop is unrolled by two (distinct dz values, so distinct
+  registers: a step's A registers are rewritten only after its wgmma retired; an odd unit runs one phantom step
+  with dz = 0 on reloaded step n − 1 data). Not unrolled, the next step's prologue wrote the in-flight wgmma's A
+  registers (PTX undefined behaviour; 67-84 such writes per loop in the SASS, 0 now). So the ``exp2``/FMAs of
+  step k + 1 run while the tensor core executes step k's wgmmas (software pipeline within each warpgroup; the SASS shows the next step's LDSM / MUFU
   between ``HGMMA … gsb0`` and the ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` of the following step).
 - ``STORE_DZ``: the units of the first feature block also store dz (bf16) per step through a double-buffered
   128×64 staging tile + TMA; a runtime branch inside the one K loop.
@@ -64,7 +67,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["GradConfig", "DEFAULT", "grad_x", "choose_splits", "descriptors"]
+__all__ = ["GradConfig", "DEFAULT", "grad_x", "choose_splits", "descriptors", "epilogue_pieces", "unit_steps", "plan"]
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -102,16 +105,69 @@ def _unit_coords(unit, tiles_n, splits, k_steps, steps_per_split):
 
 @gluon.jit
 def _issue(j, n, k_lo, off_m, off_n, z_desc, w_desc, z_bufs, w_bufs, ready):
-    """TMA loads of the unit's step j (if j < n) into slot j % S, completing ready[j % S]."""
+    """TMA loads of the unit's step j into slot j % S, completing ready[j % S], for j < n rounded up to even; the
+    phantom step n of an odd unit reloads step n − 1 (in-bounds data, its dz is zeroed: see ``_dz_step``)."""
     BLOCK_K: gl.constexpr = z_desc.block_type.shape[1]
     S: gl.constexpr = z_bufs.type.shape[0]
     nbytes: gl.constexpr = z_desc.block_type.nbytes + w_desc.block_type.nbytes
     s = j % S
-    pred = j < n
+    pred = j < n + (n & 1)
+    col = (k_lo + gl.minimum(j, n - 1)) * BLOCK_K
     bar = ready.index(s)
     mbarrier.expect(bar, nbytes, pred=pred)
-    tma.async_copy_global_to_shared(z_desc, [off_m, (k_lo + j) * BLOCK_K], bar, z_bufs.index(s), pred=pred)
-    tma.async_copy_global_to_shared(w_desc, [(k_lo + j) * BLOCK_K, off_n], bar, w_bufs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(z_desc, [off_m, col], bar, z_bufs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [col, off_n], bar, w_bufs.index(s), pred=pred)
+
+
+@gluon.jit
+def _dz_step(
+    k,
+    n,
+    k_lo,
+    off_m,
+    z_desc,
+    dz_desc,
+    z_bufs,
+    stage,
+    ready,
+    lse2,
+    coef,
+    te,
+    e_coef,
+    tgt_rel,
+    do_store,
+    PIECE: gl.constexpr,
+    a_layout: gl.constexpr,
+    HAS_SMOOTHING: gl.constexpr,
+    STORE: gl.constexpr,
+):
+    """Step k's A operand: wait for slot k % S, ldmatrix the 128 x 64 z tile into wgmma's A register layout, form
+    dz (fp32 math, bf16 pack), store it (STORE_DZ, units of the first feature block; staging half ``PIECE``). The
+    phantom step k = n (odd units) gets dz = 0 exactly: its row coefficients are zeroed."""
+    BLOCK_K: gl.constexpr = z_desc.block_type.shape[1]
+    S: gl.constexpr = z_bufs.type.shape[0]
+    s = k % S
+    valid = k < n
+    c = gl.where(valid, coef, 0.0)
+    t = gl.where(valid, te, 0.0)
+    mbarrier.wait(ready.index(s), (k // S) & 1)
+    z = z_bufs.index(s).load(a_layout)  # ldmatrix straight into wgmma's A layout
+    p = gl.exp2(z.to(gl.float32) * _LOG2E - lse2[:, None])
+    cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
+    on_target = cols[None, :] == (tgt_rel - k * BLOCK_K)[:, None]
+    if HAS_SMOOTHING:
+        sub = gl.where(on_target, t[:, None], gl.where(valid, e_coef, 0.0)[:, None])
+    else:
+        sub = gl.where(on_target, t[:, None], 0.0)
+    dz = (c[:, None] * p - sub).to(z_desc.dtype)
+    if STORE:
+        if do_store & valid:  # the units of the first feature block, real steps only
+            tma.store_wait(pendings=1)  # the store of step k - 2 (same half of the staging buffer) has read it
+            buf = stage.index(PIECE)
+            buf.store(dz)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(dz_desc, [off_m, (k_lo + k) * BLOCK_K], buf)
+    return dz
 
 
 @gluon.jit
@@ -138,35 +194,33 @@ def _k_loop(
     HAS_SMOOTHING: gl.constexpr,
     STORE: gl.constexpr,
 ):
-    """The unit's n steps. Step k: wait for slot k % S, ldmatrix the 128 x 64 z tile into wgmma's A register
-    layout, form dz (while step k - 1's wgmma runs on the tensor core), issue step k's async wgmma with dz as A,
-    wait until only it is in flight (step k - 1 retired, in this warpgroup), CTA barrier (retired in both),
-    refill step k - 1's slot with step k + S - 1."""
-    BLOCK_K: gl.constexpr = z_desc.block_type.shape[1]
+    """The unit's n steps (an odd n gets a zero phantom step), **unrolled by two** so that consecutive steps' dz
+    are distinct values (distinct PTX registers): a step's A registers are written again only two steps later,
+    after the ``warpgroup_mma_wait(1)`` that retired its wgmma. (Not unrolled, the next step's ``cvt`` wrote the
+    same PTX registers as the in-flight wgmma's A operand — undefined behaviour by the PTX ISA — and the SASS
+    showed FFMA/IMAD/F2FP into its A registers (R164–R179, s4 bf16 build) before the wait that retired it.)
+
+    Step k: form dz (while step k − 1's wgmma runs on the tensor core), issue step k's async wgmma with dz as A,
+    wait until only it is in flight (step k − 1 retired, in this warpgroup), CTA barrier (retired in both),
+    refill step k − 1's slot with step k + S − 1."""
     S: gl.constexpr = z_bufs.type.shape[0]
-    for k in range(n):
-        s = k % S
-        mbarrier.wait(ready.index(s), (k // S) & 1)
-        z = z_bufs.index(s).load(a_layout)  # ldmatrix straight into wgmma's A layout
-        p = gl.exp2(z.to(gl.float32) * _LOG2E - lse2[:, None])
-        cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
-        on_target = cols[None, :] == (tgt_rel - k * BLOCK_K)[:, None]
-        if HAS_SMOOTHING:
-            sub = gl.where(on_target, te[:, None], e_coef[:, None])
-        else:
-            sub = gl.where(on_target, te[:, None], 0.0)
-        dz = (coef[:, None] * p - sub).to(z_desc.dtype)
-        if STORE:
-            if do_store:  # the units of the first feature block
-                tma.store_wait(pendings=1)  # the store of step k - 2 (same half of the staging buffer) has read it
-                buf = stage.index(k % 2)
-                buf.store(dz)
-                fence_async_shared()
-                tma.async_copy_shared_to_global(dz_desc, [off_m, (k_lo + k) * BLOCK_K], buf)
-        acc = warpgroup_mma(dz, w_bufs.index(s), acc, is_async=True)
+    for k in range(0, n + (n & 1), 2):
+        dz0 = _dz_step(
+            k, n, k_lo, off_m, z_desc, dz_desc, z_bufs, stage, ready, lse2, coef, te, e_coef, tgt_rel, do_store,
+            0, a_layout, HAS_SMOOTHING, STORE,
+        )  # fmt: skip
+        acc = warpgroup_mma(dz0, w_bufs.index(k % S), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         gl.thread_barrier()  # both warpgroups' wgmma of step k - 1 retired: its slot may be overwritten
         _issue(k + S - 1, n, k_lo, off_m, off_n, z_desc, w_desc, z_bufs, w_bufs, ready)
+        dz1 = _dz_step(
+            k + 1, n, k_lo, off_m, z_desc, dz_desc, z_bufs, stage, ready, lse2, coef, te, e_coef, tgt_rel, do_store,
+            1, a_layout, HAS_SMOOTHING, STORE,
+        )  # fmt: skip
+        acc = warpgroup_mma(dz1, w_bufs.index((k + 1) % S), acc, is_async=True)
+        acc, dz0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, dz0))  # step k retired: dz0 may be reused
+        gl.thread_barrier()
+        _issue(k + S, n, k_lo, off_m, off_n, z_desc, w_desc, z_bufs, w_bufs, ready)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     return acc
 
@@ -271,6 +325,10 @@ def _grad_x_kernel(
     a2, b2 = gl.split(acc.reshape([BLOCK_M, 2, BLOCK_N // 2]).permute(0, 2, 1))
     p0, p1 = gl.split(a2.reshape([BLOCK_M, 2, EPI_N]).permute(0, 2, 1))
     p2, p3 = gl.split(b2.reshape([BLOCK_M, 2, EPI_N]).permute(0, 2, 1))
+    # p0..p3 are columns [0, 64), [64, 128), [128, 192), [192, 256) of the tile: the reshape is row-major, so the
+    # first split gives columns [0, 128) and [128, 256), the second their halves (the first GPU run stored p2 at
+    # +64 and p1 at +128: half of every tile's columns swapped, grad_x rel. error ~1; ``epilogue_pieces`` below is
+    # the same sequence in torch, checked on the CPU by ``check_grad.py --selftest``)
     if out_desc.dtype == gl.float32:
         buf = stage._reinterpret(gl.float32, [BLOCK_M, EPI_N], out_desc.layout)
         tma.store_wait(pendings=0)
@@ -278,11 +336,11 @@ def _grad_x_kernel(
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [out_row, off_n], buf)
         tma.store_wait(pendings=0)
-        buf.store(p2)
+        buf.store(p1)
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [out_row, off_n + EPI_N], buf)
         tma.store_wait(pendings=0)
-        buf.store(p1)
+        buf.store(p2)
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [out_row, off_n + 2 * EPI_N], buf)
         tma.store_wait(pendings=0)
@@ -294,11 +352,11 @@ def _grad_x_kernel(
         stage.index(0).store(p0.to(out_desc.dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [out_row, off_n], stage.index(0))
-        stage.index(1).store(p2.to(out_desc.dtype))
+        stage.index(1).store(p1.to(out_desc.dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [out_row, off_n + EPI_N], stage.index(1))
         tma.store_wait(pendings=1)
-        stage.index(0).store(p1.to(out_desc.dtype))
+        stage.index(0).store(p2.to(out_desc.dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [out_row, off_n + 2 * EPI_N], stage.index(0))
         tma.store_wait(pendings=1)
@@ -320,7 +378,11 @@ def _gl_dtype(dtype: torch.dtype):
 
 def descriptors(z, w, out, dz_out, cfg: GradConfig = DEFAULT):
     """TMA descriptors: z (BLOCK_M, BLOCK_K), W (BLOCK_K, BLOCK_N), out (BLOCK_M, 64), dz (BLOCK_M, BLOCK_K);
-    dz_out None: a descriptor of z itself (never written: the kernel is compiled without STORE_DZ)."""
+    dz_out None: a descriptor of z itself (never written: the kernel is compiled without STORE_DZ).
+
+    TMA stores write whole 16-byte chunks (triton-lang/triton#11583, H100): the dz store of the last class block
+    also writes columns ``[V, ceil(V / 8)·8)`` of each row (dz of the zero-filled z there), inside the row's own
+    padding (a 16-byte-aligned row stride is ≥ that), never the next row; nothing reads them."""
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
 
     def desc(t, block):
@@ -335,6 +397,28 @@ def descriptors(z, w, out, dz_out, cfg: GradConfig = DEFAULT):
     )
 
 
+def epilogue_pieces(acc: torch.Tensor, epi_n: int = 64) -> list[tuple[int, torch.Tensor]]:
+    """The kernel's epilogue split in torch (same reshape / permute / split sequence, ``gl.split`` = ``unbind(-1)``):
+    ``(column offset the kernel stores the piece at, piece)``, in store order. The CPU self-test checks that each
+    piece is ``acc[:, off : off + epi_n]``; keep it in step with ``_grad_x_kernel``'s epilogue."""
+    m, n = acc.shape
+    a2, b2 = acc.reshape(m, 2, n // 2).permute(0, 2, 1).unbind(-1)
+    p0, p1 = a2.reshape(m, 2, epi_n).permute(0, 2, 1).unbind(-1)
+    p2, p3 = b2.reshape(m, 2, epi_n).permute(0, 2, 1).unbind(-1)
+    return [(0, p0), (epi_n, p1), (2 * epi_n, p2), (3 * epi_n, p3)]
+
+
+def unit_steps(unit: int, tiles_n: int, splits: int, k_steps: int, steps_per_split: int) -> list[tuple[int, int, bool]]:
+    """Host mirror of a unit's schedule (``_unit_coords`` + the unrolled ``_k_loop`` + ``_issue``): per executed
+    step ``(slot, class block loaded, real step)``; the CPU self-test checks that the real steps of all units of a
+    tile cover ``[0, k_steps)`` once, every load is in range, and the loop runs an even number of steps."""
+    tile, split = divmod(unit, splits)
+    k_lo = split * steps_per_split
+    n = min(k_steps - k_lo, steps_per_split)
+    n2 = n + (n & 1)
+    return [(k % DEFAULT.stages, k_lo + min(k, n - 1), k < n) for k in range(0, n2)]
+
+
 def choose_splits(tiles: int, sms: int, k_steps: int, max_splits: int = 16, min_steps: int = 32) -> int:
     """Fewest V splits whose wave quantisation is within 3% of the best over ``1..max_splits``:
     time ∝ ceil(tiles·s / sms) / s."""
@@ -342,6 +426,16 @@ def choose_splits(tiles: int, sms: int, k_steps: int, max_splits: int = 16, min_
     cost = {s: -(-tiles * s // sms) / s for s in cands}
     best = min(cost.values())
     return min(s for s in cands if cost[s] <= best * 1.03)
+
+
+def plan(r: int, h: int, v: int, sms: int, cfg: GradConfig = DEFAULT, splits: int | None = None):
+    """The launch: ``(tiles_m, tiles_n, k_steps, splits, steps_per_split)``, no empty split."""
+    tiles_m, tiles_n = triton.cdiv(r, cfg.block_m), triton.cdiv(h, cfg.block_n)
+    k_steps = triton.cdiv(v, cfg.block_k)
+    if splits is None:
+        splits = choose_splits(tiles_m * tiles_n, sms, k_steps)
+    steps_per_split = triton.cdiv(k_steps, splits)
+    return tiles_m, tiles_n, k_steps, triton.cdiv(k_steps, steps_per_split), steps_per_split
 
 
 def _check(z, w, target, lse, coefs, out, dz_out):
@@ -378,13 +472,8 @@ def grad_x(
     (r, v), h = z.shape, w.shape[1]
     if r == 0:
         return out
-    tiles_m, tiles_n = triton.cdiv(r, cfg.block_m), triton.cdiv(h, cfg.block_n)
-    k_steps = triton.cdiv(v, cfg.block_k)
     sms = torch.cuda.get_device_properties(z.device).multi_processor_count
-    if splits is None:
-        splits = choose_splits(tiles_m * tiles_n, sms, k_steps)
-    steps_per_split = triton.cdiv(k_steps, splits)
-    splits = triton.cdiv(k_steps, steps_per_split)  # no empty split
+    tiles_m, tiles_n, k_steps, splits, steps_per_split = plan(r, h, v, sms, cfg, splits)
     if splits > 1:
         r_pad = tiles_m * cfg.block_m
         if workspace is None or workspace.shape != (splits, r_pad, h):
