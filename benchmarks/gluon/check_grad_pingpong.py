@@ -1,6 +1,7 @@
 """GPU check and timing of the warp-specialised Gluon ``dz·W`` (``grad_gemm_pingpong.py``).
 
     cd /work/main && PYTHONPATH=src python benchmarks/gluon/check_grad_pingpong.py
+    PYTHONPATH=/tmp/t36 python benchmarks/gluon/check_grad_pingpong.py --selftest   # CPU only, no kernel
 
 Every step runs in its own subprocess with a wall-clock limit (a deadlock or crash costs only that step):
 (1) correctness at r = 1024, H in {768, 2048}, V in {50257, 151936}, 10% ignored rows, with / without label
@@ -15,6 +16,7 @@ The problem builder and error helpers are imported from ``check_grad.py`` (read-
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -137,6 +139,145 @@ def step_time():
         torch.cuda.empty_cache()
 
 
+def _epilogue_stores(src):
+    """The consumer epilogue's stores, read from ``grad_gemm_pingpong.py``'s source: ``{"fp32": [(piece, column
+    block, buffer)], "bf16": [...]}`` in store order (column block i = ``off_n + i·EPI_N``)."""
+    body = src[src.index("# epilogue: four 64 x 64 pieces") :]
+    body = body[: body.index("@gluon.jit")]
+    fp32, bf16 = body.split("\n        else:\n", 1)
+    col = r"off_n(?: \+ (?:(\d+) \* )?(EPI_N))?"
+
+    def blk(m, i):
+        return int(m.group(i)) if m.group(i) else (1 if m.group(i + 1) else 0)
+
+    f = [
+        (m.group(1), blk(m, 2), "buf")
+        for m in re.finditer(r"buf\.store\((p\d)\)\s*fence_async_shared\(\)\s*tma\.async_copy_shared_to_global"
+                             r"\(out_desc, \[out_row, " + col + r"\], buf\)", fp32)
+    ]  # fmt: skip
+    b = [
+        (m.group(1), blk(m, 3), m.group(2))
+        for m in re.finditer(r"_store_piece\(out_desc, (p\d), (dz_[ab]), out_row, " + col + r"\)", bf16)
+    ]
+    return {"fp32": f, "bf16": b}
+
+
+def selftest():
+    """CPU only (no GPU, no kernel launch; Triton 3.6 importable). (1) The epilogue's reshape/permute/split
+    (``pp.epilogue_pieces``, the kernel's sequence in torch): piece pi is columns [64i, 64i + 64). (2) The kernel's
+    stores, read from its source, both paths (bf16 pieces, fp32 split partials): piece pi goes to ``off_n + i·EPI_N``,
+    each column block once, the bf16 pieces alternate the two staging buffers (``store_wait(1)`` reuse). The first
+    GPU run's order (p2 at +64, p1 at +128) fails (1)+(2). (3) The kernel's arithmetic emulated per unit / consumer
+    / step with those stores on small shapes (partial units, V splits, fp32 and bf16 outputs, smoothing, targets at
+    the edge classes) against float64 dz·W. (4) Launch plans and TMA descriptors of row-padded buffers."""
+    torch, pp = _setup()
+    from check_grad import _dz64
+
+    cfg = pp.DEFAULT
+    acc = torch.arange(cfg.block_m * cfg.block_n, dtype=torch.float32).reshape(cfg.block_m, cfg.block_n)
+    pieces = pp.epilogue_pieces(acc, cfg.block_k)
+    for i in range(4):
+        assert torch.equal(pieces[f"p{i}"], acc[:, 64 * i : 64 * i + 64]), f"p{i} is not columns [{64 * i}, +64)"
+    print("selftest: epilogue split p0..p3 = columns [0,64) [64,128) [128,192) [192,256) OK")
+
+    with open(pp.__file__) as fh:
+        stores = _epilogue_stores(fh.read())
+    for path, seq in stores.items():
+        print(f"selftest: {path} epilogue stores (piece, column block, buffer): {seq}")
+        assert len(seq) == 4, (path, seq)
+        assert sorted(b for _, b, _ in seq) == [0, 1, 2, 3], (path, seq)
+        for name, b, _ in seq:
+            assert torch.equal(pieces[name], acc[:, 64 * b : 64 * b + 64]), (
+                f"{path} epilogue stores {name} (columns [{64 * int(name[1])}, +64)) at off_n + {b}·EPI_N"
+            )
+    assert [buf for _, _, buf in stores["bf16"]] == ["dz_a", "dz_b", "dz_a", "dz_b"], stores["bf16"]
+    print("selftest: epilogue stores: piece pi at off_n + i·EPI_N in both paths OK")
+
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (200, 384, 3000, 1, torch.bfloat16, False),
+        (200, 384, 3000, 3, torch.bfloat16, True),
+        (130, 256, 1000, 2, torch.float32, True),
+        (64, 512, 4033, 1, torch.float32, False),
+    ]
+    for r, h, v, sp, odt, smoothing in cases:
+        x = torch.randn(r, h, generator=g).bfloat16()
+        w = (torch.randn(v, h, generator=g) * (2 / h**0.5)).bfloat16()
+        y = torch.randint(0, v, (r,), generator=g)
+        y[torch.rand(r, generator=g) < 0.1] = -100
+        y[:4] = torch.tensor([0, v - 1, v - 2, (v - 1) // 64 * 64])
+        z = (x.float() @ w.float().T).bfloat16()
+        lse = torch.logsumexp(z.float(), 1)
+        share = torch.where(y >= 0, 1.0 / (y >= 0).sum(), 0.0)
+        eps = 0.1 if smoothing else 0.0
+        coefs = torch.stack([share, share * (1 - eps), share * eps / v if smoothing else torch.zeros(r)])
+        ref = _dz64(torch, z, y, lse, coefs, smoothing) @ w.double()
+        out = _emulate(torch, pp, cfg, stores, z, w, y, lse, coefs, smoothing, sp, odt)
+        rel = ((out - ref).norm() / ref.norm()).item()
+        label = f"r={r} H={h} V={v} splits={sp} out={str(odt)[6:]} smoothing={int(smoothing)}"
+        assert rel < 5e-3, (label, rel)
+        print(f"selftest: emulated kernel {label}: rel {rel:.2g} OK")
+
+    from linear_cross_entropy.backends.fused.gemm import row_padded
+
+    shapes = CHECK_CASES + TIME_SHAPES + [(200, 384, 3000), (64, 256, 64)]
+    for r, h, v in shapes:
+        for sp in (None, 1, 2, 3, 16):
+            tiles_m, tiles_n, k_steps, splits, per = pp.plan(r, h, v, 132, cfg, sp)
+            assert tiles_m * 2 * cfg.block_m >= r and tiles_n * cfg.block_n >= h and k_steps * cfg.block_k >= v
+            assert splits >= 1 and (splits - 1) * per < k_steps <= splits * per, (r, h, v, sp)
+        zz = row_padded(8, v, torch.bfloat16, torch.device("cpu"))
+        for odt in (torch.bfloat16, torch.float32):
+            pp.descriptors(zz, torch.empty(v, h, dtype=torch.bfloat16), torch.empty(8, h, dtype=odt), cfg)
+            pp._check(zz, torch.empty(v, h, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int64), torch.zeros(8),
+                      torch.zeros(3, 8), torch.empty(8, h, dtype=odt))  # fmt: skip
+    print("selftest: launch plans, descriptors of row-padded buffers OK")
+
+
+def _emulate(torch, pp, cfg, stores, z, w, y, lse, coefs, smoothing, splits, odt):
+    """The kernel in torch: per unit (tile, split) and consumer (64 rows), per step the fp32 dz of the loaded tile
+    (zero-filled beyond V / r, as TMA and the masked loads), bf16, times the W tile; the epilogue pieces stored where
+    the kernel's source stores them (bf16 straight into out with one split and bf16 out, else fp32 partials)."""
+    (r, v), h = z.shape, w.shape[1]
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    tiles_m, tiles_n, k_steps, splits, per = pp.plan(r, h, v, 132, cfg, splits)
+    direct = splits == 1 and odt == torch.bfloat16
+    r_pad = tiles_m * 2 * bm
+    zp = torch.zeros(r_pad, k_steps * bk)
+    zp[:r, :v] = z.float()
+    wp = torch.zeros(k_steps * bk, tiles_n * bn)
+    wp[:v, :h] = w.float()
+    pad = lambda t: torch.cat([t, torch.zeros(r_pad - r, dtype=t.dtype)])  # noqa: E731  (masked loads)
+    lse2, coef, tco = pad(lse) * 1.4426950408889634, pad(coefs[0]), pad(coefs[1])
+    eco = pad(coefs[2]) if smoothing else torch.zeros(r_pad)
+    te = tco + eco
+    tgt = pad(torch.where(y >= 0, y, -1))
+    work = torch.full((splits, r_pad, tiles_n * bn), float("nan"))
+    seq = stores["bf16" if direct else "fp32"]
+    for unit in range(tiles_m * tiles_n * splits):
+        tile, split = divmod(unit, splits)
+        pm, pn = divmod(tile, tiles_n)
+        k_lo = split * per
+        n = min(k_steps - k_lo, per)
+        for c in range(2):
+            rows = slice(pm * 2 * bm + c * bm, pm * 2 * bm + c * bm + bm)
+            tgt_rel = torch.where(tgt[rows] >= 0, tgt[rows] - k_lo * bk, -1)
+            acc = torch.zeros(bm, bn)
+            for k in range(n):
+                cl = (k_lo + k) * bk
+                p = torch.exp2(zp[rows, cl : cl + bk] * 1.4426950408889634 - lse2[rows, None])
+                on_t = torch.arange(bk)[None, :] == (tgt_rel - k * bk)[:, None]
+                sub = torch.where(on_t, te[rows, None], eco[rows, None])
+                dz = (coef[rows, None] * p - sub).bfloat16().float()
+                acc += dz @ wp[cl : cl + bk, pn * bn : pn * bn + bn]
+            pieces = pp.epilogue_pieces(acc, bk)
+            for name, b, _ in seq:
+                piece = pieces[name].bfloat16().float() if direct else pieces[name]
+                work[split, rows, pn * bn + b * bk : pn * bn + (b + 1) * bk] = piece
+    res = work[0] if direct else work.sum(0)
+    return res[:r, :h].to(odt).double()
+
+
 def _run_step(step, limit):
     t0 = time.time()
     cmd = [sys.executable, os.path.abspath(__file__), "--step", step]
@@ -159,6 +300,8 @@ def _run_step(step, limit):
 
 
 def main():
+    if sys.argv[1:] == ["--selftest"]:
+        return selftest()
     if len(sys.argv) == 3 and sys.argv[1] == "--step":
         return {"check": step_check, "time": step_time}[sys.argv[2]]()
     t0 = time.time()

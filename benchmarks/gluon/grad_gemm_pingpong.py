@@ -51,8 +51,11 @@ The turn is not needed for the ring's correctness (each consumer waits every fil
 the producer's order (unit, k) is both consumers' order and S ≥ 2.
 
 Epilogue: the 64×256 accumulator in four 64×64 pieces through the consumer's two dz buffers (TMA store, bf16; or
-fp32 partials of a V split through the two buffers reinterpreted as one 64×64 fp32 tile). The next unit's first
-dz store waits for those TMA stores (``store_wait(0)``).
+fp32 partials of a V split through the two buffers reinterpreted as one 64×64 fp32 tile), piece pi to columns
+``off_n + 64i`` (the first GPU run stored p1 and p2 in each other's place, as ``grad_gemm.py`` had: every check
+rel. error ~1; ``epilogue_pieces`` + ``check_grad_pingpong.py --selftest`` check the order on the CPU). The next
+unit's first dz store waits for those TMA stores (``store_wait(0)``; Triton's membar puts a warpgroup ``bar.sync``
+after every ``cp.async.bulk.wait_group.read``, so no thread writes a buffer before the issuing thread's wait).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["PingPongConfig", "DEFAULT", "grad_x", "choose_splits", "descriptors"]
+__all__ = ["PingPongConfig", "DEFAULT", "grad_x", "choose_splits", "descriptors", "epilogue_pieces", "plan"]
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -246,6 +249,11 @@ def _consumer(
         a2, b2 = gl.split(acc.reshape([BLOCK_M, 2, BLOCK_N // 2]).permute(0, 2, 1))
         p0, p1 = gl.split(a2.reshape([BLOCK_M, 2, EPI_N]).permute(0, 2, 1))
         p2, p3 = gl.split(b2.reshape([BLOCK_M, 2, EPI_N]).permute(0, 2, 1))
+        # p0..p3 are columns [0, 64), [64, 128), [128, 192), [192, 256) of the tile: the reshape is row-major, so the
+        # first split gives columns [0, 128) and [128, 256), the second their halves. (The first GPU run stored p2 at
+        # +64 and p1 at +128, as grad_gemm.py's first version: half of every tile's columns swapped, grad_x rel.
+        # error ~1 in every check. ``epilogue_pieces`` is this sequence in torch; ``check_grad_pingpong.py
+        # --selftest`` checks it and the store offsets below, read from this source, on the CPU.)
         if out_desc.dtype == gl.float32:
             # the consumer's two bf16 buffers (16 KB, adjacent) as one 64 x 64 fp32 tile
             buf = dz_bufs._reinterpret(gl.float32, [2, BLOCK_M, EPI_N], out_desc.layout).index(CONSUMER)
@@ -254,11 +262,11 @@ def _consumer(
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [out_row, off_n], buf)
             tma.store_wait(pendings=0)
-            buf.store(p2)
+            buf.store(p1)
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [out_row, off_n + EPI_N], buf)
             tma.store_wait(pendings=0)
-            buf.store(p1)
+            buf.store(p2)
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [out_row, off_n + 2 * EPI_N], buf)
             tma.store_wait(pendings=0)
@@ -267,8 +275,8 @@ def _consumer(
             tma.async_copy_shared_to_global(out_desc, [out_row, off_n + 3 * EPI_N], buf)
         else:
             _store_piece(out_desc, p0, dz_a, out_row, off_n)
-            _store_piece(out_desc, p2, dz_b, out_row, off_n + EPI_N)
-            _store_piece(out_desc, p1, dz_a, out_row, off_n + 2 * EPI_N)
+            _store_piece(out_desc, p1, dz_b, out_row, off_n + EPI_N)
+            _store_piece(out_desc, p2, dz_a, out_row, off_n + 2 * EPI_N)
             _store_piece(out_desc, p3, dz_b, out_row, off_n + 3 * EPI_N)
     tma.store_wait(pendings=0)
 
@@ -400,6 +408,27 @@ def descriptors(z, w, out, cfg: PingPongConfig = DEFAULT):
     return desc(z, [bm, bk]), desc(w, [bk, bn]), desc(out, [bm, bk])
 
 
+def epilogue_pieces(acc: torch.Tensor, epi_n: int = 64) -> dict[str, torch.Tensor]:
+    """The consumer epilogue's split in torch (same reshape / permute / split sequence, ``gl.split`` =
+    ``unbind(-1)``): ``{"p0": ..., "p3": ...}`` for a ``(64, block_n)`` accumulator. Where the kernel stores each
+    piece is read from its source by ``check_grad_pingpong.py --selftest``; keep this in step with ``_consumer``."""
+    m, n = acc.shape
+    a2, b2 = acc.reshape(m, 2, n // 2).permute(0, 2, 1).unbind(-1)
+    p0, p1 = a2.reshape(m, 2, epi_n).permute(0, 2, 1).unbind(-1)
+    p2, p3 = b2.reshape(m, 2, epi_n).permute(0, 2, 1).unbind(-1)
+    return {"p0": p0, "p1": p1, "p2": p2, "p3": p3}
+
+
+def plan(r: int, h: int, v: int, sms: int, cfg: PingPongConfig = DEFAULT, splits: int | None = None):
+    """The launch: ``(tiles_m, tiles_n, k_steps, splits, steps_per_split)`` (128-row units), no empty split."""
+    tiles_m, tiles_n = triton.cdiv(r, 2 * cfg.block_m), triton.cdiv(h, cfg.block_n)
+    k_steps = triton.cdiv(v, cfg.block_k)
+    if splits is None:
+        splits = choose_splits(tiles_m * tiles_n, sms, k_steps)
+    steps_per_split = triton.cdiv(k_steps, splits)
+    return tiles_m, tiles_n, k_steps, triton.cdiv(k_steps, steps_per_split), steps_per_split
+
+
 def choose_splits(units: int, sms: int, k_steps: int, max_splits: int = 16, min_steps: int = 32) -> int:
     """Fewest V splits whose wave quantisation is within 3% of the best over ``1..max_splits``:
     time ∝ ceil(units·s / sms) / s."""
@@ -440,16 +469,10 @@ def grad_x(
     (r, v), h = z.shape, w.shape[1]
     if r == 0:
         return out
-    unit_m = 2 * cfg.block_m
-    tiles_m, tiles_n = triton.cdiv(r, unit_m), triton.cdiv(h, cfg.block_n)
-    k_steps = triton.cdiv(v, cfg.block_k)
     sms = torch.cuda.get_device_properties(z.device).multi_processor_count
-    if splits is None:
-        splits = choose_splits(tiles_m * tiles_n, sms, k_steps)
-    steps_per_split = triton.cdiv(k_steps, splits)
-    splits = triton.cdiv(k_steps, steps_per_split)  # no empty split
+    tiles_m, tiles_n, k_steps, splits, steps_per_split = plan(r, h, v, sms, cfg, splits)
     if splits > 1 or out.dtype != torch.bfloat16:
-        r_pad = tiles_m * unit_m
+        r_pad = tiles_m * 2 * cfg.block_m
         if workspace is None or workspace.shape != (splits, r_pad, h):
             workspace = torch.empty((splits, r_pad, h), dtype=torch.float32, device=z.device)
         dst, rows_per_split = workspace.view(splits * r_pad, h), r_pad
