@@ -23,11 +23,11 @@ Total about 2-3 minutes (first compiles included) if nothing hangs.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
+
+import harness  # this folder's GPU-script driver (the script's own folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -145,7 +145,7 @@ def step_check(shape, cfg_name):
                 flush=True,
             )
         if len(errs) < 2:
-            _result(dict(kind="check", shape=shape, eps=eps, ok=False))
+            harness.result(dict(kind="check", shape=shape, eps=eps, ok=False))
             continue
         ratios = [a / b if b > 0 else float("nan") for a, b in zip(errs["new"], errs["today"])]
         same = all(abs(r - 1) <= 0.05 for r in ratios)  # equal to ~2 significant digits
@@ -173,7 +173,7 @@ def step_check(shape, cfg_name):
             f"{comb[2]:.1e}",
             flush=True,
         )
-        _result(dict(kind="check", shape=shape, eps=eps, ok=ok, errs=errs))
+        harness.result(dict(kind="check", shape=shape, eps=eps, ok=ok, errs=errs))
         del buf_t, buf_n, nb, nb2, xr, wr, loss_ref, dz_t, dz_n
         torch.cuda.empty_cache()
 
@@ -212,35 +212,10 @@ def step_time(shape, cfg_name):
         t[name] = bench.bench(fn)
     for name in new:
         print(f"  {name:32s} {t[name]:8.3f} ms  {t[name] / t['floor']:.3f}× chunk floor", flush=True)
-    _result(dict(kind="time", shape=shape, chunks=chunks, rows=rows, t=t))
-
-
-def _result(d):
-    print("@@RESULT " + json.dumps(d), flush=True)
+    harness.result(dict(kind="time", shape=shape, chunks=chunks, rows=rows, t=t))
 
 
 # ----------------------------------------------------------------------------------------------------- driver side
-
-
-def _run_step(args_list, limit):
-    t0 = time.time()
-    cmd = [sys.executable, os.path.abspath(__file__), *args_list]
-    try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        out, err, status = cp.stdout, cp.stderr, f"exit {cp.returncode}"
-    except subprocess.TimeoutExpired as e:  # the child was SIGKILLed (its CUDA context and kernels with it)
-        dec = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
-        out, err, status = dec(e.stdout), dec(e.stderr), f"TIMEOUT after {limit} s (hang? killed)"
-    results = []
-    for line in out.splitlines():
-        if line.startswith("@@RESULT "):
-            results.append(json.loads(line[len("@@RESULT ") :]))
-        else:
-            print(line)
-    if status != "exit 0":
-        print(f"  [{' '.join(args_list)}] {status}; stderr tail:\n    " + "\n    ".join(err.strip().splitlines()[-12:]))
-    print(f"  [{' '.join(args_list)}] {status}, {time.time() - t0:.0f} s", flush=True)
-    return results, status
 
 
 ROWS = [  # (label, key in t, or a function of t)
@@ -313,26 +288,16 @@ def main():
         return (step_check if kind == "check" else step_time)(shape, args.config)
 
     t0 = time.time()
-    info = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import torch, triton; print(torch.cuda.get_device_name(), 'torch', "
-            "torch.__version__, 'triton', triton.__version__)",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    print((info.stdout.strip() or info.stderr.strip()[-500:]) + f"; Gluon stats GEMM config: {args.config}")
+    print(harness.device_line() + f"; Gluon stats GEMM config: {args.config}")
     checks, times = [], {}
     if not args.no_check:
         print(f"== correctness at {CHECK_ROWS} rows (against float64 autograd)", flush=True)
         for s in args.shapes:
-            res, _ = _run_step(["--step", f"check:{s}", "--config", args.config], LIMITS["check"])
+            res, _ = harness.run_step(__file__, ["--step", f"check:{s}", "--config", args.config], LIMITS["check"])
             checks += res
     print("== timings (do_bench medians, per chunk)", flush=True)
     for s in args.shapes:
-        res, _ = _run_step(["--step", f"time:{s}", "--config", args.config], LIMITS["time"])
+        res, _ = harness.run_step(__file__, ["--step", f"time:{s}", "--config", args.config], LIMITS["time"])
         for r in res:
             times[r["shape"]] = r
     if not args.no_check:

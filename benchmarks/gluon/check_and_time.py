@@ -14,11 +14,11 @@ limit).
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
+
+import harness  # this folder's GPU-script driver (the script's own folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (M, K, N, bias, smoothing). The first run crashed at (768, 151936, 0, 1): not the kernel but this script, whose
@@ -202,7 +202,7 @@ def step_check(kind, cfg_names, start=0):
         for i in range(start, len(cases)):
             m, k, n, bias, smoothing = cases[i]
             label = f"{kind} [{cname}] M={m} K={k} N={n}" + (f" bias={bias} smoothing={smoothing}" * (kind == "stats"))
-            _result(dict(kind="begin", case=i))
+            harness.result(dict(kind="begin", case=i))
             where = "setup"
             try:
                 x, w, b, y = _problem(torch, m, k, n, seed=i, bias=bool(bias))
@@ -226,36 +226,16 @@ def step_check(kind, cfg_names, start=0):
                     ok2, msg2 = _check_stats(torch, z, partials, z_y, y, cfg.block_n, bool(smoothing))
                     ok, msg = ok and ok2, f"{msg}; {msg2}"
                 print(f"{'PASS' if ok else 'FAIL'} {label}: {msg}", flush=True)
-                _result(dict(kind="check", variant=f"{kind} {cname}", ok=ok))
+                harness.result(dict(kind="check", variant=f"{kind} {cname}", ok=ok))
             except Exception as e:  # noqa: BLE001 - reported, the other cases go on
                 text = str(e).strip()
                 print(
                     f"FAIL {label}: in the {where}: {type(e).__name__}: {text.splitlines()[-1][:300] if text else ''}",
                     flush=True,
                 )
-                _result(dict(kind="check", variant=f"{kind} {cname}", ok=False))
+                harness.result(dict(kind="check", variant=f"{kind} {cname}", ok=False))
                 if "CUDA" in text or "illegal" in text or "Accelerator" in type(e).__name__:
                     sys.exit(3)  # the context is likely gone: the driver goes on in a new process
-
-
-def _bench(fn):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def _time(name, shape, fn):
-    try:
-        ms = _bench(fn)
-    except Exception as e:  # noqa: BLE001
-        print(
-            f"  {name} {shape}: failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}",
-            flush=True,
-        )
-        ms = float("nan")
-    m, k, n = shape
-    print(f"  {name:34s} {m}x{k}x{n}: {ms:.3f} ms ({2 * m * k * n / ms / 1e9:.0f} TFLOP/s)", flush=True)
-    _result(dict(kind="time", variant=name, shape=list(shape), ms=ms))
 
 
 def step_time_base(cfg_names):
@@ -269,13 +249,13 @@ def step_time_base(cfg_names):
     for shape in TIME_SHAPES:
         m, k, n = shape
         x, w, _, y = _problem(torch, m, k, n, seed=0)
-        # loop tensors are bound as defaults (B023): the lambdas run inside _time, before the del below
-        _time("cuBLAS x @ w.T", shape, lambda x=x, w=w: x @ w.T)
+        # loop tensors are bound as defaults (B023): the lambdas run inside harness.time_gemm, before the del below
+        harness.time_gemm("cuBLAS x @ w.T", shape, lambda x=x, w=w: x @ w.T)
         if n % 128:
             wp = torch.nn.functional.pad(w, (0, 0, 0, -(-n // 128) * 128 - n))
-            _time("cuBLAS x @ w.T (N padded to 128)", shape, lambda x=x, wp=wp: x @ wp.T)
+            harness.time_gemm("cuBLAS x @ w.T (N padded to 128)", shape, lambda x=x, wp=wp: x @ wp.T)
         z = row_padded(m, n, torch.bfloat16, torch.device("cuda"))
-        _time(
+        harness.time_gemm(
             "Triton v14 logits_stats 128x256", shape, lambda x=x, w=w, y=y, z=z: tsg.logits_stats(x, w, None, y, z, lp)
         )
         del x, w, y, z
@@ -290,9 +270,11 @@ def step_time_gluon(cfg_names, skip):
         z = sg.row_padded(m, n, torch.bfloat16, "cuda")
         for cname, cfg in _configs(sg, cfg_names).items():
             if f"plain {cname}" not in skip:
-                _time(f"Gluon plain_gemm [{cname}]", shape, lambda x=x, w=w, z=z, cfg=cfg: sg.plain_gemm(x, w, z, cfg))
+                harness.time_gemm(
+                    f"Gluon plain_gemm [{cname}]", shape, lambda x=x, w=w, z=z, cfg=cfg: sg.plain_gemm(x, w, z, cfg)
+                )
             if f"stats {cname}" not in skip:
-                _time(
+                harness.time_gemm(
                     f"Gluon stats_gemm [{cname}]",
                     shape,
                     lambda x=x, w=w, y=y, z=z, cfg=cfg: sg.stats_gemm(x, w, None, y, False, z, cfg),
@@ -301,33 +283,7 @@ def step_time_gluon(cfg_names, skip):
         torch.cuda.empty_cache()
 
 
-def _result(d):
-    print("@@RESULT " + json.dumps(d), flush=True)
-
-
 # ------------------------------------------------------------------------------------------------- driver side
-
-
-def _run_step(args_list, limit):
-    """Run this script as a worker with ``args_list``; echo its output; return (results, status)."""
-    t0 = time.time()
-    cmd = [sys.executable, os.path.abspath(__file__), *args_list]
-    try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        out, err, status = cp.stdout, cp.stderr, f"exit {cp.returncode}"
-    except subprocess.TimeoutExpired as e:  # the child was SIGKILLed
-        dec = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
-        out, err, status = dec(e.stdout), dec(e.stderr), f"TIMEOUT after {limit} s (deadlock? killed)"
-    results = []
-    for line in out.splitlines():
-        if line.startswith("@@RESULT "):
-            results.append(json.loads(line[len("@@RESULT ") :]))
-        else:
-            print(line)
-    if status != "exit 0":
-        print(f"  [{' '.join(args_list)}] {status}; stderr tail:\n    " + "\n    ".join(err.strip().splitlines()[-12:]))
-    print(f"  [{' '.join(args_list)}] {status}, {time.time() - t0:.0f} s", flush=True)
-    return results, status
 
 
 def main():
@@ -347,17 +303,7 @@ def main():
         return step_time_gluon(args.configs, set(" ".join(args.skip).split(",")) if args.skip else set())
 
     t0 = time.time()
-    info = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import torch, triton; print(torch.cuda.get_device_name(), 'torch', "
-            "torch.__version__, 'triton', triton.__version__)",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    print(info.stdout.strip() or info.stderr.strip()[-500:])
+    print(harness.device_line())
     all_results, hung = [], []
     for kind in ("plain", "stats"):
         n_cases = len(PLAIN_CASES if kind == "plain" else CHECK_CASES)
@@ -365,8 +311,10 @@ def main():
             print(f"== check {kind} [{c}]", flush=True)
             start = 0
             while start < n_cases:  # a crash or a hang ends the process: go on at the next case
-                res, status = _run_step(
-                    ["--step", f"check_{kind}", "--configs", c, "--start", str(start)], LIMITS[f"check_{kind}"]
+                res, status = harness.run_step(
+                    __file__,
+                    ["--step", f"check_{kind}", "--configs", c, "--start", str(start)],
+                    LIMITS[f"check_{kind}"],
                 )
                 all_results += [r for r in res if r["kind"] != "begin"]
                 begun = [r["case"] for r in res if r["kind"] == "begin"]
@@ -379,14 +327,15 @@ def main():
                     break
                 start = begun[-1] + 1
     print("== time_base", flush=True)
-    res, _ = _run_step(["--step", "time_base"], LIMITS["time_base"])
+    res, _ = harness.run_step(__file__, ["--step", "time_base"], LIMITS["time_base"])
     all_results += res
     for c in args.configs:
         if f"plain {c}" in hung and f"stats {c}" in hung:
             print(f"== time_gluon [{c}]: skipped (both checks hung)")
             continue
         print(f"== time_gluon [{c}]" + (f" (skipping hung: {hung})" if hung else ""), flush=True)
-        res, _ = _run_step(
+        res, _ = harness.run_step(
+            __file__,
             ["--step", "time_gluon", "--configs", c] + (["--skip", ",".join(hung)] if hung else []),
             LIMITS["time_gluon"],
         )
@@ -403,21 +352,7 @@ def main():
     for v in hung:
         if v not in checks:
             print(f"  check {v}: HUNG before any case reported")
-    times = [r for r in all_results if r["kind"] == "time"]
-    variants = list(dict.fromkeys(r["variant"] for r in times))
-    shapes = [tuple(s) for s in TIME_SHAPES]
-    print("\n| variant | " + " | ".join(f"{m}x{k}x{n} ms (× cuBLAS)" for m, k, n in shapes) + " |")
-    print("|---" * (len(shapes) + 1) + "|")
-    lookup = {(r["variant"], tuple(r["shape"])): r["ms"] for r in times}
-    for v in variants:
-        cells = []
-        for s in shapes:
-            ms, base = lookup.get((v, s)), lookup.get(("cuBLAS x @ w.T", s))
-            if ms is None:
-                cells.append("—")
-            else:
-                cells.append(f"{ms:.3f} ({ms / base:.2f}×)" if base and base == base else f"{ms:.3f}")
-        print(f"| {v} | " + " | ".join(cells) + " |")
+    harness.ratio_table(all_results, TIME_SHAPES, "cuBLAS x @ w.T")
     print(f"\ntotal {time.time() - t0:.0f} s")
 
 

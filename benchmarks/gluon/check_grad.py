@@ -13,11 +13,11 @@ Frobenius); the stored dz (STORE_DZ) within one bf16 ulp of the float64 dz, the 
 A table comes last.
 """
 
-import json
 import os
-import subprocess
 import sys
 import time
+
+import harness  # this folder's GPU-script driver (the script's own folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK_CASES = [(1024, h, v) for v in (50257, 151936) for h in (768, 2048)]
@@ -34,10 +34,6 @@ def _setup():
 
     torch.backends.cuda.matmul.allow_tf32 = False
     return torch, gg
-
-
-def _result(d):
-    print("@@RESULT " + json.dumps(d), flush=True)
 
 
 def _problem(torch, r, h, v, seed, smoothing):
@@ -172,29 +168,15 @@ def step_check():
                             f"{granule} written (expected: TMA), beyond it untouched {rest}"
                         )
                     print(f"{'PASS' if ok else 'FAIL'} {label}: {msg}", flush=True)
-                    _result(dict(kind="check", ok=ok))
+                    harness.result(dict(kind="check", ok=ok))
                 except Exception as e:  # noqa: BLE001
                     txt = str(e).strip().splitlines()
                     print(f"FAIL {label}: {type(e).__name__}: {txt[-1][:300] if txt else ''}", flush=True)
-                    _result(dict(kind="check", ok=False))
+                    harness.result(dict(kind="check", ok=False))
                     if "CUDA" in str(e) or "illegal" in str(e):
                         return
             del x, w, y, z, dz, ref, cub
             torch.cuda.empty_cache()
-
-
-def _time(name, shape, fn):
-    import triton.testing
-
-    try:
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except Exception as e:  # noqa: BLE001
-        txt = str(e).strip().splitlines()
-        print(f"  {name} {shape}: failed: {type(e).__name__}: {txt[-1][:200] if txt else ''}", flush=True)
-        ms = float("nan")
-    r, h, v = shape
-    print(f"  {name:36s} {r}x{h}x{v}: {ms:.3f} ms ({2 * r * h * v / ms / 1e9:.0f} TFLOP/s)", flush=True)
-    _result(dict(kind="time", variant=name, shape=list(shape), ms=ms))
 
 
 def step_time_base():
@@ -214,23 +196,25 @@ def step_time_base():
         dzb = row_padded(r, v, torch.bfloat16, torch.device("cuda"))
         tsg.input_grad(z, w, y, lse, coefs, lp, torch.empty(r, h, dtype=torch.bfloat16, device="cuda"), dzb, base)
         gx = torch.empty(r, h, dtype=torch.bfloat16, device="cuda")
-        # loop tensors are bound as defaults (B023): the lambdas run inside _time, before the del below
-        _time("cuBLAS dz @ W (bf16 dz given)", shape, lambda dzb=dzb, w=w, gx=gx: torch.matmul(dzb, w, out=gx))
-        _time(
+        # loop tensors are bound as defaults (B023): the lambdas run inside harness.time_gemm, before the del below
+        harness.time_gemm(
+            "cuBLAS dz @ W (bf16 dz given)", shape, lambda dzb=dzb, w=w, gx=gx: torch.matmul(dzb, w, out=gx)
+        )
+        harness.time_gemm(
             "Triton v14 input_grad 64x512",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx, lp=lp: tsg.input_grad(
                 z, w, y, lse, coefs, lp, gx, None, base
             ),
         )
-        _time(
+        harness.time_gemm(
             "Triton v14 input_grad 128x256",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx, lp=lp: tsg.input_grad(
                 z, w, y, lse, coefs, lp, gx, None, t256
             ),
         )
-        _time(
+        harness.time_gemm(
             "Triton v14 input_grad 128x256 +dz",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx, lp=lp, dzb=dzb: tsg.input_grad(
@@ -250,18 +234,18 @@ def step_time_gluon():
         x, w, y, z, lse, coefs, lp = _problem(torch, r, h, v, seed=0, smoothing=False)
         gx = torch.empty(r, h, dtype=torch.bfloat16, device="cuda")
         dzb = row_padded(r, v, torch.bfloat16, torch.device("cuda"))  # not empty_like(z): see step_time_base
-        # loop tensors are bound as defaults (B023): the lambdas run inside _time, before the del below
-        _time(
+        # loop tensors are bound as defaults (B023): the lambdas run inside harness.time_gemm, before the del below
+        harness.time_gemm(
             "Gluon grad_x",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: gg.grad_x(z, w, y, lse, coefs, False, gx),
         )
-        _time(
+        harness.time_gemm(
             "Gluon grad_x + STORE_DZ",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx, dzb=dzb: gg.grad_x(z, w, y, lse, coefs, False, gx, dzb),
         )
-        _time(
+        harness.time_gemm(
             "Gluon grad_x (label smoothing)",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: gg.grad_x(z, w, y, lse, coefs, True, gx),
@@ -269,7 +253,7 @@ def step_time_gluon():
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         tiles = -(-r // gg.DEFAULT.block_m) * -(-h // gg.DEFAULT.block_n)
         if gg.choose_splits(tiles, sms, -(-v // gg.DEFAULT.block_k)) > 1:  # the split path's fp32 epilogue is C7515
-            _time(
+            harness.time_gemm(
                 "Gluon grad_x (forced 1 split)",
                 shape,
                 lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: gg.grad_x(z, w, y, lse, coefs, False, gx, splits=1),
@@ -373,75 +357,33 @@ def _emulate(torch, gg, cfg, z, w, y, lse, coefs, smoothing, splits):
     return work.sum(0)[:r, :h].double()
 
 
-def _run_step(step, limit):
-    t0 = time.time()
-    cmd = [sys.executable, os.path.abspath(__file__), "--step", step]
-    try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        out, err, status = cp.stdout, cp.stderr, f"exit {cp.returncode}"
-    except subprocess.TimeoutExpired as e:
-        dec = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
-        out, err, status = dec(e.stdout), dec(e.stderr), f"TIMEOUT after {limit} s (deadlock? killed)"
-    results = []
-    for line in out.splitlines():
-        if line.startswith("@@RESULT "):
-            results.append(json.loads(line[len("@@RESULT ") :]))
-        else:
-            print(line)
-    if status != "exit 0":
-        print(f"  [{step}] {status}; stderr tail:\n    " + "\n    ".join(err.strip().splitlines()[-12:]))
-    print(f"  [{step}] {status}, {time.time() - t0:.0f} s", flush=True)
-    return results, status
-
-
 def main():
     if sys.argv[1:] == ["--selftest"]:
         return selftest()
     if len(sys.argv) == 3 and sys.argv[1] == "--step":
         return {"check": step_check, "time_base": step_time_base, "time_gluon": step_time_gluon}[sys.argv[2]]()
     t0 = time.time()
-    info = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import torch, triton; print(torch.cuda.get_device_name(), 'torch', "
-            "torch.__version__, 'triton', triton.__version__)",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    print(info.stdout.strip() or info.stderr.strip()[-500:])
+    print(harness.device_line())
     results = []
     print("== check", flush=True)
-    res, status = _run_step("check", LIMITS["check"])
+    res, status = harness.run_step(__file__, ["--step", "check"], label="check", limit=LIMITS["check"])
     results += res
     print("== time_base", flush=True)
-    results += _run_step("time_base", LIMITS["time_base"])[0]
+    results += harness.run_step(__file__, ["--step", "time_base"], label="time_base", limit=LIMITS["time_base"])[0]
     if status.startswith("TIMEOUT") and not res:
         print("== time_gluon: skipped (the check hung before any case reported)")
     else:
         print("== time_gluon", flush=True)
-        results += _run_step("time_gluon", LIMITS["time_gluon"])[0]
+        results += harness.run_step(__file__, ["--step", "time_gluon"], label="time_gluon", limit=LIMITS["time_gluon"])[
+            0
+        ]
 
     checks = [r for r in results if r["kind"] == "check"]
     print(
         f"\n== summary: checks {sum(r['ok'] for r in checks)} PASS, {sum(not r['ok'] for r in checks)} FAIL"
         + (" (check step " + status + ")" if status != "exit 0" else "")
     )
-    times = [r for r in results if r["kind"] == "time"]
-    variants = list(dict.fromkeys(r["variant"] for r in times))
-    shapes = [tuple(s) for s in TIME_SHAPES]
-    lookup = {(r["variant"], tuple(r["shape"])): r["ms"] for r in times}
-    print("\n| variant | " + " | ".join(f"{r}x{h}x{v} ms (× cuBLAS)" for r, h, v in shapes) + " |")
-    print("|---" * (len(shapes) + 1) + "|")
-    for var in variants:
-        cells = []
-        for s in shapes:
-            ms, base = lookup.get((var, s)), lookup.get(("cuBLAS dz @ W (bf16 dz given)", s))
-            cells.append(
-                "—" if ms is None else (f"{ms:.3f} ({ms / base:.2f}×)" if base and base == base else f"{ms:.3f}")
-            )
-        print(f"| {var} | " + " | ".join(cells) + " |")
+    harness.ratio_table(results, TIME_SHAPES, "cuBLAS dz @ W (bf16 dz given)")
     print(f"\ntotal {time.time() - t0:.0f} s")
 
 

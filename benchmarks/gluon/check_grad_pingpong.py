@@ -14,12 +14,12 @@ padded to a multiple of 8), the Gluon kernel (ping-pong, free-running, with labe
 The problem builder and error helpers are imported from ``check_grad.py`` (read-only).
 """
 
-import json
 import os
 import re
-import subprocess
 import sys
 import time
+
+import harness  # this folder's GPU-script driver (the script's own folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK_CASES = [(1024, h, v) for v in (50257, 151936) for h in (768, 2048)]
@@ -37,10 +37,6 @@ def _setup():
 
     torch.backends.cuda.matmul.allow_tf32 = False
     return torch, pp
-
-
-def _result(d):
-    print("@@RESULT " + json.dumps(d), flush=True)
 
 
 def step_check():
@@ -76,29 +72,15 @@ def step_check():
                     ok = nan == 0 and mx <= 2 * bmax and rel <= 2 * brel and rel < 0.05
                     msg = f"NaN {nan}, max|Δ| {mx:.3g} (cuBLAS {bmax:.3g}), rel {rel:.3g} (cuBLAS {brel:.3g})"
                     print(f"{'PASS' if ok else 'FAIL'} {label}: {msg}", flush=True)
-                    _result(dict(kind="check", ok=ok))
+                    harness.result(dict(kind="check", ok=ok))
                 except Exception as e:  # noqa: BLE001
                     txt = str(e).strip().splitlines()
                     print(f"FAIL {label}: {type(e).__name__}: {txt[-1][:300] if txt else ''}", flush=True)
-                    _result(dict(kind="check", ok=False))
+                    harness.result(dict(kind="check", ok=False))
                     if "CUDA" in str(e) or "illegal" in str(e):
                         return
             del w, y, z, dz, ref
             torch.cuda.empty_cache()
-
-
-def _time(name, shape, fn):
-    import triton.testing
-
-    try:
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except Exception as e:  # noqa: BLE001
-        txt = str(e).strip().splitlines()
-        print(f"  {name} {shape}: failed: {type(e).__name__}: {txt[-1][:200] if txt else ''}", flush=True)
-        ms = float("nan")
-    r, h, v = shape
-    print(f"  {name:36s} {r}x{h}x{v}: {ms:.3f} ms ({2 * r * h * v / ms / 1e9:.0f} TFLOP/s)", flush=True)
-    _result(dict(kind="time", variant=name, shape=list(shape), ms=ms))
 
 
 def step_time():
@@ -118,19 +100,19 @@ def step_time():
         dzb.copy_(d)
         del d
         gx = torch.empty(r, h, dtype=torch.bfloat16, device="cuda")
-        # loop tensors are bound as defaults (B023): the lambdas run inside _time, before the del below
-        _time(BASE, shape, lambda dzb=dzb, w=w, gx=gx: torch.matmul(dzb, w, out=gx))
-        _time(
+        # loop tensors are bound as defaults (B023): the lambdas run inside harness.time_gemm, before the del below
+        harness.time_gemm(BASE, shape, lambda dzb=dzb, w=w, gx=gx: torch.matmul(dzb, w, out=gx))
+        harness.time_gemm(
             "Gluon ping-pong grad_x",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: pp.grad_x(z, w, y, lse, coefs, False, gx),
         )
-        _time(
+        harness.time_gemm(
             "Gluon grad_x, no MMA turn",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: pp.grad_x(z, w, y, lse, coefs, False, gx, free),
         )
-        _time(
+        harness.time_gemm(
             "Gluon ping-pong (label smoothing)",
             shape,
             lambda z=z, w=w, y=y, lse=lse, coefs=coefs, gx=gx: pp.grad_x(z, w, y, lse, coefs, True, gx),
@@ -278,69 +260,26 @@ def _emulate(torch, pp, cfg, stores, z, w, y, lse, coefs, smoothing, splits, odt
     return res[:r, :h].to(odt).double()
 
 
-def _run_step(step, limit):
-    t0 = time.time()
-    cmd = [sys.executable, os.path.abspath(__file__), "--step", step]
-    try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        out, err, status = cp.stdout, cp.stderr, f"exit {cp.returncode}"
-    except subprocess.TimeoutExpired as e:
-        dec = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
-        out, err, status = dec(e.stdout), dec(e.stderr), f"TIMEOUT after {limit} s (deadlock? killed)"
-    results = []
-    for line in out.splitlines():
-        if line.startswith("@@RESULT "):
-            results.append(json.loads(line[len("@@RESULT ") :]))
-        else:
-            print(line)
-    if status != "exit 0":
-        print(f"  [{step}] {status}; stderr tail:\n    " + "\n    ".join(err.strip().splitlines()[-12:]))
-    print(f"  [{step}] {status}, {time.time() - t0:.0f} s", flush=True)
-    return results, status
-
-
 def main():
     if sys.argv[1:] == ["--selftest"]:
         return selftest()
     if len(sys.argv) == 3 and sys.argv[1] == "--step":
         return {"check": step_check, "time": step_time}[sys.argv[2]]()
     t0 = time.time()
-    info = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import torch, triton; print(torch.cuda.get_device_name(), 'torch', "
-            "torch.__version__, 'triton', triton.__version__)",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    print(info.stdout.strip() or info.stderr.strip()[-500:])
+    print(harness.device_line())
     print("== check", flush=True)
-    results, status = _run_step("check", LIMITS["check"])
+    results, status = harness.run_step(__file__, ["--step", "check"], label="check", limit=LIMITS["check"])
     checks = [r for r in results if r["kind"] == "check"]
     if status.startswith("TIMEOUT") and not checks:
         print("== time: skipped (the check hung before any case reported)")
     else:
         print("== time", flush=True)
-        results += _run_step("time", LIMITS["time"])[0]
+        results += harness.run_step(__file__, ["--step", "time"], label="time", limit=LIMITS["time"])[0]
     print(
         f"\n== summary: checks {sum(r['ok'] for r in checks)} PASS, {sum(not r['ok'] for r in checks)} FAIL"
         + (" (check step " + status + ")" if status != "exit 0" else "")
     )
-    times = [r for r in results if r["kind"] == "time"]
-    variants = list(dict.fromkeys(r["variant"] for r in times))
-    lookup = {(r["variant"], tuple(r["shape"])): r["ms"] for r in times}
-    print("\n| variant | " + " | ".join(f"{r}x{h}x{v} ms (× cuBLAS)" for r, h, v in TIME_SHAPES) + " |")
-    print("|---" * (len(TIME_SHAPES) + 1) + "|")
-    for var in variants:
-        cells = []
-        for s in map(tuple, TIME_SHAPES):
-            ms, base = lookup.get((var, s)), lookup.get((BASE, s))
-            cells.append(
-                "—" if ms is None else (f"{ms:.3f} ({ms / base:.2f}×)" if base and base == base else f"{ms:.3f}")
-            )
-        print(f"| {var} | " + " | ".join(cells) + " |")
+    harness.ratio_table(results, TIME_SHAPES, BASE)
     print(f"\ntotal {time.time() - t0:.0f} s")
 
 

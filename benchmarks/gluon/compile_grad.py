@@ -85,6 +85,27 @@ def compile_one(fn, args: dict, consts: dict, maxnreg, num_warps: int, dump: str
     )
 
 
+SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
+
+
+def report(label: str, res: dict, need_setmaxnreg: bool = False) -> bool:
+    """Print one configuration's resource line; whether it fits, does not spill, is not serialised by ptxas (and,
+    with ``need_setmaxnreg``, reconfigures registers: warp specialisation took effect)."""
+    spill = "none" if (res["LDL"] + res["STL"] == 0 and res["stack"] == "0") else "SPILLS"
+    fits = "fits" if res["smem"] <= SMEM_LIMIT else f"OVER the {SMEM_LIMIT} B limit"
+    print(
+        f"{label}: smem {res['smem']} B ({fits}), {res['warps']} warps, REG {res['regs']}, stack {res['stack']}, "
+        f"spills {spill} (LDL {res['LDL']} STL {res['STL']}), HGMMA {res['HGMMA']} (ptx wgmma {res['wgmma_ptx']}), "
+        f"HMMA {res['HMMA']}, MUFU.EX2 {res['MUFU.EX2']}, LDSM {res['LDSM']}, "
+        f"WARPGROUP.ARRIVE {res['WARPGROUP.ARRIVE']} DEPBAR {res['WARPGROUP.DEPBAR']}, "
+        f"setmaxnreg {res['setmaxnreg'] or 'none'}, ptxas -v rc {res['ptxas_rc']}, "
+        f"wgmma serialisation: {res['serial'] or 'none reported'}",
+        flush=True,
+    )
+    ok = res["smem"] <= SMEM_LIMIT and spill == "none" and not res["serial"]
+    return ok and (bool(res["setmaxnreg"]) or not need_setmaxnreg)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", default=None)
@@ -129,18 +150,7 @@ def main():
             msg = str(e).strip().splitlines()
             print(f"{label}: FAILED {type(e).__name__}: {' | '.join(msg[-8:])[:2000]}", flush=True)
             continue
-        spill = "none" if (res["LDL"] + res["STL"] == 0 and res["stack"] == "0") else "SPILLS"
-        fits = "fits" if res["smem"] <= 232448 else "OVER the 232448 B limit"
-        ok &= res["smem"] <= 232448 and spill == "none" and not res["serial"]
-        print(
-            f"{label}: smem {res['smem']} B ({fits}), {res['warps']} warps, REG {res['regs']}, stack {res['stack']}, "
-            f"spills {spill} (LDL {res['LDL']} STL {res['STL']}), HGMMA {res['HGMMA']} (ptx wgmma {res['wgmma_ptx']}), "
-            f"HMMA {res['HMMA']}, MUFU.EX2 {res['MUFU.EX2']}, LDSM {res['LDSM']}, "
-            f"WARPGROUP.ARRIVE {res['WARPGROUP.ARRIVE']} DEPBAR {res['WARPGROUP.DEPBAR']}, "
-            f"setmaxnreg {res['setmaxnreg'] or 'none'}, ptxas -v rc {res['ptxas_rc']}, "
-            f"wgmma serialisation: {res['serial'] or 'none reported'}",
-            flush=True,
-        )
+        ok &= report(label, res)
     sys.exit(0 if ok else 1)
 
 

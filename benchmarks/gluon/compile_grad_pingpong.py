@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grad_gemm_pingpong as pp  # noqa: E402
-from compile_grad import compile_one  # noqa: E402
+from compile_grad import compile_one, report  # noqa: E402
 
 
 def main():
@@ -70,18 +70,7 @@ def main():
             msg = str(e).strip().splitlines()
             print(f"{label}: FAILED {type(e).__name__}: {' | '.join(msg[-8:])[:2000]}", flush=True)
             continue
-        spill = "none" if (res["LDL"] + res["STL"] == 0 and res["stack"] == "0") else "SPILLS"
-        fits = "fits" if res["smem"] <= 232448 else "OVER the 232448 B limit"
-        ok &= res["smem"] <= 232448 and spill == "none" and not res["serial"] and bool(res["setmaxnreg"])
-        print(
-            f"{label}: smem {res['smem']} B ({fits}), {res['warps']} warps, REG {res['regs']}, stack {res['stack']}, "
-            f"spills {spill} (LDL {res['LDL']} STL {res['STL']}), HGMMA {res['HGMMA']} (ptx wgmma {res['wgmma_ptx']}), "
-            f"HMMA {res['HMMA']}, MUFU.EX2 {res['MUFU.EX2']}, LDSM {res['LDSM']}, "
-            f"WARPGROUP.ARRIVE {res['WARPGROUP.ARRIVE']} DEPBAR {res['WARPGROUP.DEPBAR']}, "
-            f"setmaxnreg {res['setmaxnreg'] or 'none'}, ptxas -v rc {res['ptxas_rc']}, "
-            f"wgmma serialisation: {res['serial'] or 'none reported'}",
-            flush=True,
-        )
+        ok &= report(label, res, need_setmaxnreg=True)
     sys.exit(0 if ok else 1)
 
 

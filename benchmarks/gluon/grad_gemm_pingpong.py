@@ -62,6 +62,9 @@ from __future__ import annotations
 
 import torch
 import triton
+
+# shared with the register-A kernel (this folder is on sys.path wherever these modules are imported from)
+from grad_gemm import _gl_dtype, _unit_coords, choose_splits
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -102,16 +105,6 @@ DEFAULT = PingPongConfig()
 
 # ---------------------------------------------------------------------------------------------------------------
 # device code
-
-
-@gluon.jit
-def _unit_coords(unit, tiles_n, splits, k_steps, steps_per_split):
-    """``(pid_m, pid_n, split, first step, steps)`` of a unit (unit = tile · splits + split, tiles row-major)."""
-    tile = unit // splits
-    split = unit % splits
-    k_lo = split * steps_per_split
-    n = gl.minimum(k_steps - k_lo, steps_per_split)
-    return tile // tiles_n, tile % tiles_n, split, k_lo, n
 
 
 @gluon.jit
@@ -392,10 +385,6 @@ def _grad_x_pp_kernel(
 # host code
 
 
-def _gl_dtype(dtype: torch.dtype):
-    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
-
-
 def descriptors(z, w, out, cfg: PingPongConfig = DEFAULT):
     """TMA descriptors: z (64, BLOCK_K), W (BLOCK_K, BLOCK_N), out (64, 64); 128-byte swizzled NVMMA layouts.
     Works on CPU tensors too (compile checks)."""
@@ -427,15 +416,6 @@ def plan(r: int, h: int, v: int, sms: int, cfg: PingPongConfig = DEFAULT, splits
         splits = choose_splits(tiles_m * tiles_n, sms, k_steps)
     steps_per_split = triton.cdiv(k_steps, splits)
     return tiles_m, tiles_n, k_steps, triton.cdiv(k_steps, steps_per_split), steps_per_split
-
-
-def choose_splits(units: int, sms: int, k_steps: int, max_splits: int = 16, min_steps: int = 32) -> int:
-    """Fewest V splits whose wave quantisation is within 3% of the best over ``1..max_splits``:
-    time ∝ ceil(units·s / sms) / s."""
-    cands = [s for s in range(1, max_splits + 1) if s == 1 or k_steps // s >= min_steps]
-    cost = {s: -(-units * s // sms) / s for s in cands}
-    best = min(cost.values())
-    return min(s for s in cands if cost[s] <= best * 1.03)
 
 
 def _check(z, w, target, lse, coefs, out):
