@@ -1,6 +1,7 @@
 """The fused backend's policy: its chunk-size rules, and the plan of one call made once in :func:`make_plan`.
 
-Nothing here imports triton or launches anything. :func:`...options.resolve` (the one place options are
+Nothing here launches anything, nor imports triton but to ask whether the Hopper GEMM runs
+(:func:`uses_factored`). :func:`...options.resolve` (the one place options are
 resolved) applies :func:`memory_chunk_rows` (over :func:`fused_chunk_rows`) and :func:`recomputes_weight_grad`
 (over :func:`fused_recomputes_weight_grad`) for ``backend="fused"``; the plan reads their results from the
 resolved options. Their measured constants are one :class:`Thresholds` object,
@@ -31,6 +32,7 @@ __all__ = [
     "FusedPlan",
     "make_plan",
     "has_out_dtype_mm",
+    "uses_factored",
 ]
 
 
@@ -44,6 +46,11 @@ class Thresholds:
     gemm_flops_per_byte: Mapping[torch.dtype, int]
     recompute_column_align: int = 128  # the vocabulary-major pass's class blocks: multiples of cuBLAS's tiles
     min_rows: int = 1024  # the shortest chunk fused_chunk_rows picks (long GEMMs for small batches)
+    # The factored row pass (uses_factored): where it runs, and the widest hidden size at which it beats the row
+    # kernel with the plain-Triton exponential GEMM (the Hopper Gluon GEMM beats it at every H measured).
+    factored_dtypes: frozenset = frozenset({torch.bfloat16})
+    factored_devices: frozenset = frozenset({"cuda"})
+    factored_max_features_triton: int = 1024
 
 
 THRESHOLDS = Thresholds(gemm_flops_per_byte={torch.bfloat16: 240, torch.float16: 240})
@@ -163,6 +170,7 @@ class FusedPlan:
     per_row: bool  # keep (N,) losses and lse; else per-chunk loss sums and no lse
     weight_grad_later: bool  # RECOMPUTE: the vocabulary-major pass runs in backward
     entropy_grad: bool  # sweep 2 adds g_H·∂H/∂z (token_log_probs' backward)
+    factored: bool  # the row pass runs factored (fused/factored.py) instead of logits GEMM + row kernel
 
 
 def _fp32_logits(acc_policy: str, x: torch.Tensor) -> bool:
@@ -184,6 +192,31 @@ def _mode(stage: Stage, lp: LossParams, ro: ResolvedOptions, grads: Grads, num_r
     if ro.recompute_weight_grad and grads.weight and not sharded:
         return Mode.RECOMPUTE
     return Mode.ACCUMULATED
+
+
+def uses_factored(
+    mode: Mode, lp: LossParams, x: torch.Tensor, w_dtype: torch.dtype, *, sharded: bool, entropy_grad: bool,
+    fp32_logits: bool,
+) -> bool:  # fmt: skip
+    """Whether the row pass runs factored (:mod:`.factored`: ``dz`` as a row scale times the exponential the
+    logits GEMM's epilogue stores, no pass over the logits): chunks accumulated, unsharded, class-index targets
+    with neither label smoothing, soft-capping, a logit scale, metrics nor the entropy's gradient, the logits not
+    kept in fp32, 16-bit operands of one dtype (``THRESHOLDS.factored_dtypes``: bf16; fp16's range cannot hold
+    ``exp(z − z_y)``), and a GEMM that beats the row kernel at this hidden size: the Hopper Gluon GEMM at any, the
+    plain-Triton one up to ``THRESHOLDS.factored_max_features_triton`` (benchmarks/NOTES.md, v16). The operands'
+    layout (TMA's rules) is checked where they are, in the row pass."""
+    t = THRESHOLDS
+    if not (mode is Mode.ACCUMULATED and not sharded and not entropy_grad and not fp32_logits):
+        return False
+    if lp.target_is_probs or lp.metrics or lp.label_smoothing > 0 or lp.logit_softcap or lp.logit_scale != 1.0:
+        return False
+    if x.dtype not in t.factored_dtypes or w_dtype != x.dtype or x.device.type not in t.factored_devices:
+        return False
+    if x.shape[1] <= t.factored_max_features_triton:
+        return True
+    from .factored_gluon import runs_on  # imports triton: asked only here
+
+    return runs_on(x)
 
 
 def make_plan(
@@ -209,16 +242,20 @@ def make_plan(
     scaled_later = stage in ("forward", "op")
     chunked = ro.batch_chunk_size < n
     recompute = mode is Mode.RECOMPUTE
+    fp32_logits = _fp32_logits(ro.acc_policy, x)
     return FusedPlan(
         mode=mode,
         chunk_rows=max(1, min(ro.batch_chunk_size, n)),
         batch_chunk_size=ro.batch_chunk_size,
         grads=Grads(grads.input, False, False) if recompute else grads,
         weight_grads=Grads(False, grads.weight, grads.bias) if recompute else Grads(False, False, False),
-        fp32_logits=_fp32_logits(ro.acc_policy, x),
+        fp32_logits=fp32_logits,
         grad_x_dtype=torch.float32 if fp32_policy and scaled_later else x.dtype,
         grad_w_dtype=torch.float32 if fp32_policy and chunked and not recompute else w_dtype,
         per_row=stage != "forward" or lp.reduction == "none" or lp.metrics or bool(lp.z_loss) or recompute,
         weight_grad_later=recompute and stage == "forward",
         entropy_grad=entropy_grad,
+        factored=uses_factored(
+            mode, lp, x, w_dtype, sharded=sharded, entropy_grad=entropy_grad, fp32_logits=fp32_logits
+        ),
     )

@@ -1,0 +1,223 @@
+"""Launchers of the factored row pass (:mod:`.factored_kernels`, the math there): check, allocate, launch.
+
+Per chunk of rows, :func:`forward_chunk` runs the target logits, the exponential GEMM (the Hopper warp-specialised
+one of :mod:`.factored_gluon` where it runs, else the plain Triton one), the combine and the refit, leaving in its
+:class:`FactoredBuffers` the patched ``E'`` and each row's scale ``r`` (``dz = r·E'``); :func:`gradient_gemms`
+then forms the chunk's shares of the gradients with cuBLAS. Nothing here reads a GPU value on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+import triton
+
+from ..common import LossParams
+from ..tma import descriptor, have_descriptors, input_precision
+from . import factored_gluon
+from .factored_kernels import (
+    _exp_logits_kernel,
+    _factored_combine_kernel,
+    _input_grad_rows_kernel,
+    _refit_rows_kernel,
+    _target_logit_kernel,
+    _target_weight_grad_kernel,
+)
+from .gemm import input_grad_gemm, row_padded, weight_grad_gemm
+
+__all__ = [
+    "CLAMP",
+    "FactoredTiles",
+    "FactoredBuffers",
+    "tma_ready",
+    "allocate",
+    "forward_chunk",
+    "gradient_gemms",
+]
+
+# The window of the stored exponential, in nats above the row's target logit. A tile whose max(z − z_y) exceeds it
+# is shifted by that max instead and its row refitted. At 50: E ≤ e^50 ≈ 5e21 (bf16 holds 3e38), S ≤ V·e^50 and
+# T/r = S ≤ 1e27 for V ≤ 2^18 (fp32 sums, bf16 patch), and r ≥ coef·e^−62 keeps r ⊙ x a normal bf16 number for any
+# share ≥ 1e−10 (bf16's smallest normal: 1.2e−38). A row refitted has p_y < e^−50 ≈ 2e−22 (a loss above 50 nats).
+CLAMP = 50.0
+_COMBINE_BLOCK_R, _COMBINE_BLOCK_T = 16, 64
+_REFIT_BLOCK_R, _REFIT_BLOCK_V, _REFIT_BLOCK_H = 16, 128, 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredTiles:
+    """The plain-Triton exponential GEMM's tile: ``(block_m, block_n)`` logits over ``block_k`` features a step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+# 128 classes a tile on the GPU, as the Gluon kernel (the partials' tile count must not depend on which GEMM runs).
+_GPU = FactoredTiles(128, 128, 64, 8, 3)
+_INTERPRETER = FactoredTiles(16, 16, 16, 1, 1, 2)
+
+
+def _tiles(device: torch.device) -> FactoredTiles:
+    return _GPU if device.type == "cuda" else _INTERPRETER
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether operands move through TMA descriptors as they are: 2-D, unit last stride, 16-byte aligned base and
+    row stride (the interpreter checks the same)."""
+    if not have_descriptors():
+        return False
+    for t in tensors:
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+class FactoredBuffers(NamedTuple):
+    """One chunk's working set (views of :func:`allocate`'s buffers, :meth:`rows` for a shorter last chunk)."""
+
+    e: torch.Tensor  # (r, V) x's dtype, row-padded: E, then E' (and dz on refitted rows)
+    partials: torch.Tensor  # (2, tiles, r) fp32: o_t, s_t
+    shift: torch.Tensor  # (r,) fp32: the target logits
+    scale: torch.Tensor  # (r,) fp32: r
+    coefs: torch.Tensor  # (3, r) fp32: coef, T, dz_y
+    refit: torch.Tensor  # (r,) int8
+    product: torch.Tensor  # (r, H) fp32: E'·W before the row scale
+    scaled_x: torch.Tensor  # (r, H) x's dtype: r ⊙ x
+
+    def rows(self, r: int) -> FactoredBuffers:
+        if r == self.e.shape[0]:
+            return self
+        tiles = self.partials.shape[1]
+        # the combine reads the partials as (2, tiles, r) planes, r rows apart: a fresh view of the same storage
+        partials = self.partials.view(-1)[: 2 * tiles * r].view(2, tiles, r)
+        coefs = self.coefs.view(-1)[: 3 * r].view(3, r)
+        return FactoredBuffers(
+            self.e[:r], partials, self.shift[:r], self.scale[:r], coefs, self.refit[:r], self.product[:r],
+            self.scaled_x[:r],
+        )  # fmt: skip
+
+
+def allocate(rows: int, x: torch.Tensor, num_classes: int) -> FactoredBuffers:
+    """The working set of ``rows``-row chunks (``E`` is the only ``(rows, V)`` buffer, as today's logits)."""
+    dev, h = x.device, x.shape[1]
+    tiles = triton.cdiv(num_classes, _block_n(x))
+    f32 = dict(dtype=torch.float32, device=dev)
+    return FactoredBuffers(
+        row_padded(rows, num_classes, x.dtype, dev),
+        torch.empty((2, tiles, rows), **f32),
+        torch.empty(rows, **f32),
+        torch.empty(rows, **f32),
+        torch.empty((3, rows), **f32),
+        torch.empty(rows, dtype=torch.int8, device=dev),
+        torch.empty((rows, h), **f32),
+        torch.empty((rows, h), dtype=x.dtype, device=dev),
+    )
+
+
+def _block_n(x: torch.Tensor) -> int:
+    return factored_gluon.BLOCK_N if factored_gluon.runs_on(x) else _tiles(x.device).block_n
+
+
+def forward_chunk(
+    x_c: torch.Tensor,  # (r, H)
+    w: torch.Tensor,  # (V, H)
+    b: torch.Tensor | None,  # (V,)
+    target: torch.Tensor,  # (r,) int64
+    class_weight: torch.Tensor | None,  # (V,)
+    scales: tuple[torch.Tensor, torch.Tensor],  # (r,) fp32 each, or stride-0 scalars: s, s_z
+    lp: LossParams,
+    buf: FactoredBuffers,  # of r rows
+    loss_out: torch.Tensor,  # (r,) fp32
+    lse_out: torch.Tensor,  # (r,) fp32
+) -> None:
+    """Per-row losses and lse, and ``dz = r·E'`` left in ``buf`` (``buf.scale``, ``buf.e``)."""
+    (r, h), v = x_c.shape, w.shape[0]
+    if r == 0:
+        return
+    _target_logit_kernel[(r,)](
+        x_c, w, b, target, buf.shift, v, h, x_c.stride(0), w.stride(0), lp.ignore_index,
+        BLOCK_H=min(1024, triton.next_power_of_2(h)), num_warps=4,
+    )  # fmt: skip
+    if factored_gluon.runs_on(x_c):
+        factored_gluon.exp_logits(x_c, w, b, buf.shift, CLAMP, buf.e, buf.partials)
+    else:
+        _exp_logits(x_c, w, b, buf)
+    ce, zs = scales
+    _factored_combine_kernel[(triton.cdiv(r, _COMBINE_BLOCK_R),)](
+        buf.partials, buf.shift, target, class_weight, ce, zs, buf.e, loss_out, lse_out, buf.scale, buf.coefs,
+        buf.refit,
+        r, buf.partials.shape[1], v,
+        buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
+        lp.ignore_index, lp.z_loss,
+        HAS_Z_LOSS=lp.z_loss > 0, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
+        num_warps=4,
+    )  # fmt: skip
+    _refit_rows_kernel[(triton.cdiv(r, _REFIT_BLOCK_R),)](
+        x_c, w, b, target, lse_out, buf.coefs, buf.refit, buf.e,
+        r, v, h,
+        x_c.stride(0), w.stride(0), buf.e.stride(0),
+        BLOCK_R=_REFIT_BLOCK_R, BLOCK_V=_REFIT_BLOCK_V, BLOCK_H=_REFIT_BLOCK_H,
+        INPUT_PRECISION=input_precision(x_c.dtype), num_warps=4,
+    )  # fmt: skip
+
+
+def _exp_logits(x_c, w, b, buf: FactoredBuffers) -> None:
+    (r, h), v = x_c.shape, w.shape[0]
+    t = _tiles(x_c.device)
+    grid = (triton.cdiv(r, t.block_m) * triton.cdiv(v, t.block_n),)
+    _exp_logits_kernel[grid](
+        descriptor(x_c, t.block_m, t.block_k), descriptor(w, t.block_n, t.block_k),
+        descriptor(buf.e, t.block_m, t.block_n), b, buf.shift, buf.partials,
+        r, v, h,
+        CLAMP=CLAMP, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+        INPUT_PRECISION=input_precision(x_c.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
+
+
+def _vector_stride(t: torch.Tensor) -> int:
+    """A per-row scale's stride: 0 for a broadcast scalar."""
+    return t.stride(0) if t.dim() == 1 else 0
+
+
+def gradient_gemms(
+    grad_x: torch.Tensor | None,  # (N, H): this chunk's rows written
+    grad_w: torch.Tensor | None,  # (V, H) the gradient or its fp32 scratch: added to unless first
+    grad_b: torch.Tensor | None,  # (V,) fp32: added to
+    buf: FactoredBuffers,  # of r rows, after forward_chunk
+    w: torch.Tensor,  # (V, H)
+    x_c: torch.Tensor,  # (r, H)
+    target: torch.Tensor,  # (r,) int64
+    start: int,
+) -> None:
+    """One chunk's shares: ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (fp32 product, rounded once),
+    ``grad_W (+)= E'ᵀ·(r ⊙ x_c)`` then ``+ dz_y·x_n`` at the target rows, ``grad_b += E'ᵀ·r + dz_y`` likewise."""
+    (r, h), v = x_c.shape, w.shape[0]
+    if r == 0:
+        return
+    block_h = min(1024, triton.next_power_of_2(h))
+    if grad_x is not None:
+        input_grad_gemm(buf.e, w, buf.product)
+        out = grad_x[start : start + r]
+        _input_grad_rows_kernel[(r,)](
+            buf.product, w, target, buf.scale, buf.coefs, out, r, v, h, buf.product.stride(0), w.stride(0),
+            out.stride(0), BLOCK_H=block_h, num_warps=4,
+        )  # fmt: skip
+    if grad_w is not None:
+        torch.mul(x_c, buf.scale[:, None], out=buf.scaled_x)
+        weight_grad_gemm(grad_w, buf.e, buf.scaled_x, first=start == 0)
+    if grad_b is not None:  # E'ᵀ·r, r rounded to E's dtype (as r ⊙ x is), summed in fp32
+        share = buf.product.new_empty((v, 1))
+        weight_grad_gemm(share, buf.e, buf.scale.to(buf.e.dtype)[:, None], first=True)
+        grad_b.add_(share[:, 0])
+    if grad_w is not None or grad_b is not None:
+        sorted_target, order = torch.sort(target, stable=True)
+        _target_weight_grad_kernel[(r,)](
+            order, sorted_target, buf.coefs, x_c, grad_w, grad_b, r, v, h, x_c.stride(0),
+            0 if grad_w is None else grad_w.stride(0), BLOCK_H=block_h, num_warps=4,
+        )  # fmt: skip

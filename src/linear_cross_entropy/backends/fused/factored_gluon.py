@@ -1,0 +1,276 @@
+r"""The factored row pass's exponential GEMM for Hopper, in Gluon (Triton 3.6's ``triton.experimental.gluon``).
+
+Same outputs as :func:`.factored_kernels._exp_logits_kernel` (``E = exp(x·Wᵀ + b − c − o)`` in x's dtype and the
+partials ``(o_t, s_t)`` per 128-class tile and row), with the schedule written out: a persistent kernel, one CTA
+per SM walking the grouped tile order ``tile = pid, pid + P, ...``, three partitions (FA3's / CUTLASS's
+"ping-pong"):
+
+- producer (1 warp): TMA loads of the x and W tiles into a ring of ``S`` slots (``ready`` / ``empty`` mbarriers);
+- consumers 0 and 1 (one warpgroup each) take the CTA's even and odd tiles. Each waits for its MMA *turn*, issues
+  its K loop of async wgmma, hands the turn over, then runs its epilogue — the exponential (one MUFU op per
+  logit), the two row sums and the TMA store — while the other consumer's wgmmas run.
+
+The plain-Triton kernel cannot overlap the exponential with the MMA and runs 1.13-1.26× cuBLAS's logits GEMM on an
+H100; this one 1.08-1.17× (benchmarks/NOTES.md, v16).
+
+mbarrier protocol (each barrier has arrival count 1; phase n = its n-th completion, waited with parity n & 1):
+``ready[s]`` phase n when fill n of slot s lands (load q waits parity ``(q // S) & 1``); ``empty[s]`` phase n when
+the wgmma reading fill n finished (the producer's load q waits parity ``((q // S) & 1) ^ 1``, which passes at once
+on a fresh barrier); ``turn[c]`` phase m when consumer c may start its m-th tile (``turn[0]`` phase 0 pre-arrived).
+A parity wait is right only if the barrier completed exactly n or n + 1 phases: the turns serialise the consumers'
+K loops, so every load of the CTA's earlier tiles was waited for before a tile's wgmmas start, and fill n + 1 of a
+slot needs the waiter's own release of fill n (without the turns a consumer could run onto a slot whose previous
+fill has not landed). The full argument and the measurements: ``benchmarks/gluon/README.md``.
+
+The Gluon API is experimental and changes between Triton releases: :func:`runs_on` takes this path only with the
+Triton it was written and measured with (3.6) on a compute-capability 9.0 GPU; anywhere else the plain-Triton
+kernel runs. Nothing here can run in the interpreter: the GPU tests cover it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+__all__ = ["BLOCK_N", "runs_on", "exp_logits"]
+
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
+_STAGES, _GROUP_M = 4, 8  # 4 stages: 197 KB of shared memory with the two staging tiles
+# Registers per thread: the two consumers 232 each (a 128×128 fp32 accumulator is 128), the producer 40; 168 a
+# thread at launch across the 12 warps (the pool setmaxnreg redistributes).
+_CONSUMER_REGS, _PRODUCER_REGS, _MAXNREG = 232, 40, 168
+_TESTED_TRITON = "3.6."
+
+try:
+    if not triton.__version__.startswith(_TESTED_TRITON):
+        raise ImportError(f"written against Triton {_TESTED_TRITON}x's Gluon API")
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # another Triton: the plain-Triton kernel runs
+    gluon = None
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether this kernel takes ``x``'s chunk: Triton 3.6's Gluon, a compute-capability 9.0 GPU, 16-bit inputs."""
+    return (
+        gluon is not None
+        and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.get_device_capability(x.device) == (9, 0)
+    )
+
+
+if gluon is not None:
+    _LOG2E = gl.constexpr(1.4426950408889634)
+
+    @gluon.jit
+    def _tile_coords(tile, tiles_m, tiles_n, GROUP_M: gl.constexpr):
+        """``(pid_m, pid_n)`` of a linear tile id: GROUP_M row blocks walk the column blocks together."""
+        per_group = GROUP_M * tiles_n
+        first_m = (tile // per_group) * GROUP_M
+        group_size = gl.minimum(tiles_m - first_m, GROUP_M)
+        in_group = tile % per_group
+        return first_m + in_group % group_size, in_group // group_size
+
+    @gluon.jit
+    def _producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, GROUP_M: gl.constexpr):
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        S: gl.constexpr = a_bufs.type.shape[0]
+        tiles_m = gl.cdiv(x_desc.shape[0], BLOCK_M)
+        tiles_n = gl.cdiv(w_desc.shape[0], BLOCK_N)
+        k_steps = gl.cdiv(x_desc.shape[1], BLOCK_K)
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+        q = 0  # the CTA's load counter: local tile j, step k -> q = j * k_steps + k
+        for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+            for k in range(k_steps):
+                s = q % S
+                mbarrier.wait(empty.index(s), ((q // S) & 1) ^ 1)  # release n - 1 of the slot
+                bar = ready.index(s)
+                mbarrier.expect(bar, nbytes)
+                tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, k * BLOCK_K], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, k * BLOCK_K], bar, b_bufs.index(s))
+                q += 1
+
+    @gluon.jit
+    def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout: gl.constexpr,
+                      CLAMP: gl.constexpr):  # fmt: skip
+        """``_exp_tile`` of the plain kernel, and the partials ``(o_t, s_t)`` stored."""
+        BLOCK_M: gl.constexpr = acc.shape[0]
+        BLOCK_N: gl.constexpr = acc.shape[1]
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+        row_mask = offs_m < n_rows
+        t = gl.where((offs_n < n_cols)[None, :], acc - shift[:, None], -float("inf"))
+        tile_max = gl.max(t, axis=1)
+        o = gl.where(tile_max > CLAMP, tile_max, 0.0)
+        e = gl.exp2((t - o[:, None]) * _LOG2E)
+        partial_ptr = partials_ptr + pid_n.to(gl.int64) * n_rows + offs_m
+        gl.store(partial_ptr, o, mask=row_mask)
+        gl.store(partial_ptr + tiles_n.to(gl.int64) * n_rows, gl.sum(e, axis=1), mask=row_mask)
+        return e
+
+    @gluon.jit
+    def _consumer(x_desc, w_desc, e_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, bias_ptr, shift_ptr,
+                  partials_ptr, CONSUMER: gl.constexpr, HAS_BIAS: gl.constexpr, CLAMP: gl.constexpr,
+                  GROUP_M: gl.constexpr):  # fmt: skip
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        S: gl.constexpr = a_bufs.type.shape[0]
+        gl.static_assert(gl.num_warps() == 4, "a consumer is one warpgroup")
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        n_rows = x_desc.shape[0]
+        n_cols = w_desc.shape[0]
+        tiles_m = gl.cdiv(n_rows, BLOCK_M)
+        tiles_n = gl.cdiv(n_cols, BLOCK_N)
+        k_steps = gl.cdiv(x_desc.shape[1], BLOCK_K)
+        nprog = gl.num_programs(0)
+        c_smem = c_bufs.index(CONSUMER)
+        my_turn = turn.index(CONSUMER)
+        other_turn = turn.index(1 - CONSUMER)
+        i = 0  # this consumer's tile count m; its local tile is j = 2 * i + CONSUMER
+        for tile in range(gl.program_id(0) + CONSUMER * nprog, tiles_m * tiles_n, 2 * nprog):
+            pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            q0 = (2 * i + CONSUMER) * k_steps
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=acc_layout)
+            if HAS_BIAS:
+                # the accumulator starts from the bias (adding it in the epilogue spilled); loaded one class a
+                # thread and spread through shared memory, its latency hidden by the turn wait
+                offs_b = off_n + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [4], [0]))
+                bias = gl.load(bias_ptr + offs_b, mask=offs_b < n_cols, other=0.0).to(gl.float32)
+                acc += gl.convert_layout(bias, gl.SliceLayout(0, acc_layout))[None, :]
+            offs_s = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+            shift = gl.load(shift_ptr + offs_s, mask=offs_s < n_rows, other=0.0)
+            mbarrier.wait(my_turn, i & 1)  # the other consumer issued all wgmmas of the previous local tile
+            for k in range(k_steps):
+                q = q0 + k
+                s = q % S
+                mbarrier.wait(ready.index(s), (q // S) & 1)
+                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                # one wgmma in flight: the previous step's is done with its slot
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                mbarrier.arrive(empty.index((q + S - 1) % S), pred=k > 0)
+            mbarrier.arrive(other_turn)  # this tile's loads waited for, its wgmmas issued
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((q0 + k_steps - 1) % S))
+            # the epilogue, under the other consumer's wgmmas
+            e = _exp_epilogue(
+                acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout, CLAMP
+            ).to(e_desc.dtype)
+            tma.store_wait(pendings=0)  # this consumer's previous store has read c_smem
+            c_smem.store(e)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(e_desc, [off_m, off_n], c_smem)
+            i += 1
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _exp_logits_gluon_kernel(x_desc, w_desc, e_desc, bias_ptr, shift_ptr, partials_ptr, HAS_BIAS: gl.constexpr,
+                                 CLAMP: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
+        a_bufs = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES] + x_desc.block_type.shape, x_desc.layout)
+        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES] + w_desc.block_type.shape, w_desc.layout)
+        c_bufs = gl.allocate_shared_memory(e_desc.dtype, [2] + e_desc.block_type.shape, e_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        for c in gl.static_range(2):
+            mbarrier.init(turn.index(c), count=1)
+        fence_async_shared()  # barrier inits visible to the async proxy (TMA) before any use
+        mbarrier.arrive(turn.index(0))  # consumer 0 owns the first MMA turn
+        # the partitions' argument tuples spelled out: the frontend does not build them from a shared one
+        gl.warp_specialize(  # fmt: skip
+            [
+                (
+                    _consumer,
+                    (
+                        x_desc,
+                        w_desc,
+                        e_desc,
+                        a_bufs,
+                        b_bufs,
+                        c_bufs,
+                        ready,
+                        empty,
+                        turn,
+                        bias_ptr,
+                        shift_ptr,
+                        partials_ptr,
+                        0,
+                        HAS_BIAS,
+                        CLAMP,
+                        GROUP_M,
+                    ),
+                ),
+                (
+                    _consumer,
+                    (
+                        x_desc,
+                        w_desc,
+                        e_desc,
+                        a_bufs,
+                        b_bufs,
+                        c_bufs,
+                        ready,
+                        empty,
+                        turn,
+                        bias_ptr,
+                        shift_ptr,
+                        partials_ptr,
+                        1,
+                        HAS_BIAS,
+                        CLAMP,
+                        GROUP_M,
+                    ),
+                ),
+                (_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, GROUP_M)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def exp_logits(
+    x: torch.Tensor,  # (r, H) 16-bit, TMA-ready
+    w: torch.Tensor,  # (V, H) x's dtype
+    bias: torch.Tensor | None,  # (V,)
+    shift: torch.Tensor,  # (r,) fp32
+    clamp: float,
+    e: torch.Tensor,  # (r, V) x's dtype, 16-byte row stride: written
+    partials: torch.Tensor,  # (2, cdiv(V, BLOCK_N), r) fp32: written
+) -> None:
+    """``E`` and the partials, as :func:`.factored_kernels._exp_logits_kernel` computes them."""
+    r, v = x.shape[0], w.shape[0]
+    if r == 0:
+        return
+    tiles = triton.cdiv(r, BLOCK_M) * triton.cdiv(v, BLOCK_N)
+    grid = (min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles),)
+    _exp_logits_gluon_kernel[grid](
+        _descriptor(x, [BLOCK_M, BLOCK_K]), _descriptor(w, [BLOCK_N, BLOCK_K]), _descriptor(e, [BLOCK_M, BLOCK_N]),
+        bias if bias is not None else partials, shift, partials, bias is not None, float(clamp), _STAGES, _GROUP_M,
+        _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG,
+    )  # fmt: skip

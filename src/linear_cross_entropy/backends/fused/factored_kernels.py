@@ -1,0 +1,399 @@
+r"""Triton kernels of the factored row pass (``@triton.jit`` only; no torch calls): issue 20, v16.
+
+The idea. For a row with target ``y``, ``lse`` its logsumexp, ``coef`` and ``T`` its gradient coefficients (the
+upstream gradient's share ``s``, the class weight ``w_y`` and the z-loss folded in: :func:`..common.index_rows`)::
+
+    dz_v = coef·exp(z_v − lse) − T·[v = y]
+
+Pick any per-row shift ``c`` known *before* the logits GEMM and write ``E_v = exp(z_v − c)``, except at the target
+column, which is kept apart exactly. Then, with ``r = coef·exp(c − lse)`` and ``E'`` = ``E`` with ``E'_y = 0``::
+
+    dz = r·E' + dz_y·e_y,     dz_y = coef·exp(c − lse) − T   (fp32)
+
+so ``dz`` is a per-row scale times a matrix the logits GEMM's epilogue writes, plus one exact value per row. The
+gradient GEMMs take the scale outside: ``grad_x = r ⊙ (E'·W) + dz_y ⊙ W_y`` and ``grad_W = E'ᵀ·(r ⊙ x)`` plus
+``dz_y·x_n`` added at row ``y_n``; cuBLAS runs them on ``E'`` as it stands. No pass over the ``(rows, V)`` logits
+remains: the row kernel's two sweeps (a read, then a read and a write of every logit) are gone, and the epilogue's
+one exponential per logit replaces them. The target column apart is what keeps eager's accuracy: with a confident
+prediction ``dz_y = coef·(p_y − 1)`` is a difference that rounded ``E_y`` and ``r ⊙ x`` would spoil, and it is the
+largest entry of its row.
+
+The shift is the target logit ``c = z_y`` (one dot product per row, :func:`_target_logit_kernel`), so that
+``lse − c`` is the row's loss. The stored values stay in range as long as no logit exceeds the target logit by
+more than ``CLAMP`` nats (``E ≤ e^CLAMP``; ``r ⊙ x`` stays a normal number); a tile holding such a logit is shifted
+by its own maximum instead (partial ``o_t > 0``), which keeps the combined ``lse`` exact, and its row is
+*refitted*: :func:`_refit_rows_kernel` recomputes that row's logits and writes ``dz`` itself, with ``r = 1``.
+
+Kernels, in the order a chunk runs them:
+
+- :func:`_target_logit_kernel`: ``c_n = x_n·W_y + b_y`` (0 on ignored rows and out-of-range targets).
+- :func:`_exp_logits_kernel`: ``E = exp(x·Wᵀ + b − c − o)`` through TMA descriptors, and per (vocabulary tile,
+  row) ``o_t`` (0, or the tile's ``max(z − c)`` where that exceeds ``CLAMP``) and ``s_t = Σ_tile E``. (A Hopper
+  warp-specialised version of this GEMM is :mod:`.factored_gluon`.)
+- :func:`_factored_combine_kernel`: ``lse = c + O + log Σ_t s_t·exp(o_t − O)`` (``O = max_t o_t``), the loss
+  ``w_y·(lse − c)``, ``r``, ``dz_y`` (``E_y`` zeroed), and the rows to refit.
+- :func:`_refit_rows_kernel`: the refitted rows' ``dz`` (blocks of rows without one return at once).
+- after cuBLAS's ``E'·W``: :func:`_input_grad_rows_kernel` (``grad_x``); after ``E'ᵀ·(r ⊙ x)``:
+  :func:`_target_weight_grad_kernel` (the target rows' ``dz_y·x``, summed per class in a sorted order).
+"""
+
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def _target_logit_kernel(
+    # pointers
+    x_ptr,  # (r, H)
+    w_ptr,  # (V, H)
+    bias_ptr,  # (V,) or None
+    target_ptr,  # (r,) int64
+    shift_ptr,  # (r,) fp32: z_y, 0 where the target is ignored or out of range; written
+    # dimensions
+    n_classes,
+    n_features,
+    # strides
+    stride_x_row,
+    stride_w_row,
+    # scalars
+    ignore_index,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(target_ptr + row)
+    has_class = (y != ignore_index) & (y >= 0) & (y < n_classes)
+    y = tl.where(has_class, y, 0)
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for k in range(0, n_features, BLOCK_H):
+        offs_h = k + tl.arange(0, BLOCK_H)
+        mask = offs_h < n_features
+        a = tl.load(x_ptr + row * stride_x_row + offs_h, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(w_ptr + y * stride_w_row + offs_h, mask=mask, other=0.0).to(tl.float32)
+        acc += a * b
+    z_y = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        z_y += tl.load(bias_ptr + y).to(tl.float32)
+    tl.store(shift_ptr + row, tl.where(has_class, z_y, 0.0))
+
+
+@triton.jit
+def _exp_tile(acc, shift, offs_n, n_classes, CLAMP: tl.constexpr):
+    """``(E, o)`` of one ``(rows, classes)`` fp32 logits tile: ``o`` per row 0, or ``max(z − c)`` where that
+    exceeds ``CLAMP``; ``E = exp(z − c − o)``, 0 past ``V``."""
+    t = tl.where((offs_n < n_classes)[None, :], acc - shift[:, None], -float("inf"))
+    tile_max = tl.max(t, axis=1)
+    o = tl.where(tile_max > CLAMP, tile_max, 0.0)
+    return tl.exp2((t - o[:, None]) * _LOG2E), o
+
+
+@triton.jit
+def _grouped_tile(pid, blocks_m, blocks_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)``: GROUP_M row blocks walk the column blocks together (their W tiles stay in L2)."""
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def _exp_logits_kernel(
+    # tensor descriptors and pointers
+    x_desc,  # (r, H) blocks (BLOCK_M, BLOCK_K)
+    w_desc,  # (V, H) blocks (BLOCK_N, BLOCK_K)
+    e_desc,  # (r, V) blocks (BLOCK_M, BLOCK_N): E, written
+    bias_ptr,  # (V,) or None
+    shift_ptr,  # (r,) fp32
+    partials_ptr,  # (2, tiles, r) fp32: o_t, s_t; written
+    # dimensions
+    n_rows,
+    n_classes,
+    n_features,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    blocks_n = tl.cdiv(n_classes, BLOCK_N)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), blocks_n, GROUP_M)
+    first_row = pid_m * BLOCK_M
+    first_col = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, n_features, BLOCK_K):
+        a = x_desc.load([first_row, k])  # (BLOCK_M, BLOCK_K)
+        b = w_desc.load([first_col, k])  # (BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    offs_m = first_row + tl.arange(0, BLOCK_M)
+    offs_n = first_col + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < n_rows
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < n_classes, other=0.0).to(tl.float32)[None, :]
+    shift = tl.load(shift_ptr + offs_m, mask=row_mask, other=0.0)
+    e, o = _exp_tile(acc, shift, offs_n, n_classes, CLAMP)
+    e_desc.store([first_row, first_col], e.to(e_desc.dtype))
+    partial_ptr = partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m  # (tiles, r) planes: rows contiguous
+    tl.store(partial_ptr, o, mask=row_mask)
+    tl.store(partial_ptr + blocks_n.to(tl.int64) * n_rows, tl.sum(e, axis=1), mask=row_mask)
+
+
+@triton.heuristics({"HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None})
+@triton.jit
+def _factored_combine_kernel(
+    # pointers
+    partials_ptr,  # (2, tiles, r) fp32: o_t, s_t
+    shift_ptr,  # (r,) fp32: c
+    target_ptr,  # (r,) int64
+    class_weight_ptr,  # (V,) or None
+    ce_scale_ptr,  # (r,) or a scalar (stride 0): s, the cross-entropy share of the upstream gradient
+    z_scale_ptr,  # (r,) or a scalar (stride 0): s_z, the z-loss share (read with HAS_Z_LOSS)
+    e_ptr,  # (r, V): E; its target column set to 0 (rows that keep a scale)
+    loss_ptr,  # (r,) fp32; written
+    lse_ptr,  # (r,) fp32; written
+    scale_ptr,  # (r,) fp32: r (1 on refitted rows); written
+    coef_ptr,  # (3, r) fp32: coef, T (what the refit needs) and dz_y (0 on refitted rows); written
+    refit_ptr,  # (r,) int8: 1 where the row's dz must be recomputed; written
+    # dimensions
+    n_rows,
+    n_tiles,
+    n_classes,
+    # strides
+    stride_e_row,
+    stride_ce,
+    stride_zs,
+    # scalars
+    ignore_index,
+    z_loss,
+    # meta-parameters
+    HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One program per ``BLOCK_R`` rows: two reads of their partials (the max ``O`` of the ``o_t``, then
+    ``S = Σ_t s_t·exp(o_t − O)``), then per row::
+
+        lse = c + O + log S,   ℓ = w_y·(O + log S)   (lse − z_y with z_y = c),
+        coef = s·w_y (+ 2λ·s_z·lse),   T = s·w_y,   r = coef·exp(c − lse),   dz_y = coef·exp(c − lse) − T
+
+    The target column's ``dz_y`` is kept exact in fp32 (the gradient GEMMs' callers add ``dz_y·W_y`` and
+    ``dz_y·x`` themselves) and ``E_y`` is set to 0: with a confident prediction ``dz_y = coef·(p_y − 1)`` is
+    a difference the GEMMs must not form from rounded terms. A row is refitted where ``O > 0`` (a tile was shifted
+    by its own max: ``E`` is not ``exp(z − c)`` there); its scale is then 1, its ``dz_y`` 0 and ``E`` is left for
+    the refit. Ignored rows: loss 0, scale 0. Out-of-range targets: NaN loss and scale (NaN gradients)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    plane = n_tiles.to(tl.int64) * n_rows
+    offs_t = tl.arange(0, BLOCK_T)
+    big_o = tl.zeros([BLOCK_R], tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        t = t0 + offs_t
+        mask = (t < n_tiles)[:, None] & row_mask[None, :]
+        o_t = tl.load(partials_ptr + t.to(tl.int64)[:, None] * n_rows + rows[None, :], mask=mask, other=0.0)
+        big_o = tl.maximum(big_o, tl.max(o_t, axis=0))
+    big_s = tl.zeros([BLOCK_R], tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        t = t0 + offs_t
+        mask = (t < n_tiles)[:, None] & row_mask[None, :]
+        offs = t.to(tl.int64)[:, None] * n_rows + rows[None, :]
+        o_t = tl.load(partials_ptr + offs, mask=mask, other=0.0)
+        s_t = tl.load(partials_ptr + plane + offs, mask=mask, other=0.0)
+        big_s += tl.sum(s_t * tl.exp2((o_t - big_o[None, :]) * _LOG2E), axis=0)
+
+    shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
+    y = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+    keep = y != ignore_index
+    bad = keep & ((y < 0) | (y >= n_classes))
+    has_class = keep & (bad == 0)
+    y = tl.where(has_class, y, 0)
+    w_y = 1.0
+    if HAS_CLASS_WEIGHT:
+        w_y = tl.load(class_weight_ptr + y, mask=row_mask & has_class, other=0.0).to(tl.float32)
+    nan = float("nan")
+    loss_rel = big_o + tl.log(big_s)  # lse − c
+    lse = shift + loss_rel
+    loss = tl.where(bad, nan, tl.where(keep, w_y * loss_rel, 0.0))
+    s = tl.load(ce_scale_ptr + rows * stride_ce, mask=row_mask, other=0.0)
+    s = tl.where(bad, nan, tl.where(keep, s, 0.0))
+    target_coef = s * w_y
+    coef = target_coef
+    if HAS_Z_LOSS:  # d(λ·lse²)/dz = 2λ·lse·p
+        s_z = tl.load(z_scale_ptr + rows * stride_zs, mask=row_mask, other=0.0)
+        coef += tl.where(keep, s_z, 0.0) * 2.0 * z_loss * lse
+    # 0 where coef is (an ignored row's S may underflow to 0: no 0·inf)
+    scale = tl.where(coef != 0.0, coef * tl.exp2(-loss_rel * _LOG2E), coef)
+    refit = has_class & (big_o > 0.0)
+    kept_scale = row_mask & has_class & (refit == 0)
+    tl.store(e_ptr + rows.to(tl.int64) * stride_e_row + y, tl.zeros_like(scale).to(e_ptr.dtype.element_ty),
+             mask=kept_scale)  # fmt: skip
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(scale_ptr + rows, tl.where(refit, 1.0, scale), mask=row_mask)
+    tl.store(coef_ptr + rows, coef, mask=row_mask)
+    tl.store(coef_ptr + n_rows + rows, target_coef, mask=row_mask)
+    tl.store(coef_ptr + 2 * n_rows + rows, tl.where(kept_scale, scale - target_coef, 0.0), mask=row_mask)
+    tl.store(refit_ptr + rows, refit.to(tl.int8), mask=row_mask)
+
+
+@triton.jit
+def _input_grad_rows_kernel(
+    # pointers
+    product_ptr,  # (r, H) fp32: E'·W
+    w_ptr,  # (V, H)
+    target_ptr,  # (r,) int64
+    scale_ptr,  # (r,) fp32: r
+    coef_ptr,  # (3, r) fp32: dz_y in the third plane
+    out_ptr,  # (r, H) grad_x rows; written
+    # dimensions
+    n_rows,
+    n_classes,
+    n_features,
+    # strides
+    stride_product_row,
+    stride_w_row,
+    stride_out_row,
+    # meta-parameters
+    BLOCK_H: tl.constexpr,
+):
+    """``grad_x_n = r_n·(E'·W)_n + dz_y·W_y``, rounded once to ``out``'s dtype (one program per row)."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row)
+    dz_y = tl.load(coef_ptr + 2 * n_rows + row)
+    y = tl.load(target_ptr + row)
+    y = tl.where((dz_y != 0.0) & (y >= 0) & (y < n_classes), y, 0)
+    for k in range(0, n_features, BLOCK_H):
+        offs_h = k + tl.arange(0, BLOCK_H)
+        mask = offs_h < n_features
+        g = scale * tl.load(product_ptr + row * stride_product_row + offs_h, mask=mask, other=0.0)
+        g += dz_y * tl.load(w_ptr + y * stride_w_row + offs_h, mask=mask, other=0.0).to(tl.float32)  # row 0: dz_y = 0
+        tl.store(out_ptr + row * stride_out_row + offs_h, g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.heuristics(
+    {
+        "HAS_WEIGHT_GRAD": lambda args: args["weight_grad_ptr"] is not None,
+        "HAS_BIAS_GRAD": lambda args: args["bias_grad_ptr"] is not None,
+    }
+)
+@triton.jit
+def _target_weight_grad_kernel(
+    # pointers
+    order_ptr,  # (r,) int64: the rows sorted by target (stable)
+    sorted_target_ptr,  # (r,) int64: the targets in that order
+    coef_ptr,  # (3, r) fp32: dz_y in the third plane
+    x_ptr,  # (r, H)
+    weight_grad_ptr,  # (V, H) or None: added to at the target rows
+    bias_grad_ptr,  # (V,) fp32 or None: added to
+    # dimensions
+    n_rows,
+    n_classes,
+    n_features,
+    # strides
+    stride_x_row,
+    stride_wg_row,
+    # meta-parameters
+    HAS_WEIGHT_GRAD: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """``grad_W[v] += Σ_{n: y_n = v} dz_y,n·x_n`` (and ``grad_b[v] += Σ dz_y,n``): the program at the first
+    sorted position of each class sums that class's rows in sorted order and adds once — one writer per class,
+    no atomics, the same sums every run."""
+    i = tl.program_id(0)
+    y = tl.load(sorted_target_ptr + i)
+    prev = tl.load(sorted_target_ptr + tl.maximum(i - 1, 0))
+    if ((i > 0) & (prev == y)) | (y < 0) | (y >= n_classes):
+        return
+    for k in range(0, n_features, BLOCK_H):
+        offs_h = k + tl.arange(0, BLOCK_H)
+        mask = offs_h < n_features
+        acc = tl.zeros((BLOCK_H,), tl.float32)
+        bias = 0.0
+        j = i
+        same = True
+        while same:
+            row = tl.load(order_ptr + j)
+            dz_y = tl.load(coef_ptr + 2 * n_rows + row)
+            acc += dz_y * tl.load(x_ptr + row * stride_x_row + offs_h, mask=mask, other=0.0).to(tl.float32)
+            bias += dz_y
+            j += 1
+            same = j < n_rows
+            if same:
+                same = tl.load(sorted_target_ptr + j) == y
+        if HAS_WEIGHT_GRAD:
+            wg_ptr = weight_grad_ptr + y * stride_wg_row + offs_h
+            g = tl.load(wg_ptr, mask=mask, other=0.0).to(tl.float32) + acc
+            tl.store(wg_ptr, g.to(weight_grad_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS_GRAD:
+            if k == 0:
+                tl.store(bias_grad_ptr + y, tl.load(bias_grad_ptr + y) + bias)
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def _refit_rows_kernel(
+    # pointers
+    x_ptr,  # (r, H)
+    w_ptr,  # (V, H)
+    bias_ptr,  # (V,) or None
+    target_ptr,  # (r,) int64
+    lse_ptr,  # (r,) fp32
+    coef_ptr,  # (3, r) fp32: coef, T, dz_y
+    refit_ptr,  # (r,) int8
+    e_ptr,  # (r, V): dz written over the refitted rows
+    # dimensions
+    n_rows,
+    n_classes,
+    n_features,
+    # strides
+    stride_x_row,
+    stride_w_row,
+    stride_e_row,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``dz = coef·exp(z − lse) − T·[v = y]`` of the refitted rows among ``BLOCK_R`` rows, their logits recomputed
+    tile by tile; a block without one returns after one load (the common case: the launch costs microseconds)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = offs_r < n_rows
+    refit = tl.load(refit_ptr + offs_r, mask=row_mask, other=0) != 0
+    if tl.max(refit.to(tl.int32), axis=0) == 0:
+        return
+    lse = tl.load(lse_ptr + offs_r, mask=refit, other=0.0)
+    coef = tl.load(coef_ptr + offs_r, mask=refit, other=0.0)
+    target_coef = tl.load(coef_ptr + n_rows + offs_r, mask=refit, other=0.0)
+    y = tl.load(target_ptr + offs_r, mask=refit, other=-1)
+    rows64 = offs_r.to(tl.int64)
+    for v0 in range(0, n_classes, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        acc = tl.zeros((BLOCK_R, BLOCK_V), tl.float32)
+        for k in range(0, n_features, BLOCK_H):
+            offs_h = k + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < n_features
+            a = tl.load(
+                x_ptr + rows64[:, None] * stride_x_row + offs_h[None, :], mask=refit[:, None] & h_mask[None, :],
+                other=0.0,
+            )  # fmt: skip
+            b = tl.load(
+                w_ptr + offs_v.to(tl.int64)[:, None] * stride_w_row + offs_h[None, :],
+                mask=(offs_v < n_classes)[:, None] & h_mask[None, :], other=0.0,
+            )  # fmt: skip
+            acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_v, mask=offs_v < n_classes, other=0.0).to(tl.float32)[None, :]
+        dz = coef[:, None] * tl.exp2((acc - lse[:, None]) * _LOG2E)
+        dz -= tl.where(offs_v[None, :] == y[:, None], target_coef[:, None], 0.0)
+        mask = refit[:, None] & (offs_v < n_classes)[None, :]
+        tl.store(e_ptr + rows64[:, None] * stride_e_row + offs_v[None, :], dz.to(e_ptr.dtype.element_ty), mask=mask)

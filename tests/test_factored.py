@@ -1,0 +1,192 @@
+"""The fused backend's factored row pass (``backends/fused/factored*.py``) against float64 and plain PyTorch.
+
+On the CPU its Triton kernels run in the interpreter (fp32: the interpreter's bf16 ``tl.dot`` is unusable), the path
+forced by ``THRESHOLDS`` (the default takes it for bf16 on CUDA only). The cases: rows in several chunks with a
+ragged last one, V not a multiple of the tile, ignored rows, bias, class weights, the z-loss, every reduction, and
+rows whose largest logit exceeds the target logit by more than the window (refitted). The ``gpu`` tests run bf16 at
+sizes with thousands of classes against eager in bf16 (the Gluon GEMM where it runs). The plan's decision table
+is checked without running anything.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import assert_within_plain, leaf, oracle_loss, plain_loss, small_problem, upstream_grad
+from helpers.env import gpu_only, needs_interpreter
+
+from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
+from linear_cross_entropy.backends.common import LossParams
+from linear_cross_entropy.backends.fused import policy
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def force_factored(monkeypatch):
+    """The factored pass for fp32 and bf16 on the CPU (interpreter) and CUDA, at any hidden size."""
+    thresholds = dataclasses.replace(
+        policy.THRESHOLDS,
+        factored_dtypes=frozenset({torch.float32, torch.bfloat16}),
+        factored_devices=frozenset({"cpu", "cuda"}),
+        factored_max_features_triton=1 << 20,
+    )
+    monkeypatch.setattr(policy, "THRESHOLDS", thresholds)
+
+
+def _spy(monkeypatch):
+    """Counts the factored chunks run (so that a test fails if the path silently was not taken)."""
+    from linear_cross_entropy.backends.fused import factored
+
+    calls = []
+    real = factored.forward_chunk
+    monkeypatch.setattr(factored, "forward_chunk", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
+def _run(x, w, y, b=None, cw=None, rows=None, reduction="mean", **kw):
+    options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=rows, chunking_method=None)
+    xl, wl = leaf(x), leaf(w)
+    bl = None if b is None else leaf(b)
+    loss = linear_cross_entropy(xl, wl, y, linear_bias=bl, weight=cw, reduction=reduction, options=options, **kw)
+    loss.backward(upstream_grad(loss))
+    return loss.detach(), xl.grad, wl.grad, None if bl is None else bl.grad
+
+
+def _reference(fn, x, w, y, b, cw, reduction, **kw):
+    xl, wl = leaf(x), leaf(w)
+    bl = None if b is None else leaf(b)
+    loss = fn(xl, wl, y, linear_bias=bl, weight=cw, reduction=reduction, **kw)
+    loss.backward(upstream_grad(loss))
+    return loss.detach(), xl.grad, wl.grad, None if bl is None else bl.grad
+
+
+def _z_loss_plain(x, w, y, *, linear_bias, weight, reduction, z_loss):
+    """Plain cross entropy plus λ·lse² over the rows that take part, reduced as the loss."""
+    logits = torch.nn.functional.linear(x, w, linear_bias).to(torch.promote_types(x.dtype, torch.float32))
+    ce = torch.nn.functional.cross_entropy(logits, y, weight=weight, reduction="none")
+    keep = (y != -100).to(logits.dtype)
+    per_row = ce + z_loss * torch.logsumexp(logits, dim=1) ** 2 * keep
+    if reduction == "none":
+        return per_row.to(x.dtype)
+    if reduction == "sum":
+        return per_row.sum().to(x.dtype)
+    wy = keep if weight is None else weight.to(logits.dtype)[y.clamp(min=0)] * keep
+    ce_mean = ce.sum() / wy.sum()
+    z_mean = (z_loss * torch.logsumexp(logits, dim=1) ** 2 * keep).sum() / keep.sum()
+    return (ce_mean + z_mean).to(x.dtype)
+
+
+CASES = [  # (n, h, v, rows, bias, class_weight, reduction)
+    (37, 16, 203, 16, False, False, "mean"),
+    (40, 32, 150, 16, True, False, "sum"),
+    (33, 16, 97, 8, False, True, "mean"),
+    (24, 16, 64, 16, True, True, "none"),
+]
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("n, h, v, rows, bias, class_weight, reduction", CASES)
+def test_factored_matches_float64(force_factored, monkeypatch, n, h, v, rows, bias, class_weight, reduction):
+    calls = _spy(monkeypatch)
+    x, w, b, y, cw = small_problem(n, h, v, torch.float32, seed=n + v, bias=bias, class_weight=class_weight)
+    ours = _run(x, w, y, b, cw, rows, reduction)
+    assert calls, "the factored pass did not run"
+    ref = _reference(oracle_loss, x.double(), w.double(), y, None if b is None else b.double(),
+                     None if cw is None else cw.double(), reduction)  # fmt: skip
+    plain = _reference(plain_loss, x, w, y, b, cw, reduction)
+    assert_within_plain(ours, plain, ref, torch.float32)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+def test_factored_z_loss(force_factored, monkeypatch):
+    calls = _spy(monkeypatch)
+    x, w, b, y, _ = small_problem(30, 16, 120, torch.float32, seed=5)
+    ours = _run(x, w, y, rows=16, z_loss=1e-2)
+    assert calls
+    ref = _reference(_z_loss_plain, x.double(), w.double(), y, None, None, "mean", z_loss=1e-2)
+    plain = _reference(_z_loss_plain, x, w, y, None, None, "mean", z_loss=1e-2)
+    assert_within_plain(ours, plain, ref, torch.float32)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+def test_rows_beyond_the_window_are_refitted(force_factored, monkeypatch):
+    """Rows whose largest logit is > CLAMP nats above the target logit (losses of hundreds of nats) take the refit:
+    their loss and gradients still match float64, and the other rows are untouched by it."""
+    from linear_cross_entropy.backends.fused import factored
+
+    refits = []
+    real = factored.forward_chunk
+
+    def spy(*args, **kw):
+        real(*args, **kw)
+        refits.append(int(args[7].refit.sum()))
+
+    monkeypatch.setattr(factored, "forward_chunk", spy)
+    x, w, b, y, _ = small_problem(32, 16, 150, torch.float32, seed=9, bias=True)
+    x[[3, 20]] *= 150.0  # logits of ~±300: the window (50 nats) exceeded on both rows
+    y[[3, 20]] = torch.tensor([0, 1])
+    ours = _run(x, w, y, b, rows=16)
+    assert sum(refits) >= 2, refits
+    ref = _reference(oracle_loss, x.double(), w.double(), y, b.double(), None, "mean")
+    plain = _reference(plain_loss, x, w, y, b, None, "mean")
+    assert_within_plain(ours, plain, ref, torch.float32)
+
+
+def _plan(x, lp=None, w_dtype=None, **kw):
+    lp = lp or LossParams("mean", -100, 0.0, False)
+    return policy.uses_factored(
+        policy.Mode.ACCUMULATED, lp, x, w_dtype or x.dtype,
+        **({"sharded": False, "entropy_grad": False, "fp32_logits": False} | kw),
+    )  # fmt: skip
+
+
+def test_the_decision_table(force_factored):
+    """Which calls the factored pass takes (forced for the CPU): what it does not implement stays on the row
+    kernel, whatever the device."""
+    x = torch.empty(4, 8)
+    base = LossParams("mean", -100, 0.0, False)
+    assert _plan(x)
+    assert not _plan(x.half())  # fp16's range cannot hold exp(z − z_y)
+    assert not _plan(x, w_dtype=torch.bfloat16)
+    for change in (
+        dict(label_smoothing=0.1), dict(logit_softcap=30.0), dict(logit_scale=2.0), dict(metrics=True),
+    ):  # fmt: skip
+        assert not _plan(x, dataclasses.replace(base, **change)), change
+    assert not _plan(x, sharded=True)
+    assert not _plan(x, entropy_grad=True)
+    assert not _plan(x, fp32_logits=True)
+    assert not policy.uses_factored(
+        policy.Mode.DEFERRED, base, x, x.dtype, sharded=False, entropy_grad=False, fp32_logits=False
+    )
+
+
+def test_default_thresholds_keep_the_cpu_on_the_row_kernel():
+    assert not _plan(torch.empty(4, 8, dtype=torch.bfloat16))  # factored_devices: CUDA only
+    assert not _plan(torch.empty(4, 8))  # factored_dtypes: bf16 only
+
+
+# ------------------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.parametrize("n, h, v, rows", [(2048, 256, 8000, 512), (1536, 512, 50257, 1024)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias):
+    for mark in gpu_only:
+        if mark.name == "skipif" and mark.args[0]:
+            pytest.skip(mark.kwargs["reason"])
+    from helpers import cuda_problem
+
+    monkeypatch.setattr(
+        policy, "THRESHOLDS", dataclasses.replace(policy.THRESHOLDS, factored_max_features_triton=1 << 20)
+    )
+    calls = _spy(monkeypatch)
+    x, w, b, y = cuda_problem(n, h, v, torch.bfloat16, seed=h, bias=bias)
+    ours = _run(x, w, y, b, rows=rows)
+    assert calls
+    ref = _reference(oracle_loss, x.double(), w.double(), y, None if b is None else b.double(), None, "mean")
+    plain = _reference(plain_loss, x, w, y, b, None, "mean")
+    assert_within_plain(ours, plain, ref, torch.bfloat16, large=True)
