@@ -51,17 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = [
-    "Config",
-    "DEFAULT",
-    "WIDE",
-    "plain_gemm",
-    "stats_gemm",
-    "exp_gemm",
-    "descriptors",
-    "stats_tiles",
-    "row_padded",
-]
+__all__ = ["Config", "DEFAULT", "WIDE", "plain_gemm", "stats_gemm", "descriptors", "stats_tiles", "row_padded"]
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -182,39 +172,6 @@ def _stats_epilogue(
 
 
 @gluon.jit
-def _exp_epilogue(
-    acc,
-    shift,
-    off_m,
-    off_n,
-    n_rows,
-    n_cols,
-    partials_ptr,
-    pid_n,
-    tiles_n,
-    acc_layout: gl.constexpr,
-    CLAMP: gl.constexpr,
-):
-    """Issue 20, v16: ``E = exp(z − c_n − o)`` of one tile (``c_n`` the row's shift, ``o`` 0 unless the tile's
-    ``max(z − c_n)`` exceeds ``CLAMP``, then that max) and the partials ``(o_t, Σ_tile E)`` (2, tiles, M)."""
-    BLOCK_M: gl.constexpr = acc.shape[0]
-    BLOCK_N: gl.constexpr = acc.shape[1]
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-    row_mask = offs_m < n_rows
-    col_mask = offs_n < n_cols
-    t = gl.where(col_mask[None, :], acc - shift[:, None], -float("inf"))
-    mx = gl.max(t, axis=1)
-    o = gl.where(mx > CLAMP, mx, 0.0)
-    e = gl.exp2((t - o[:, None]) * _LOG2E)
-    partial_ptr = partials_ptr + pid_n.to(gl.int64) * n_rows + offs_m
-    plane = tiles_n.to(gl.int64) * n_rows
-    gl.store(partial_ptr, o, mask=row_mask)
-    gl.store(partial_ptr + plane, gl.sum(e, axis=1), mask=row_mask)
-    return e
-
-
-@gluon.jit
 def _consumer(
     x_desc,
     w_desc,
@@ -229,11 +186,8 @@ def _consumer(
     target_ptr,
     partials_ptr,
     z_y_ptr,
-    shift_ptr,
     CONSUMER: gl.constexpr,
     STATS: gl.constexpr,
-    EXP: gl.constexpr,
-    CLAMP: gl.constexpr,
     HAS_BIAS: gl.constexpr,
     HAS_SMOOTHING: gl.constexpr,
     GROUP_M: gl.constexpr,
@@ -273,9 +227,6 @@ def _consumer(
             offs_b = off_n + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [4], [0]))
             bias = gl.load(bias_ptr + offs_b, mask=offs_b < n_cols, other=0.0).to(gl.float32)
             acc += gl.convert_layout(bias, gl.SliceLayout(0, acc_layout))[None, :]
-        if EXP:  # each row's shift, loaded before the turn wait (its latency hides there)
-            offs_s = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-            shift = gl.load(shift_ptr + offs_s, mask=offs_s < n_rows, other=0.0)
         mbarrier.wait(my_turn, i & 1)  # the other consumer has issued all wgmmas of the previous local tile
         for k in range(k_steps):
             q = q0 + k
@@ -290,12 +241,7 @@ def _consumer(
         mbarrier.arrive(empty.index((q0 + k_steps - 1) % S))
 
         # epilogue (overlaps the other consumer's wgmmas)
-        if EXP:
-            z_low = _exp_epilogue(
-                acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout, CLAMP
-            ).to(z_desc.dtype)
-        else:
-            z_low = acc.to(z_desc.dtype)
+        z_low = acc.to(z_desc.dtype)
         tma.store_wait(pendings=0)  # this consumer's previous TMA store has finished reading c_smem
         c_smem.store(z_low)
         fence_async_shared()
@@ -329,10 +275,7 @@ def _ws_gemm_body(
     target_ptr,
     partials_ptr,
     z_y_ptr,
-    shift_ptr,
     STATS: gl.constexpr,
-    EXP: gl.constexpr,
-    CLAMP: gl.constexpr,
     HAS_BIAS: gl.constexpr,
     HAS_SMOOTHING: gl.constexpr,
     NUM_STAGES: gl.constexpr,
@@ -376,11 +319,8 @@ def _ws_gemm_body(
                     target_ptr,
                     partials_ptr,
                     z_y_ptr,
-                    shift_ptr,
                     0,
                     STATS,
-                    EXP,
-                    CLAMP,
                     HAS_BIAS,
                     HAS_SMOOTHING,
                     GROUP_M,
@@ -402,11 +342,8 @@ def _ws_gemm_body(
                     target_ptr,
                     partials_ptr,
                     z_y_ptr,
-                    shift_ptr,
                     1,
                     STATS,
-                    EXP,
-                    CLAMP,
                     HAS_BIAS,
                     HAS_SMOOTHING,
                     GROUP_M,
@@ -431,23 +368,7 @@ def _plain_gemm_kernel(
 ):
     """z = x·Wᵀ through TMA, bf16 out (no bias)."""
     _ws_gemm_body(
-        x_desc,
-        w_desc,
-        z_desc,
-        0,
-        0,
-        0,
-        0,
-        0,
-        False,
-        False,
-        0.0,
-        False,
-        False,
-        NUM_STAGES,
-        GROUP_M,
-        CONSUMER_REGS,
-        PRODUCER_REGS,
+        x_desc, w_desc, z_desc, 0, 0, 0, 0, False, False, False, NUM_STAGES, GROUP_M, CONSUMER_REGS, PRODUCER_REGS
     )
 
 
@@ -477,50 +398,9 @@ def _stats_gemm_kernel(
         target_ptr,
         partials_ptr,
         z_y_ptr,
-        0,
         True,
-        False,
-        0.0,
         HAS_BIAS,
         HAS_SMOOTHING,
-        NUM_STAGES,
-        GROUP_M,
-        CONSUMER_REGS,
-        PRODUCER_REGS,
-    )
-
-
-@gluon.jit
-def _exp_gemm_kernel(
-    x_desc,
-    w_desc,
-    e_desc,
-    bias_ptr,
-    shift_ptr,
-    partials_ptr,
-    HAS_BIAS: gl.constexpr,
-    CLAMP: gl.constexpr,
-    NUM_STAGES: gl.constexpr,
-    GROUP_M: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr,
-):
-    """Issue 20, v16: ``E = exp(x·Wᵀ + b − c)`` (bf16, through TMA; ``c`` (M,) fp32 each row's shift) and the
-    per-(row, tile) partials (2, tiles, M) fp32 of :func:`_exp_epilogue`."""
-    _ws_gemm_body(
-        x_desc,
-        w_desc,
-        e_desc,
-        bias_ptr,
-        0,
-        partials_ptr,
-        0,
-        shift_ptr,
-        False,
-        True,
-        CLAMP,
-        HAS_BIAS,
-        False,
         NUM_STAGES,
         GROUP_M,
         CONSUMER_REGS,
@@ -642,47 +522,3 @@ def stats_gemm(
         maxnreg=cfg.maxnreg,
     )
     return z, partials, z_y
-
-
-def exp_gemm(
-    x: torch.Tensor,  # (M, K)
-    w: torch.Tensor,  # (N, K)
-    bias: torch.Tensor | None,  # (N,)
-    shift: torch.Tensor,  # (M,) fp32
-    clamp: float,
-    e: torch.Tensor | None = None,  # (M, N) x's dtype, 16-byte row stride
-    partials: torch.Tensor | None = None,  # (2, tiles, M) fp32
-    cfg: Config = DEFAULT,
-):
-    """``(e, partials)``: ``e = exp(x·Wᵀ + b − shift − o)`` with ``o`` 0 on tiles whose ``max(z − shift) ≤ clamp``,
-    partials ``(o_t, Σ_tile e)`` per (tile, row)."""
-    _check(x, w)
-    m, n = x.shape[0], w.shape[0]
-    assert shift.shape == (m,) and shift.dtype == torch.float32 and shift.is_contiguous()
-    if bias is not None:
-        assert bias.shape == (n,) and bias.is_contiguous()
-    if e is None:
-        e = row_padded(m, n, x.dtype, x.device)
-    if partials is None:
-        partials = torch.empty((2, stats_tiles(n, cfg), m), dtype=torch.float32, device=x.device)
-    assert partials.shape == (2, stats_tiles(n, cfg), m) and partials.is_contiguous()
-    if m == 0:
-        return e, partials
-    xd, wd, ed = descriptors(x, w, e, cfg)
-    _exp_gemm_kernel[_grid(m, n, cfg, x.device)](
-        xd,
-        wd,
-        ed,
-        bias if bias is not None else partials,
-        shift,
-        partials,
-        bias is not None,
-        float(clamp),
-        cfg.stages,
-        cfg.group_m,
-        cfg.consumer_regs,
-        cfg.producer_regs,
-        num_warps=4,
-        maxnreg=cfg.maxnreg,
-    )
-    return e, partials
