@@ -30,6 +30,7 @@ def force_factored(monkeypatch):
         factored_dtypes=frozenset({torch.float32, torch.bfloat16}),
         factored_devices=frozenset({"cpu", "cuda"}),
         factored_max_features_triton=1 << 20,
+        factored_max_features_gluon=1 << 20,
     )
     monkeypatch.setattr(policy, "THRESHOLDS", thresholds)
 

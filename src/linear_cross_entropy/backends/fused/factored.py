@@ -87,7 +87,7 @@ class FactoredBuffers(NamedTuple):
     scale: torch.Tensor  # (r,) fp32: r
     coefs: torch.Tensor  # (3, r) fp32: coef, T, dz_y
     refit: torch.Tensor  # (r,) int8
-    product: torch.Tensor  # (r, H) fp32: E'·W before the row scale
+    product: torch.Tensor  # (r, H) x's dtype: E'·W before the row scale
     scaled_x: torch.Tensor  # (r, H) x's dtype: r ⊙ x
 
     def rows(self, r: int) -> FactoredBuffers:
@@ -115,7 +115,7 @@ def allocate(rows: int, x: torch.Tensor, num_classes: int) -> FactoredBuffers:
         torch.empty(rows, **f32),
         torch.empty((3, rows), **f32),
         torch.empty(rows, dtype=torch.int8, device=dev),
-        torch.empty((rows, h), **f32),
+        torch.empty((rows, h), dtype=x.dtype, device=dev),
         torch.empty((rows, h), dtype=x.dtype, device=dev),
     )
 
@@ -195,7 +195,8 @@ def gradient_gemms(
     target: torch.Tensor,  # (r,) int64
     start: int,
 ) -> None:
-    """One chunk's shares: ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (fp32 product, rounded once),
+    """One chunk's shares: ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (the product in x's dtype: cuBLAS's fp32-output
+    GEMM ran 1.4x its 16-bit one on an H100; the rounding falls on the non-target part only),
     ``grad_W (+)= E'ᵀ·(r ⊙ x_c)`` then ``+ dz_y·x_n`` at the target rows, ``grad_b += E'ᵀ·r + dz_y`` likewise."""
     (r, h), v = x_c.shape, w.shape[0]
     if r == 0:
@@ -212,7 +213,7 @@ def gradient_gemms(
         torch.mul(x_c, buf.scale[:, None], out=buf.scaled_x)
         weight_grad_gemm(grad_w, buf.e, buf.scaled_x, first=start == 0)
     if grad_b is not None:  # E'ᵀ·r, r rounded to E's dtype (as r ⊙ x is), summed in fp32
-        share = buf.product.new_empty((v, 1))
+        share = torch.empty((v, 1), dtype=torch.float32, device=w.device)
         weight_grad_gemm(share, buf.e, buf.scale.to(buf.e.dtype)[:, None], first=True)
         grad_b.add_(share[:, 0])
     if grad_w is not None or grad_b is not None:

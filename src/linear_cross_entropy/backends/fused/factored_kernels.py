@@ -246,7 +246,7 @@ def _factored_combine_kernel(
 @triton.jit
 def _input_grad_rows_kernel(
     # pointers
-    product_ptr,  # (r, H) fp32: E'·W
+    product_ptr,  # (r, H): E'·W
     w_ptr,  # (V, H)
     target_ptr,  # (r,) int64
     scale_ptr,  # (r,) fp32: r
@@ -272,7 +272,7 @@ def _input_grad_rows_kernel(
     for k in range(0, n_features, BLOCK_H):
         offs_h = k + tl.arange(0, BLOCK_H)
         mask = offs_h < n_features
-        g = scale * tl.load(product_ptr + row * stride_product_row + offs_h, mask=mask, other=0.0)
+        g = scale * tl.load(product_ptr + row * stride_product_row + offs_h, mask=mask, other=0.0).to(tl.float32)
         g += dz_y * tl.load(w_ptr + y * stride_w_row + offs_h, mask=mask, other=0.0).to(tl.float32)  # row 0: dz_y = 0
         tl.store(out_ptr + row * stride_out_row + offs_h, g.to(out_ptr.dtype.element_ty), mask=mask)
 

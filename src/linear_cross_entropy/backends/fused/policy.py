@@ -46,11 +46,12 @@ class Thresholds:
     gemm_flops_per_byte: Mapping[torch.dtype, int]
     recompute_column_align: int = 128  # the vocabulary-major pass's class blocks: multiples of cuBLAS's tiles
     min_rows: int = 1024  # the shortest chunk fused_chunk_rows picks (long GEMMs for small batches)
-    # The factored row pass (uses_factored): where it runs, and the widest hidden size at which it beats the row
-    # kernel with the plain-Triton exponential GEMM (the Hopper Gluon GEMM beats it at every H measured).
+    # The factored row pass (uses_factored): where it runs, and the widest hidden sizes at which it beat the row
+    # kernel on an H100 with the plain-Triton exponential GEMM and with the Hopper Gluon one (NOTES, v16).
     factored_dtypes: frozenset = frozenset({torch.bfloat16})
     factored_devices: frozenset = frozenset({"cuda"})
     factored_max_features_triton: int = 1024
+    factored_max_features_gluon: int = 2048
 
 
 THRESHOLDS = Thresholds(gemm_flops_per_byte={torch.bfloat16: 240, torch.float16: 240})
@@ -202,8 +203,9 @@ def uses_factored(
     logits GEMM's epilogue stores, no pass over the logits): chunks accumulated, unsharded, class-index targets
     with neither label smoothing, soft-capping, a logit scale, metrics nor the entropy's gradient, the logits not
     kept in fp32, 16-bit operands of one dtype (``THRESHOLDS.factored_dtypes``: bf16; fp16's range cannot hold
-    ``exp(z − z_y)``), and a GEMM that beats the row kernel at this hidden size: the Hopper Gluon GEMM at any, the
-    plain-Triton one up to ``THRESHOLDS.factored_max_features_triton`` (benchmarks/NOTES.md, v16). The operands'
+    ``exp(z − z_y)``), and a GEMM that beats the row kernel at this hidden size: the plain-Triton one up to
+    ``THRESHOLDS.factored_max_features_triton``, the Hopper Gluon one up to ``factored_max_features_gluon``
+    (benchmarks/NOTES.md, v16). The operands'
     layout (TMA's rules) is checked where they are, in the row pass."""
     t = THRESHOLDS
     if not (mode is Mode.ACCUMULATED and not sharded and not entropy_grad and not fp32_logits):
@@ -214,6 +216,8 @@ def uses_factored(
         return False
     if x.shape[1] <= t.factored_max_features_triton:
         return True
+    if x.shape[1] > t.factored_max_features_gluon:
+        return False
     from .factored_gluon import runs_on  # imports triton: asked only here
 
     return runs_on(x)
