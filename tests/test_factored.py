@@ -175,16 +175,17 @@ def test_default_thresholds_keep_the_cpu_on_the_row_kernel():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
-@pytest.mark.parametrize("n, h, v, rows", [(2048, 256, 8000, 512), (1536, 512, 50257, 1024), (2048, 2048, 32000, 1024)])
+@pytest.mark.parametrize(
+    "n, h, v, rows", [(3072, 256, 8000, 1024), (2500, 512, 50257, 1024), (2048, 2048, 32000, 1024)]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias):
     """bf16 against eager bf16 (the large-problem tolerance): the Gluon GEMM where it runs, at H above the
-    plain-Triton threshold too."""
+    plain-Triton threshold too. Chunks of 1024 rows or more: shorter ones take the vocabulary-major pass."""
     from helpers import cuda_problem
 
-    monkeypatch.setattr(
-        policy, "THRESHOLDS", dataclasses.replace(policy.THRESHOLDS, factored_max_features_triton=1 << 20)
-    )
+    big = dict(factored_max_features_triton=1 << 20, factored_max_features_gluon=1 << 20)
+    monkeypatch.setattr(policy, "THRESHOLDS", dataclasses.replace(policy.THRESHOLDS, **big))
     calls = _spy(monkeypatch)
     x, w, b, y = cuda_problem(n, h, v, torch.bfloat16, seed=h, bias=bias)
     ours = _run(x, w, y, b, rows=rows)
