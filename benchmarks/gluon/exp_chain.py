@@ -16,7 +16,7 @@ them into ``lse``, the loss and ``r``, and patches the target column ``E_y −= 
 
 Range: with ``c = z_y``, ``E ≤ exp(max_v z_v − z_y)`` and ``T/r = S`` (no z-loss). A row whose largest logit
 exceeds its target logit by more than ``CLAMP`` nats (its ``p_y < e^−CLAMP``) cannot be stored this way (E would
-overflow bf16, ``r ⊙ x`` underflow); the epilogue then shifts that tile by its own max (partials ``o_t > 0``) so
+overflow bf16, ``r ⊙ x`` underflow); the epilogue then shifts that tile by its own max so
 the combine still gets the exact ``lse``, and the row is flagged for a recomputation (counted here; the library
 would recompute such rows' ``dz`` with ``r = 1``).
 

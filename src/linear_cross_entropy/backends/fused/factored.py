@@ -82,25 +82,23 @@ class FactoredBuffers(NamedTuple):
     """One chunk's working set (views of :func:`allocate`'s buffers, :meth:`rows` for a shorter last chunk)."""
 
     e: torch.Tensor  # (r, V) x's dtype, row-padded: E, then E' (and dz on refitted rows)
-    partials: torch.Tensor  # (2, tiles, r) fp32: o_t, s_t
+    partials: torch.Tensor  # (tiles, r) fp32: l_t
     shift: torch.Tensor  # (r,) fp32: the target logits
     scale: torch.Tensor  # (r,) fp32: r
     coefs: torch.Tensor  # (3, r) fp32: coef, T, dz_y
     refit: torch.Tensor  # (r,) int8
-    product: torch.Tensor  # (r, H) x's dtype: E'·W before the row scale
-    scaled_x: torch.Tensor  # (r, H) x's dtype: r ⊙ x
+    product: torch.Tensor  # (r, H) x's dtype: E'·W before the row scale, then r ⊙ x (one buffer: used in turn)
 
     def rows(self, r: int) -> FactoredBuffers:
         if r == self.e.shape[0]:
             return self
-        tiles = self.partials.shape[1]
-        # the combine reads the partials as (2, tiles, r) planes, r rows apart: a fresh view of the same storage
-        partials = self.partials.view(-1)[: 2 * tiles * r].view(2, tiles, r)
+        tiles = self.partials.shape[0]
+        # the kernels read (tiles, r) and (3, r) planes r rows apart: fresh views of the same storage
+        partials = self.partials.view(-1)[: tiles * r].view(tiles, r)
         coefs = self.coefs.view(-1)[: 3 * r].view(3, r)
         return FactoredBuffers(
-            self.e[:r], partials, self.shift[:r], self.scale[:r], coefs, self.refit[:r], self.product[:r],
-            self.scaled_x[:r],
-        )  # fmt: skip
+            self.e[:r], partials, self.shift[:r], self.scale[:r], coefs, self.refit[:r], self.product[:r]
+        )
 
 
 def allocate(rows: int, x: torch.Tensor, num_classes: int) -> FactoredBuffers:
@@ -110,12 +108,11 @@ def allocate(rows: int, x: torch.Tensor, num_classes: int) -> FactoredBuffers:
     f32 = dict(dtype=torch.float32, device=dev)
     return FactoredBuffers(
         row_padded(rows, num_classes, x.dtype, dev),
-        torch.empty((2, tiles, rows), **f32),
+        torch.empty((tiles, rows), **f32),
         torch.empty(rows, **f32),
         torch.empty(rows, **f32),
         torch.empty((3, rows), **f32),
         torch.empty(rows, dtype=torch.int8, device=dev),
-        torch.empty((rows, h), dtype=x.dtype, device=dev),
         torch.empty((rows, h), dtype=x.dtype, device=dev),
     )
 
@@ -152,10 +149,10 @@ def forward_chunk(
     _factored_combine_kernel[(triton.cdiv(r, _COMBINE_BLOCK_R),)](
         buf.partials, buf.shift, target, class_weight, ce, zs, buf.e, loss_out, lse_out, buf.scale, buf.coefs,
         buf.refit,
-        r, buf.partials.shape[1], v,
+        r, buf.partials.shape[0], v,
         buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
         lp.ignore_index, lp.z_loss,
-        HAS_Z_LOSS=lp.z_loss > 0, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
+        HAS_Z_LOSS=lp.z_loss > 0, CLAMP=CLAMP, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
         num_warps=4,
     )  # fmt: skip
     _refit_rows_kernel[(triton.cdiv(r, _REFIT_BLOCK_R),)](
@@ -210,8 +207,8 @@ def gradient_gemms(
             out.stride(0), BLOCK_H=block_h, num_warps=4,
         )  # fmt: skip
     if grad_w is not None:
-        torch.mul(x_c, buf.scale[:, None], out=buf.scaled_x)
-        weight_grad_gemm(grad_w, buf.e, buf.scaled_x, first=start == 0)
+        torch.mul(x_c, buf.scale[:, None], out=buf.product)  # E'·W was read above
+        weight_grad_gemm(grad_w, buf.e, buf.product, first=start == 0)
     if grad_b is not None:  # E'ᵀ·r, r rounded to E's dtype (as r ⊙ x is), summed in fp32
         share = torch.empty((v, 1), dtype=torch.float32, device=w.device)
         weight_grad_gemm(share, buf.e, buf.scale.to(buf.e.dtype)[:, None], first=True)

@@ -1,7 +1,7 @@
 r"""The factored row pass's exponential GEMM for Hopper, in Gluon (Triton 3.6's ``triton.experimental.gluon``).
 
 Same outputs as :func:`.factored_kernels._exp_logits_kernel` (``E = exp(x·Wᵀ + b − c − o)`` in x's dtype and the
-partials ``(o_t, s_t)`` per 128-class tile and row), with the schedule written out: a persistent kernel, one CTA
+partial ``l_t`` per 128-class tile and row), with the schedule written out: a persistent kernel, one CTA
 per SM walking the grouped tile order ``tile = pid, pid + P, ...``, three partitions (FA3's / CUTLASS's
 "ping-pong"):
 
@@ -105,7 +105,7 @@ if gluon is not None:
     @gluon.jit
     def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout: gl.constexpr,
                       CLAMP: gl.constexpr):  # fmt: skip
-        """``_exp_tile`` of the plain kernel, and the partials ``(o_t, s_t)`` stored."""
+        """``_exp_tile`` of the plain kernel, and the partial ``l_t = o + log Σ_tile E`` stored."""
         BLOCK_M: gl.constexpr = acc.shape[0]
         BLOCK_N: gl.constexpr = acc.shape[1]
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
@@ -115,9 +115,7 @@ if gluon is not None:
         tile_max = gl.max(t, axis=1)
         o = gl.where(tile_max > CLAMP, tile_max, 0.0)
         e = gl.exp2((t - o[:, None]) * _LOG2E)
-        partial_ptr = partials_ptr + pid_n.to(gl.int64) * n_rows + offs_m
-        gl.store(partial_ptr, o, mask=row_mask)
-        gl.store(partial_ptr + tiles_n.to(gl.int64) * n_rows, gl.sum(e, axis=1), mask=row_mask)
+        gl.store(partials_ptr + pid_n.to(gl.int64) * n_rows + offs_m, o + gl.log(gl.sum(e, axis=1)), mask=row_mask)
         return e
 
     @gluon.jit
@@ -261,7 +259,7 @@ def exp_logits(
     shift: torch.Tensor,  # (r,) fp32
     clamp: float,
     e: torch.Tensor,  # (r, V) x's dtype, 16-byte row stride: written
-    partials: torch.Tensor,  # (2, cdiv(V, BLOCK_N), r) fp32: written
+    partials: torch.Tensor,  # (cdiv(V, BLOCK_N), r) fp32: written
 ) -> None:
     """``E`` and the partials, as :func:`.factored_kernels._exp_logits_kernel` computes them."""
     r, v = x.shape[0], w.shape[0]

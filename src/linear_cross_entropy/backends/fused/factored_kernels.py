@@ -21,16 +21,16 @@ largest entry of its row.
 The shift is the target logit ``c = z_y`` (one dot product per row, :func:`_target_logit_kernel`), so that
 ``lse − c`` is the row's loss. The stored values stay in range as long as no logit exceeds the target logit by
 more than ``CLAMP`` nats (``E ≤ e^CLAMP``; ``r ⊙ x`` stays a normal number); a tile holding such a logit is shifted
-by its own maximum instead (partial ``o_t > 0``), which keeps the combined ``lse`` exact, and its row is
+by its own maximum instead, which keeps the combined ``lse`` exact, and its row is
 *refitted*: :func:`_refit_rows_kernel` recomputes that row's logits and writes ``dz`` itself, with ``r = 1``.
 
 Kernels, in the order a chunk runs them:
 
 - :func:`_target_logit_kernel`: ``c_n = x_n·W_y + b_y`` (0 on ignored rows and out-of-range targets).
 - :func:`_exp_logits_kernel`: ``E = exp(x·Wᵀ + b − c − o)`` through TMA descriptors, and per (vocabulary tile,
-  row) ``o_t`` (0, or the tile's ``max(z − c)`` where that exceeds ``CLAMP``) and ``s_t = Σ_tile E``. (A Hopper
-  warp-specialised version of this GEMM is :mod:`.factored_gluon`.)
-- :func:`_factored_combine_kernel`: ``lse = c + O + log Σ_t s_t·exp(o_t − O)`` (``O = max_t o_t``), the loss
+  row) ``l_t = o + log Σ_tile E``, the tile's logsumexp relative to ``c`` (``o`` 0, or the tile's ``max(z − c)``
+  where that exceeds ``CLAMP``). (A Hopper warp-specialised version of this GEMM is :mod:`.factored_gluon`.)
+- :func:`_factored_combine_kernel`: ``lse = c + L + log Σ_t exp(l_t − L)`` (``L = max_t l_t``), the loss
   ``w_y·(lse − c)``, ``r``, ``dz_y`` (``E_y`` zeroed), and the rows to refit.
 - :func:`_refit_rows_kernel`: the refitted rows' ``dz`` (blocks of rows without one return at once).
 - after cuBLAS's ``E'·W``: :func:`_input_grad_rows_kernel` (``grad_x``); after ``E'ᵀ·(r ⊙ x)``:
@@ -109,7 +109,7 @@ def _exp_logits_kernel(
     e_desc,  # (r, V) blocks (BLOCK_M, BLOCK_N): E, written
     bias_ptr,  # (V,) or None
     shift_ptr,  # (r,) fp32
-    partials_ptr,  # (2, tiles, r) fp32: o_t, s_t; written
+    partials_ptr,  # (tiles, r) fp32: l_t; written
     # dimensions
     n_rows,
     n_classes,
@@ -140,16 +140,15 @@ def _exp_logits_kernel(
     shift = tl.load(shift_ptr + offs_m, mask=row_mask, other=0.0)
     e, o = _exp_tile(acc, shift, offs_n, n_classes, CLAMP)
     e_desc.store([first_row, first_col], e.to(e_desc.dtype))
-    partial_ptr = partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m  # (tiles, r) planes: rows contiguous
-    tl.store(partial_ptr, o, mask=row_mask)
-    tl.store(partial_ptr + blocks_n.to(tl.int64) * n_rows, tl.sum(e, axis=1), mask=row_mask)
+    # l_t = o + log Σ_tile E: the tile's logsumexp relative to c ((tiles, r): rows contiguous)
+    tl.store(partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m, o + tl.log(tl.sum(e, axis=1)), mask=row_mask)
 
 
 @triton.heuristics({"HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None})
 @triton.jit
 def _factored_combine_kernel(
     # pointers
-    partials_ptr,  # (2, tiles, r) fp32: o_t, s_t
+    partials_ptr,  # (tiles, r) fp32: l_t
     shift_ptr,  # (r,) fp32: c
     target_ptr,  # (r,) int64
     class_weight_ptr,  # (V,) or None
@@ -175,38 +174,37 @@ def _factored_combine_kernel(
     # meta-parameters
     HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    CLAMP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """One program per ``BLOCK_R`` rows: two reads of their partials (the max ``O`` of the ``o_t``, then
-    ``S = Σ_t s_t·exp(o_t − O)``), then per row::
+    """One program per ``BLOCK_R`` rows: two reads of their partials (the max ``L`` of the ``l_t``, then
+    ``S = Σ_t exp(l_t − L)``), then per row::
 
-        lse = c + O + log S,   ℓ = w_y·(O + log S)   (lse − z_y with z_y = c),
+        lse = c + L + log S,   ℓ = w_y·(L + log S)   (lse − z_y with z_y = c),
         coef = s·w_y (+ 2λ·s_z·lse),   T = s·w_y,   r = coef·exp(c − lse),   dz_y = coef·exp(c − lse) − T
 
     The target column's ``dz_y`` is kept exact in fp32 (the gradient GEMMs' callers add ``dz_y·W_y`` and
     ``dz_y·x`` themselves) and ``E_y`` is set to 0: with a confident prediction ``dz_y = coef·(p_y − 1)`` is
-    a difference the GEMMs must not form from rounded terms. A row is refitted where ``O > 0`` (a tile was shifted
-    by its own max: ``E`` is not ``exp(z − c)`` there); its scale is then 1, its ``dz_y`` 0 and ``E`` is left for
+    a difference the GEMMs must not form from rounded terms. A row is refitted where ``L > CLAMP`` (a tile may have
+    been shifted by its own max: ``E`` is not ``exp(z − c)`` there); its scale is then 1, its ``dz_y`` 0 and ``E`` is left for
     the refit. Ignored rows: loss 0, scale 0. Out-of-range targets: NaN loss and scale (NaN gradients)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    plane = n_tiles.to(tl.int64) * n_rows
     offs_t = tl.arange(0, BLOCK_T)
-    big_o = tl.zeros([BLOCK_R], tl.float32)
+    big_l = tl.full([BLOCK_R], -float("inf"), tl.float32)
     for t0 in range(0, n_tiles, BLOCK_T):
         t = t0 + offs_t
         mask = (t < n_tiles)[:, None] & row_mask[None, :]
-        o_t = tl.load(partials_ptr + t.to(tl.int64)[:, None] * n_rows + rows[None, :], mask=mask, other=0.0)
-        big_o = tl.maximum(big_o, tl.max(o_t, axis=0))
+        l_t = tl.load(partials_ptr + t.to(tl.int64)[:, None] * n_rows + rows[None, :], mask=mask, other=-float("inf"))
+        big_l = tl.maximum(big_l, tl.max(l_t, axis=0))
+    big_l = tl.maximum(big_l, -3.0e38)  # finite: a row whose every exponential underflowed (only an ignored row)
     big_s = tl.zeros([BLOCK_R], tl.float32)
     for t0 in range(0, n_tiles, BLOCK_T):
         t = t0 + offs_t
         mask = (t < n_tiles)[:, None] & row_mask[None, :]
-        offs = t.to(tl.int64)[:, None] * n_rows + rows[None, :]
-        o_t = tl.load(partials_ptr + offs, mask=mask, other=0.0)
-        s_t = tl.load(partials_ptr + plane + offs, mask=mask, other=0.0)
-        big_s += tl.sum(s_t * tl.exp2((o_t - big_o[None, :]) * _LOG2E), axis=0)
+        l_t = tl.load(partials_ptr + t.to(tl.int64)[:, None] * n_rows + rows[None, :], mask=mask, other=-float("inf"))
+        big_s += tl.sum(tl.exp2((l_t - big_l[None, :]) * _LOG2E), axis=0)
 
     shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
     y = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
@@ -218,8 +216,9 @@ def _factored_combine_kernel(
     if HAS_CLASS_WEIGHT:
         w_y = tl.load(class_weight_ptr + y, mask=row_mask & has_class, other=0.0).to(tl.float32)
     nan = float("nan")
-    loss_rel = big_o + tl.log(big_s)  # lse − c
-    lse = shift + loss_rel
+    loss_rel = big_l + tl.log(big_s)  # lse − c
+    # an ignored row whose every exponential underflowed has S = 0: its lse (which nothing reads) is left finite
+    lse = tl.where(big_s > 0.0, shift + loss_rel, shift)
     loss = tl.where(bad, nan, tl.where(keep, w_y * loss_rel, 0.0))
     s = tl.load(ce_scale_ptr + rows * stride_ce, mask=row_mask, other=0.0)
     s = tl.where(bad, nan, tl.where(keep, s, 0.0))
@@ -230,7 +229,9 @@ def _factored_combine_kernel(
         coef += tl.where(keep, s_z, 0.0) * 2.0 * z_loss * lse
     # 0 where coef is (an ignored row's S may underflow to 0: no 0·inf)
     scale = tl.where(coef != 0.0, coef * tl.exp2(-loss_rel * _LOG2E), coef)
-    refit = has_class & (big_o > 0.0)
+    # a tile shifted by its own max has l_t ≥ its max − c > CLAMP; one not shifted l_t ≤ CLAMP + log(BLOCK_N): those
+    # between are refitted too (harmless, and as rare)
+    refit = has_class & (big_l > CLAMP)
     kept_scale = row_mask & has_class & (refit == 0)
     tl.store(e_ptr + rows.to(tl.int64) * stride_e_row + y, tl.zeros_like(scale).to(e_ptr.dtype.element_ty),
              mask=kept_scale)  # fmt: skip
