@@ -146,6 +146,39 @@ def main():
                 f"spills {spill} (LDL {r['LDL']} STL {r['STL']}), HGMMA {r['HGMMA']} (ptx wgmma {r['wgmma_ptx']}), "
                 f"HMMA {r['HMMA']}, MUFU.EX2 {r['MUFU.EX2']}, setmaxnreg {r['setmaxnreg'] or 'NONE'}"
             )
+    # the library's factored exponential GEMM (backends/fused/factored_gluon.py, issue 20 v16)
+    from linear_cross_entropy.backends.fused import factored_gluon as fg
+
+    for bias in (False, True):
+        label = f"library exp GEMM bias={int(bias)} 128x128x64 s{fg._STAGES}"
+        r = compile_one(
+            fg._exp_logits_gluon_kernel,
+            dict(
+                x_desc=fg._descriptor(x, [fg.BLOCK_M, fg.BLOCK_K]),
+                w_desc=fg._descriptor(w, [fg.BLOCK_N, fg.BLOCK_K]),
+                e_desc=fg._descriptor(z, [fg.BLOCK_M, fg.BLOCK_N]),
+                bias_ptr=ptr_args["bias_ptr"],
+                shift_ptr=ptr_args["z_y_ptr"],
+                partials_ptr=torch.empty(1, m),
+            ),
+            dict(
+                HAS_BIAS=bias,
+                CLAMP=50.0,
+                NUM_STAGES=fg._STAGES,
+                GROUP_M=fg._GROUP_M,
+                CONSUMER_REGS=fg._CONSUMER_REGS,
+                PRODUCER_REGS=fg._PRODUCER_REGS,
+            ),  # fmt: skip
+            fg._MAXNREG,
+            args.dump,
+            re.sub(r"[^A-Za-z0-9]+", "_", label),
+        )
+        spill = "none" if (r["LDL"] + r["STL"] == 0 and r["stack"] == "0") else "SPILLS"
+        ok &= r["smem"] <= 232448 and spill == "none"
+        print(
+            f"{label}: smem {r['smem']} B, REG {r['regs']}, stack {r['stack']}, spills {spill}, HGMMA {r['HGMMA']}, "
+            f"MUFU.EX2 {r['MUFU.EX2']}, setmaxnreg {r['setmaxnreg'] or 'NONE'}"
+        )
     # the combine (plain Triton): partials → loss, lse, dz's coefficients
     ptr = dict(
         partials_ptr="*fp32",

@@ -1,28 +1,15 @@
-r"""Issue 20, v16: the per-chunk chain with ``dz`` factored as a row scale times a stored exponential, so that the
-logits GEMM's epilogue writes everything the two cuBLAS gradient GEMMs read and no pass over the logits remains.
+r"""Issue 20, v16: one chunk of the library's factored row pass (``backends/fused/factored*.py``: ``dz`` as a row
+scale times the exponential the logits GEMM's epilogue stores, the math in ``factored_kernels.py``) against
+today's chain (cuBLAS logits GEMM, row kernel, cuBLAS gradient GEMMs), on the GPU machine.
 
     cd /work/main && PYTHONPATH=src python benchmarks/gluon/exp_chain.py [--shapes ...] [--no-check]
 
-The math. For a row with target ``y``, shift ``c`` (any finite number; here the target logit ``z_y``, computed
-beforehand as one dot product per row) and ``S = Σ_v exp(z_v − c)``: ``lse = c + log S`` and::
-
-    dz_v = coef·exp(z_v − lse) − T·[v = y] = r·(E_v − [v = y]·T/r),   E_v = exp(z_v − c),   r = coef·exp(c − lse)
-
-So the logits GEMM stores ``E`` (instead of ``z``) and per-(tile, row) partial sums; a one-launch combine turns
-them into ``lse``, the loss and ``r``, and patches the target column ``E_y −= T/r`` (one element per row). Then::
-
-    grad_x = r ⊙ (E'·W)          (cuBLAS, fp32 out, scaled and rounded once)
-    grad_W (+)= E'ᵀ·(r ⊙ x)      (cuBLAS; r ⊙ x rounded to bf16: N·H elements)
-
-Range: with ``c = z_y``, ``E ≤ exp(max_v z_v − z_y)`` and ``T/r = S`` (no z-loss). A row whose largest logit
-exceeds its target logit by more than ``CLAMP`` nats (its ``p_y < e^−CLAMP``) cannot be stored this way (E would
-overflow bf16, ``r ⊙ x`` underflow); the epilogue then shifts that tile by its own max so
-the combine still gets the exact ``lse``, and the row is flagged for a recomputation (counted here; the library
-would recompute such rows' ``dz`` with ``r = 1``).
-
 Steps, each in a subprocess with a time limit: (1) correctness at 1024 rows against float64 autograd, beside
-today's chain; (2) timings per chunk (``do_bench`` medians): floor, today's chain (``bench.time_shape``), the new
-pieces and chain with the Gluon ping-pong GEMM and with a plain-Triton GEMM of the same epilogue.
+today's chain and eager bf16, and a row beyond the window (its largest logit far above the target logit: refitted);
+(2) timings per chunk (``do_bench`` medians): floor, today's chain (``bench.time_shape``), the factored forward
+(target logits, exponential GEMM, combine, refit), its gradient step (cuBLAS ``E'·W`` and ``E'ᵀ·(r ⊙ x)``, the
+target column's kernels) and the chain, with the Gluon GEMM and with the plain-Triton one (``factored_gluon.runs_on``
+switched off). A table last.
 """
 
 import argparse
@@ -37,7 +24,6 @@ REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 SHAPES = ["16384x896x151936", "16384x1536x151936", "8192x2048x128256", "8192x768x50257", "8192x4096x128256"]
 LIMITS = {"check": 150, "time": 200}
 CHECK_ROWS = 1024
-CLAMP = 50.0
 
 
 _RUNS_ON = None  # factored_gluon.runs_on as imported (the chains switch it to force the plain-Triton GEMM)
@@ -146,7 +132,7 @@ def step_check(shape):
 
     # a row beyond the window: its target logit far below the max (refitted, lse still exact)
     ch = Chain(torch, x.clone(), w, y, share, CHECK_ROWS, accumulate=False, gemm="gluon")
-    ch.x[3] *= 60  # logits of row 3 scaled: max − z_y >> CLAMP
+    ch.x[3] *= 60  # logits of row 3 scaled: max − z_y far beyond the window (factored.CLAMP)
     ch.run()
     torch.cuda.synchronize()
     xr = ch.x.detach().double().requires_grad_()

@@ -51,6 +51,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# the tile order and the TMA producer are the library's (its factored exponential GEMM, the same ping-pong)
+from linear_cross_entropy.backends.fused.factored_gluon import _producer, _tile_coords
+
 __all__ = ["Config", "DEFAULT", "WIDE", "plain_gemm", "stats_gemm", "descriptors", "stats_tiles", "row_padded"]
 
 _LOG2E = gl.constexpr(1.4426950408889634)
@@ -89,46 +92,6 @@ WIDE = Config(block_m=64, block_n=256)  # 64x256 per consumer (m64n256k16 wgmma;
 
 # ---------------------------------------------------------------------------------------------------------------
 # device code
-
-
-@gluon.jit
-def _tile_coords(tile, tiles_m, tiles_n, GROUP_M: gl.constexpr):
-    """``(pid_m, pid_n)`` of a linear tile id: GROUP_M row blocks walk the column blocks together (L2 reuse of W)."""
-    per_group = GROUP_M * tiles_n
-    first_m = (tile // per_group) * GROUP_M
-    group_size = gl.minimum(tiles_m - first_m, GROUP_M)
-    in_group = tile % per_group
-    return first_m + in_group % group_size, in_group // group_size
-
-
-@gluon.jit
-def _producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, GROUP_M: gl.constexpr):
-    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    S: gl.constexpr = a_bufs.type.shape[0]
-    n_rows = x_desc.shape[0]
-    n_feat = x_desc.shape[1]
-    n_cols = w_desc.shape[0]
-    tiles_m = gl.cdiv(n_rows, BLOCK_M)
-    tiles_n = gl.cdiv(n_cols, BLOCK_N)
-    k_steps = gl.cdiv(n_feat, BLOCK_K)
-    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
-
-    q = 0  # the CTA's load counter: local tile j, step k  ->  q = j * k_steps + k
-    for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        for k in range(k_steps):
-            s = q % S
-            # fill n = q // S of slot s needs release n - 1 (parity of n - 1; n = 0 passes on a fresh barrier)
-            mbarrier.wait(empty.index(s), ((q // S) & 1) ^ 1)
-            bar = ready.index(s)
-            mbarrier.expect(bar, nbytes)
-            tma.async_copy_global_to_shared(x_desc, [off_m, k * BLOCK_K], bar, a_bufs.index(s))
-            tma.async_copy_global_to_shared(w_desc, [off_n, k * BLOCK_K], bar, b_bufs.index(s))
-            q += 1
 
 
 @gluon.jit

@@ -40,6 +40,8 @@ Kernels, in the order a chunk runs them:
 import triton
 import triton.language as tl
 
+from .softmax_gemm_kernels import _grouped_tile
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -89,15 +91,6 @@ def _exp_tile(acc, shift, offs_n, n_classes, CLAMP: tl.constexpr):
     tile_max = tl.max(t, axis=1)
     o = tl.where(tile_max > CLAMP, tile_max, 0.0)
     return tl.exp2((t - o[:, None]) * _LOG2E), o
-
-
-@triton.jit
-def _grouped_tile(pid, blocks_m, blocks_n, GROUP_M: tl.constexpr):
-    """``(pid_m, pid_n)``: GROUP_M row blocks walk the column blocks together (their W tiles stay in L2)."""
-    per_group = GROUP_M * blocks_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
