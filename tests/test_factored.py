@@ -193,3 +193,39 @@ def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias):
     ref = _reference(oracle_loss, x.double(), w.double(), y, None if b is None else b.double(), None, "mean")
     plain = _reference(plain_loss, x, w, y, b, None, "mean")
     assert_within_plain(ours, plain, ref, torch.bfloat16, large=True)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("wants", ["input", "weight"])
+def test_one_gradient_wanted(force_factored, monkeypatch, wants):
+    """Only grad_input or only grad_weight asked for (the other operand frozen): the pass forms just that one."""
+    calls = _spy(monkeypatch)
+    x, w, b, y, _ = small_problem(40, 16, 130, torch.float32, seed=11, bias=True)
+    options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=16, chunking_method=None)
+    xl = leaf(x) if wants == "input" else x
+    wl = leaf(w) if wants == "weight" else w
+    loss = linear_cross_entropy(xl, wl, y, linear_bias=b, options=options)
+    loss.backward()
+    assert calls
+    xr, wr = x.double().requires_grad_(wants == "input"), w.double().requires_grad_(wants == "weight")
+    oracle_loss(xr, wr, y, linear_bias=b.double()).backward()
+    ours, ref = (xl.grad, xr.grad) if wants == "input" else (wl.grad, wr.grad)
+    plain_x, plain_w = leaf(x), leaf(w)
+    plain_loss(plain_x, plain_w, y, linear_bias=b).backward()
+    plain = plain_x.grad if wants == "input" else plain_w.grad
+    assert_within_plain((ours,), (plain,), (ref,), torch.float32, names=("grad",))
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+def test_a_chunk_of_ignored_rows(force_factored, monkeypatch):
+    """A whole chunk of ignored rows (scale 0, no target column) between others."""
+    calls = _spy(monkeypatch)
+    x, w, b, y, _ = small_problem(48, 16, 100, torch.float32, seed=12)
+    y[16:32] = -100
+    ours = _run(x, w, y, rows=16)
+    assert len(calls) == 3
+    ref = _reference(oracle_loss, x.double(), w.double(), y, None, None, "mean")
+    plain = _reference(plain_loss, x, w, y, None, None, "mean")
+    assert_within_plain(ours, plain, ref, torch.float32)
