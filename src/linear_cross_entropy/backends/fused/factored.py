@@ -68,11 +68,13 @@ def _tiles(device: torch.device) -> FactoredTiles:
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether operands move through TMA descriptors as they are: 2-D, unit last stride, 16-byte aligned base and
-    row stride (the interpreter checks the same)."""
+    """Whether operands move through TMA descriptors as they are: a Hopper-or-newer GPU (measured there only) or
+    the interpreter, 2-D, unit last stride, 16-byte aligned base and row stride."""
     if not have_descriptors():
         return False
     for t in tensors:
+        if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
         if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return False
     return True
