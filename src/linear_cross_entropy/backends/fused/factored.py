@@ -2,8 +2,9 @@
 
 Per chunk of rows, :func:`forward_chunk` runs the target logits, the exponential GEMM (the Hopper warp-specialised
 one of :mod:`.factored_gluon` where it runs, else the plain Triton one), the combine and the refit, leaving in its
-:class:`FactoredBuffers` the patched ``E'`` and each row's scale ``r`` (``dz = r·E'``); :func:`gradient_gemms`
-then forms the chunk's shares of the gradients with cuBLAS. Nothing here reads a GPU value on the host.
+:class:`FactoredBuffers` ``E'`` (its target column zeroed), each row's scale ``r`` and the target column's exact
+``dz_y`` (``dz = r·E' + dz_y·e_y``); :func:`gradient_gemms` then forms the chunk's shares of the gradients with
+cuBLAS and two small kernels. Nothing here reads a GPU value on the host.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ __all__ = [
 ]
 
 # The window of the stored exponential, in nats above the row's target logit. A tile whose max(z − z_y) exceeds it
-# is shifted by that max instead and its row refitted. At 50: E ≤ e^50 ≈ 5e21 (bf16 holds 3e38), S ≤ V·e^50 and
-# T/r = S ≤ 1e27 for V ≤ 2^18 (fp32 sums, bf16 patch), and r ≥ coef·e^−62 keeps r ⊙ x a normal bf16 number for any
-# share ≥ 1e−10 (bf16's smallest normal: 1.2e−38). A row refitted has p_y < e^−50 ≈ 2e−22 (a loss above 50 nats).
+# is shifted by that max instead, and a row with a tile's logsumexp l_t above it is refitted. Kept rows have
+# E ≤ e^50 ≈ 5e21 (bf16 holds 3e38) and S = Σ_t e^l_t ≤ V·e^50 (fp32), so r = coef/S ≥ coef·e^−62 for V ≤ 2^18
+# keeps r ⊙ x a normal bf16 number for any share ≥ 1e−10 (bf16's smallest normal: 1.2e−38). A refitted row has
+# p_y < e^−50 ≈ 2e−22 (a loss above 50 nats) or thereabouts.
 CLAMP = 50.0
 _COMBINE_BLOCK_R, _COMBINE_BLOCK_T = 16, 64
 _REFIT_BLOCK_R, _REFIT_BLOCK_V, _REFIT_BLOCK_H = 16, 128, 64
