@@ -34,13 +34,21 @@ def run_ranks(body, world: int, args: tuple, out_dir, limit_s: float) -> None:
 
     ctx = mp.spawn(_rank_main, args=(body, world, free_port(), args, str(out_dir)), nprocs=world, join=False)
     deadline = time.monotonic() + limit_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"{world} worker processes still running after {limit_s} s (hang?)")
-    reports = [(pathlib.Path(out_dir) / f"rank{r}.txt").read_text() for r in range(world)]
+    paths = [pathlib.Path(out_dir) / f"rank{r}.txt" for r in range(world)]
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                pytest.fail(f"{world} worker processes still running after {limit_s} s (hang?)")
+    except mp.ProcessExitedException:
+        # A rank killed by a signal after every rank wrote its report died in gloo's teardown ("terminate called
+        # without an active exception" at process exit, seen on CI's 2 cores despite the barrier below): the
+        # reports judge the run. A rank killed before writing its report is a real crash.
+        if not all(path.exists() for path in paths):
+            raise
+    reports = [path.read_text() for path in paths]
     failures = [f"rank {r}:\n{text}" for r, text in enumerate(reports) if text]
     assert not failures, "\n\n".join(failures)
 
