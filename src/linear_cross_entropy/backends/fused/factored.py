@@ -27,6 +27,7 @@ from .factored_kernels import (
     _target_weight_grad_kernel,
 )
 from .gemm import input_grad_gemm, row_padded, weight_grad_gemm
+from .rows import _vector_stride
 
 __all__ = [
     "CLAMP",
@@ -179,11 +180,6 @@ def _exp_logits(x_c, w, b, buf: FactoredBuffers) -> None:
         CLAMP=CLAMP, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         INPUT_PRECISION=input_precision(x_c.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
-
-
-def _vector_stride(t: torch.Tensor) -> int:
-    """A per-row scale's stride: 0 for a broadcast scalar."""
-    return t.stride(0) if t.dim() == 1 else 0
 
 
 def gradient_gemms(

@@ -40,7 +40,7 @@ Kernels, in the order a chunk runs them:
 import triton
 import triton.language as tl
 
-from .softmax_gemm_kernels import _grouped_tile
+from .softmax_gemm_kernels import _logits_tile
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -116,20 +116,13 @@ def _exp_logits_kernel(
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    blocks_n = tl.cdiv(n_classes, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), blocks_n, GROUP_M)
-    first_row = pid_m * BLOCK_M
-    first_col = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, n_features, BLOCK_K):
-        a = x_desc.load([first_row, k])  # (BLOCK_M, BLOCK_K)
-        b = w_desc.load([first_col, k])  # (BLOCK_N, BLOCK_K)
-        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    acc, pid_n, first_row, first_col = _logits_tile(
+        x_desc, w_desc, bias_ptr, n_rows, n_classes, n_features, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        INPUT_PRECISION,
+    )  # fmt: skip
     offs_m = first_row + tl.arange(0, BLOCK_M)
     offs_n = first_col + tl.arange(0, BLOCK_N)
     row_mask = offs_m < n_rows
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < n_classes, other=0.0).to(tl.float32)[None, :]
     shift = tl.load(shift_ptr + offs_m, mask=row_mask, other=0.0)
     e, o = _exp_tile(acc, shift, offs_n, n_classes, CLAMP)
     e_desc.store([first_row, first_col], e.to(e_desc.dtype))

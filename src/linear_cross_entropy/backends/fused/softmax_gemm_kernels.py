@@ -36,6 +36,28 @@ def _grouped_tile(pid, blocks_m, blocks_n, GROUP_M: tl.constexpr):
     return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
 
 
+@triton.jit
+def _logits_tile(
+    x_desc, w_desc, bias_ptr, n_rows, n_classes, n_features,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``(acc, pid_n, first_row, first_col)``: this program's fp32 ``(BLOCK_M, BLOCK_N)`` tile of ``x·Wᵀ + b`` in the
+    grouped order, the logits GEMMs' shared main loop (here and in :mod:`.factored_kernels`)."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_classes, BLOCK_N), GROUP_M)
+    first_row = pid_m * BLOCK_M
+    first_col = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, n_features, BLOCK_K):
+        a = x_desc.load([first_row, k])  # (BLOCK_M, BLOCK_K)
+        b = w_desc.load([first_col, k])  # (BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        offs_n = first_col + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < n_classes, other=0.0).to(tl.float32)[None, :]
+    return acc, pid_n, first_row, first_col
+
+
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
 def _logits_stats_kernel(
@@ -60,22 +82,15 @@ def _logits_stats_kernel(
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
+    acc, pid_n, first_row, first_col = _logits_tile(
+        x_desc, w_desc, bias_ptr, n_rows, n_classes, n_features, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        INPUT_PRECISION,
+    )  # fmt: skip
     blocks_n = tl.cdiv(n_classes, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), blocks_n, GROUP_M)
-    first_row = pid_m * BLOCK_M
-    first_col = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, n_features, BLOCK_K):
-        a = x_desc.load([first_row, k])  # (BLOCK_M, BLOCK_K)
-        b = w_desc.load([first_col, k])  # (BLOCK_N, BLOCK_K)
-        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
-
     offs_m = first_row + tl.arange(0, BLOCK_M)
     offs_n = first_col + tl.arange(0, BLOCK_N)
     col_mask = offs_n < n_classes
     row_mask = offs_m < n_rows
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     z_low = acc.to(z_desc.dtype)
     z_desc.store([first_row, first_col], z_low)
     # The statistics see the stored (rounded) logits, as the gradient GEMMs will. One fp32 tile stays live (the
