@@ -46,13 +46,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
     tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# the tile order and the TMA producer are the library's (its factored exponential GEMM, the same ping-pong)
-from linear_cross_entropy.backends.fused.factored_gluon import _producer, _tile_coords
+# the tile order, the TMA producer and the consumers' MMA turn are the library's (its factored exponential GEMM, the
+# same ping-pong)
+from linear_cross_entropy.backends.fused.factored_gluon import _initial_accumulator, _mma_turn, _producer, _tile_coords
 
 __all__ = ["Config", "DEFAULT", "WIDE", "plain_gemm", "stats_gemm", "descriptors", "stats_tiles", "row_padded"]
 
@@ -158,7 +157,6 @@ def _consumer(
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    S: gl.constexpr = a_bufs.type.shape[0]
     gl.static_assert(gl.num_warps() == 4, "a consumer is one warpgroup")
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -182,26 +180,8 @@ def _consumer(
         off_n = pid_n * BLOCK_N
         q0 = (2 * i + CONSUMER) * k_steps
 
-        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=acc_layout)
-        if HAS_BIAS:
-            # The accumulator starts from the bias (fp32): no bias registers live in the epilogue (adding it there
-            # spilled). Loaded compactly (one class a thread) and spread through shared memory; its latency
-            # hides under the turn wait below. Past N it is 0, so z = 0 exactly there.
-            offs_b = off_n + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [4], [0]))
-            bias = gl.load(bias_ptr + offs_b, mask=offs_b < n_cols, other=0.0).to(gl.float32)
-            acc += gl.convert_layout(bias, gl.SliceLayout(0, acc_layout))[None, :]
-        mbarrier.wait(my_turn, i & 1)  # the other consumer has issued all wgmmas of the previous local tile
-        for k in range(k_steps):
-            q = q0 + k
-            s = q % S
-            mbarrier.wait(ready.index(s), (q // S) & 1)
-            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            # at most this wgmma in flight: the previous one (step k - 1, slot (q - 1) % S) is done with its slot
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((q + S - 1) % S), pred=k > 0)
-        mbarrier.arrive(other_turn)  # all this tile's loads were waited for and its wgmmas issued
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((q0 + k_steps - 1) % S))
+        acc = _initial_accumulator(bias_ptr, off_n, n_cols, BLOCK_M, BLOCK_N, acc_layout, HAS_BIAS)
+        acc = _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps)
 
         # epilogue (overlaps the other consumer's wgmmas)
         z_low = acc.to(z_desc.dtype)

@@ -103,6 +103,39 @@ if gluon is not None:
                 q += 1
 
     @gluon.jit
+    def _initial_accumulator(bias_ptr, off_n, n_cols, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                             acc_layout: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
+        """A consumer tile's fp32 accumulator: zeros, or the bias. Starting from the bias keeps no bias registers
+        live in the epilogue (adding it there spilled); it is loaded one class a thread and spread through shared
+        memory before the turn wait, which hides its latency. Past N it is 0."""
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=acc_layout)
+        if HAS_BIAS:
+            offs_b = off_n + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [4], [0]))
+            bias = gl.load(bias_ptr + offs_b, mask=offs_b < n_cols, other=0.0).to(gl.float32)
+            acc += gl.convert_layout(bias, gl.SliceLayout(0, acc_layout))[None, :]
+        return acc
+
+    @gluon.jit
+    def _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps):
+        """A consumer's MMA turn for its ``i``-th tile (loads ``q0 .. q0 + k_steps − 1`` of the ring): wait for the
+        turn, issue the K loop's async wgmmas (one in flight; each finished one releases its slot), hand the turn
+        over once all are issued, drain, release the last slot. The protocol is the module docstring's."""
+        S: gl.constexpr = a_bufs.type.shape[0]
+        mbarrier.wait(my_turn, i & 1)  # the other consumer issued all wgmmas of the previous local tile
+        for k in range(k_steps):
+            q = q0 + k
+            s = q % S
+            mbarrier.wait(ready.index(s), (q // S) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            # one wgmma in flight: the previous step's is done with its slot
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((q + S - 1) % S), pred=k > 0)
+        mbarrier.arrive(other_turn)  # this tile's loads waited for, its wgmmas issued
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((q0 + k_steps - 1) % S))
+        return acc
+
+    @gluon.jit
     def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout: gl.constexpr,
                       CLAMP: gl.constexpr):  # fmt: skip
         """``_exp_tile`` of the plain kernel, and the partial ``l_t = o + log Σ_tile E`` stored."""
@@ -125,7 +158,6 @@ if gluon is not None:
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        S: gl.constexpr = a_bufs.type.shape[0]
         gl.static_assert(gl.num_warps() == 4, "a consumer is one warpgroup")
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -145,27 +177,10 @@ if gluon is not None:
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
             q0 = (2 * i + CONSUMER) * k_steps
-            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=acc_layout)
-            if HAS_BIAS:
-                # the accumulator starts from the bias (adding it in the epilogue spilled); loaded one class a
-                # thread and spread through shared memory, its latency hidden by the turn wait
-                offs_b = off_n + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [4], [0]))
-                bias = gl.load(bias_ptr + offs_b, mask=offs_b < n_cols, other=0.0).to(gl.float32)
-                acc += gl.convert_layout(bias, gl.SliceLayout(0, acc_layout))[None, :]
+            acc = _initial_accumulator(bias_ptr, off_n, n_cols, BLOCK_M, BLOCK_N, acc_layout, HAS_BIAS)
             offs_s = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
             shift = gl.load(shift_ptr + offs_s, mask=offs_s < n_rows, other=0.0)
-            mbarrier.wait(my_turn, i & 1)  # the other consumer issued all wgmmas of the previous local tile
-            for k in range(k_steps):
-                q = q0 + k
-                s = q % S
-                mbarrier.wait(ready.index(s), (q // S) & 1)
-                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                # one wgmma in flight: the previous step's is done with its slot
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                mbarrier.arrive(empty.index((q + S - 1) % S), pred=k > 0)
-            mbarrier.arrive(other_turn)  # this tile's loads waited for, its wgmmas issued
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index((q0 + k_steps - 1) % S))
+            acc = _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps)
             # the epilogue, under the other consumer's wgmmas
             e = _exp_epilogue(
                 acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout, CLAMP
