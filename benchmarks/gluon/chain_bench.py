@@ -246,26 +246,7 @@ ROWS = [  # (label, key in t, or a function of t)
 
 
 def _table(times, shapes):
-    print(
-        "\n| per chunk: ms (× chunk floor) | "
-        + " | ".join(f"{s}, {times[s]['rows']} rows ({times[s]['chunks']} chunks)" if s in times else s for s in shapes)
-        + " |"
-    )
-    print("|---" * (len(shapes) + 1) + "|")
-    for label, key in ROWS:
-        cells = []
-        for s in shapes:
-            if s not in times:
-                cells.append("—")
-                continue
-            t = times[s]["t"]
-            try:
-                ms = key(t) if callable(key) else t[key]
-            except KeyError:
-                cells.append("—")
-                continue
-            cells.append(f"{ms:.3f} ({ms / t['floor']:.3f}×)")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    harness.chunk_table(times, shapes, ROWS)
     cells = []
     for s in shapes:
         if s not in times:

@@ -185,22 +185,6 @@ ROWS = [
 ]
 
 
-def _table(times, shapes):
-    print("\n| per chunk: ms (× chunk floor) | " + " | ".join(
-        f"{s}, {times[s]['rows']} rows" if s in times else s for s in shapes) + " |")  # fmt: skip
-    print("|---" * (len(shapes) + 1) + "|")
-    for label, key in ROWS:
-        cells = []
-        for s in shapes:
-            try:
-                t = times[s]["t"]
-                ms = key(t) if callable(key) else t[key]
-                cells.append(f"{ms:.3f} ({ms / t['floor']:.3f}×)")
-            except KeyError:
-                cells.append("—")
-        print(f"| {label} | " + " | ".join(cells) + " |")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES)
@@ -225,7 +209,7 @@ def main():
             times[r["shape"]] = r
     if checks:
         print("\n== correctness: " + ", ".join(f"{r['shape']} {'PASS' if r['ok'] else 'FAIL'}" for r in checks))
-    _table(times, args.shapes)
+    harness.chunk_table(times, args.shapes, ROWS)
     print(f"\ntotal {time.time() - t0:.0f} s")
 
 

@@ -83,3 +83,25 @@ def ratio_table(results: list[dict], shapes, base: str) -> None:
             ms, ref = lookup.get((variant, s)), lookup.get((base, s))
             cells.append("—" if ms is None else (f"{ms:.3f} ({ms / ref:.2f}×)" if ref and ref == ref else f"{ms:.3f}"))
         print(f"| {variant} | " + " | ".join(cells) + " |")
+
+
+def chunk_table(times: dict, shapes, rows) -> None:
+    """Markdown: per-chunk times of the chain scripts (``chain_bench.py``, ``exp_chain.py``). ``times[shape]`` holds
+    ``rows``, ``chunks`` and ``t`` (a name → ms dict with the ``floor``); ``rows`` lists ``(label, key)``, a key
+    being a name in ``t`` or a function of ``t``. Each cell: ms and × the chunk floor ("—" where missing)."""
+    print(
+        "\n| per chunk: ms (× chunk floor) | "
+        + " | ".join(f"{s}, {times[s]['rows']} rows ({times[s]['chunks']} chunks)" if s in times else s for s in shapes)
+        + " |"
+    )
+    print("|---" * (len(shapes) + 1) + "|")
+    for label, key in rows:
+        cells = []
+        for s in shapes:
+            try:
+                t = times[s]["t"]
+                ms = key(t) if callable(key) else t[key]
+                cells.append(f"{ms:.3f} ({ms / t['floor']:.3f}×)")
+            except KeyError:
+                cells.append("—")
+        print(f"| {label} | " + " | ".join(cells) + " |")
