@@ -135,52 +135,48 @@ def _row_pass(
     lse = torch.empty(out_rows, dtype=torch.float32, device=x.device)
     loss_sums = None if plan.per_row else torch.empty(-(-n // rows), dtype=torch.float32, device=x.device)
     stats = torch.empty((n, 5), dtype=torch.float32, device=x.device) if lp.metrics else None
+    # the factored pass (.factored) replaces the logits GEMM, the row kernel and the gradient GEMMs chunk by chunk
+    fact = None
     if plan.factored and grads is not None and factored.tma_ready(x, w):
-        _factored_pass(x, w, b, target, class_weight, lp, plan, scales, grads, losses, lse, loss_sums)
-        return (losses if loss_sums is None else loss_sums), lse, stats, None
-    logits_all, grad_all = logits_buffers(rows, w.shape[0], x, plan.fp32_logits, grads is not None)
+        fact = factored.allocate(min(rows, n), x, w.shape[0])
+        logits_all = grad_all = None
+    else:
+        logits_all, grad_all = logits_buffers(rows, w.shape[0], x, plan.fp32_logits, grads is not None)
     sharded = None if shard is None else _ShardedBuffers.make(rows, lp, class_weight, shard, x.device)
     for chunk, start in enumerate(range(0, n, rows)):
         stop = min(start + rows, n)
         r = stop - start
         row_out = slice(start, stop) if plan.per_row else slice(0, r)  # where this chunk's losses and lse go
-        logits, grad = logits_all[:r], None if grads is None else grad_all[:r]
-        logits_gemm(x[start:stop], w, logits, torch.float32 if plan.fp32_logits else None)
-        outs = _ChunkOutputs(
-            losses[row_out],
-            lse[row_out],
-            None if stats is None else stats[start:stop],
-            None if coefs_out is None else coefs_out[start:stop],
-        )
         scales_c = None if scales is None else (scales[0][start:stop], scales[1][start:stop])
-        if sharded is None:
-            entropy_c = None if entropy_grad is None else (entropy_grad[0][start:stop], entropy_grad[1][start:stop])
-            _unsharded_rows(logits, grad, b, target[start:stop], class_weight, scales_c, outs, lp, entropy_c)
+        if fact is not None:
+            buf = fact.rows(r)
+            factored.forward_chunk(
+                x[start:stop], w, b, target[start:stop], class_weight, scales_c, lp, buf, losses[row_out],
+                lse[row_out],
+            )  # fmt: skip
         else:
-            _sharded_rows(logits, grad, b, target[start:stop], class_weight, scales_c, outs, lp, shard, sharded, r)
+            logits, grad = logits_all[:r], None if grads is None else grad_all[:r]
+            logits_gemm(x[start:stop], w, logits, torch.float32 if plan.fp32_logits else None)
+            outs = _ChunkOutputs(
+                losses[row_out],
+                lse[row_out],
+                None if stats is None else stats[start:stop],
+                None if coefs_out is None else coefs_out[start:stop],
+            )
+            if sharded is None:
+                entropy_c = None if entropy_grad is None else (entropy_grad[0][start:stop], entropy_grad[1][start:stop])
+                _unsharded_rows(logits, grad, b, target[start:stop], class_weight, scales_c, outs, lp, entropy_c)
+            else:
+                _sharded_rows(logits, grad, b, target[start:stop], class_weight, scales_c, outs, lp, shard, sharded, r)
         if loss_sums is not None:
             torch.sum(losses[:r], dim=0, out=loss_sums[chunk])
-        if grads is not None:
+        if fact is not None:
+            factored.gradient_gemms(
+                grads.input, grads.weight, grads.bias, buf, w, x[start:stop], target[start:stop], start
+            )
+        elif grads is not None:
             _gradient_gemms(grads, grad, w, x[start:stop], start)
     return (losses if loss_sums is None else loss_sums), lse, stats, logits_all
-
-
-def _factored_pass(x, w, b, target, class_weight, lp, plan: FusedPlan, scales: Scales, grads: Gradients, losses,
-                   lse, loss_sums) -> None:  # fmt: skip
-    """The chunk loop of :attr:`FusedPlan.factored` (:mod:`.factored`): per chunk the target logits, the
-    exponential GEMM, the combine, the refit, then the gradients' shares through cuBLAS."""
-    n, rows = x.shape[0], plan.chunk_rows
-    buffers = factored.allocate(min(rows, n), x, w.shape[0])
-    for chunk, start in enumerate(range(0, n, rows)):
-        stop = min(start + rows, n)
-        r = stop - start
-        row_out = slice(start, stop) if plan.per_row else slice(0, r)
-        buf, x_c, t_c = buffers.rows(r), x[start:stop], target[start:stop]
-        scales_c = (scales[0][start:stop], scales[1][start:stop])
-        factored.forward_chunk(x_c, w, b, t_c, class_weight, scales_c, lp, buf, losses[row_out], lse[row_out])
-        if loss_sums is not None:
-            torch.sum(losses[:r], dim=0, out=loss_sums[chunk])
-        factored.gradient_gemms(grads.input, grads.weight, grads.bias, buf, w, x_c, t_c, start)
 
 
 class _ChunkOutputs(NamedTuple):
