@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import extras_oracle
 
 from linear_cross_entropy import LinearCrossEntropyOptions, LinearCrossEntropyOutput, linear_cross_entropy
 
@@ -27,41 +28,6 @@ PATHS = {
     "fused-recompute": LinearCrossEntropyOptions(backend="fused", batch_chunk_size=3),  # weight_grad_sweep forced
 }
 METRIC_NAMES = ("lse", "z_loss", "max_logit", "entropy", "logit_norm", "accuracy", "log_prob")
-
-
-def _oracle(x, w, t, *, b=None, cw=None, reduction="mean", ii=-100, ls=0.0, z_loss=0.0, scale=1.0, cap=None):
-    """Loss and metrics of ``z = cap·tanh(scale·(x·Wᵀ + b)/cap)`` from the materialised logits (N, C)."""
-    z = F.linear(x, w, b) * scale
-    if cap is not None:
-        z = cap * torch.tanh(z / cap)
-    probs = t.is_floating_point()
-    kw = dict(weight=cw, label_smoothing=ls) if probs else dict(weight=cw, label_smoothing=ls, ignore_index=ii)
-    ce = F.cross_entropy(z, t, reduction="none", **kw)
-    lse = torch.logsumexp(z, dim=1)
-    keep = torch.ones_like(lse, dtype=torch.bool) if probs else t != ii
-    zrow = z_loss * lse**2 * keep
-    if reduction == "none":
-        loss = ce + zrow
-    elif reduction == "sum":
-        loss = ce.sum() + zrow.sum()
-    else:
-        loss = F.cross_entropy(z, t, reduction="mean", **kw) + zrow.sum() / keep.sum()
-    logp = torch.log_softmax(z, dim=1)
-    y = t.argmax(1) if probs else torch.where(keep, t, 0)
-    rows = {
-        "lse": lse,
-        "z_loss": z_loss * lse**2,
-        "max_logit": z.amax(1),
-        "entropy": -(logp.exp() * logp).sum(1),
-        "logit_norm": z.norm(dim=1),
-        "accuracy": (z.argmax(1) == y).double(),
-        "log_prob": -ce if probs else logp.gather(1, y[:, None])[:, 0],
-    }
-    if reduction == "none":
-        metrics = {k: (v * keep if k in ("z_loss", "accuracy", "log_prob") else v) for k, v in rows.items()}
-    else:
-        metrics = {k: (v * keep).sum() / keep.sum() for k, v in rows.items()}
-    return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 def _skip_unsupported(path, probs=False):
@@ -118,7 +84,7 @@ def test_extras_match_float64_oracle(path, reduction, extras, force_weight_grad_
 
     xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
     bo = None if b is None else b.clone().requires_grad_()
-    ref_loss, ref_metrics = _oracle(xo, wo, t, b=bo, cw=cw, reduction=reduction, ls=ls, **extras)
+    ref_loss, ref_metrics = extras_oracle(xo, wo, t, b=bo, cw=cw, reduction=reduction, ls=ls, **extras)
     ref_loss.backward(upstream)
 
     cast = lambda v: None if v is None else v.to(device=device, dtype=dtype)  # noqa: E731

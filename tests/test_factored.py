@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import assert_within_plain, leaf, oracle_loss, plain_loss, small_problem, upstream_grad
+from helpers import assert_within_plain, extras_oracle, leaf, oracle_loss, plain_loss, small_problem, upstream_grad
 from helpers.env import HAS_CUDA, HAS_TRITON, needs_interpreter
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
@@ -62,20 +62,9 @@ def _reference(fn, x, w, y, b, cw, reduction, **kw):
     return loss.detach(), xl.grad, wl.grad, None if bl is None else bl.grad
 
 
-def _z_loss_plain(x, w, y, *, linear_bias, weight, reduction, z_loss):
-    """Plain cross entropy plus λ·lse² over the rows that take part, reduced as the loss."""
-    logits = torch.nn.functional.linear(x, w, linear_bias).to(torch.promote_types(x.dtype, torch.float32))
-    ce = torch.nn.functional.cross_entropy(logits, y, weight=weight, reduction="none")
-    keep = (y != -100).to(logits.dtype)
-    per_row = ce + z_loss * torch.logsumexp(logits, dim=1) ** 2 * keep
-    if reduction == "none":
-        return per_row.to(x.dtype)
-    if reduction == "sum":
-        return per_row.sum().to(x.dtype)
-    wy = keep if weight is None else weight.to(logits.dtype)[y.clamp(min=0)] * keep
-    ce_mean = ce.sum() / wy.sum()
-    z_mean = (z_loss * torch.logsumexp(logits, dim=1) ** 2 * keep).sum() / keep.sum()
-    return (ce_mean + z_mean).to(x.dtype)
+def _z_loss_loss(x, w, y, *, linear_bias, weight, reduction, z_loss):
+    """:func:`helpers.extras_oracle`'s loss with ``_reference``'s call (cross entropy + λ·lse² over kept rows)."""
+    return extras_oracle(x, w, y, b=linear_bias, cw=weight, reduction=reduction, z_loss=z_loss)[0]
 
 
 CASES = [  # (n, h, v, rows, bias, class_weight, reduction)
@@ -107,8 +96,8 @@ def test_factored_z_loss(force_factored, monkeypatch):
     x, w, b, y, _ = small_problem(30, 16, 120, torch.float32, seed=5)
     ours = _run(x, w, y, rows=16, z_loss=1e-2)
     assert calls
-    ref = _reference(_z_loss_plain, x.double(), w.double(), y, None, None, "mean", z_loss=1e-2)
-    plain = _reference(_z_loss_plain, x, w, y, None, None, "mean", z_loss=1e-2)
+    ref = _reference(_z_loss_loss, x.double(), w.double(), y, None, None, "mean", z_loss=1e-2)
+    plain = _reference(_z_loss_loss, x, w, y, None, None, "mean", z_loss=1e-2)
     assert_within_plain(ours, plain, ref, torch.float32)
 
 

@@ -38,6 +38,7 @@ from .env import (
 from .problems import (
     Case,
     cuda_problem,
+    extras_oracle,
     forward_backward,
     leaf,
     make_case,
@@ -66,6 +67,7 @@ __all__ = [
     "check_close",
     "check_within_plain",
     "cuda_problem",
+    "extras_oracle",
     "DEVICES",
     "EPS",
     "expect_error",

@@ -179,6 +179,41 @@ def oracle_loss(
     )
 
 
+def extras_oracle(x, w, t, *, b=None, cw=None, reduction="mean", ii=-100, ls=0.0, z_loss=0.0, scale=1.0, cap=None):
+    """Loss and metrics of ``z = cap·tanh(scale·(x·Wᵀ + b)/cap)`` from the materialised logits (N, C)."""
+    z = F.linear(x, w, b) * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    probs = t.is_floating_point()
+    kw = dict(weight=cw, label_smoothing=ls) if probs else dict(weight=cw, label_smoothing=ls, ignore_index=ii)
+    ce = F.cross_entropy(z, t, reduction="none", **kw)
+    lse = torch.logsumexp(z, dim=1)
+    keep = torch.ones_like(lse, dtype=torch.bool) if probs else t != ii
+    zrow = z_loss * lse**2 * keep
+    if reduction == "none":
+        loss = ce + zrow
+    elif reduction == "sum":
+        loss = ce.sum() + zrow.sum()
+    else:
+        loss = F.cross_entropy(z, t, reduction="mean", **kw) + zrow.sum() / keep.sum()
+    logp = torch.log_softmax(z, dim=1)
+    y = t.argmax(1) if probs else torch.where(keep, t, 0)
+    rows = {
+        "lse": lse,
+        "z_loss": z_loss * lse**2,
+        "max_logit": z.amax(1),
+        "entropy": -(logp.exp() * logp).sum(1),
+        "logit_norm": z.norm(dim=1),
+        "accuracy": (z.argmax(1) == y).double(),
+        "log_prob": -ce if probs else logp.gather(1, y[:, None])[:, 0],
+    }
+    if reduction == "none":
+        metrics = {k: (v * keep if k in ("z_loss", "accuracy", "log_prob") else v) for k, v in rows.items()}
+    else:
+        metrics = {k: (v * keep).sum() / keep.sum() for k, v in rows.items()}
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
 def plain_loss(input, linear_weight, target, linear_bias=None, *, options=None, ignore_index=None, **kwargs):
     """Plain PyTorch as a training loop writes it (2-D weight): the logits in the input dtype, the loss in (at
     least) fp32, rounded to the input dtype. ``options`` is ignored (the same call as ours)."""
