@@ -36,12 +36,18 @@ def force_factored(monkeypatch):
 
 
 def _spy(monkeypatch):
-    """Counts the factored chunks run (so that a test fails if the path silently was not taken)."""
+    """One entry per factored chunk run, the number of rows it refitted (so that a test fails if the path silently
+    was not taken)."""
     from linear_cross_entropy.backends.fused import factored
 
     calls = []
     real = factored.forward_chunk
-    monkeypatch.setattr(factored, "forward_chunk", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+
+    def spy(*args, **kw):
+        real(*args, **kw)
+        calls.append(int(args[7].refit.sum()))  # args[7]: the chunk's FactoredBuffers
+
+    monkeypatch.setattr(factored, "forward_chunk", spy)
     return calls
 
 
@@ -106,16 +112,7 @@ def test_factored_z_loss(force_factored, monkeypatch):
 def test_rows_beyond_the_window_are_refitted(force_factored, monkeypatch):
     """Rows whose largest logit is > CLAMP nats above the target logit (losses of hundreds of nats) take the refit:
     their loss and gradients still match float64, and the other rows are untouched by it."""
-    from linear_cross_entropy.backends.fused import factored
-
-    refits = []
-    real = factored.forward_chunk
-
-    def spy(*args, **kw):
-        real(*args, **kw)
-        refits.append(int(args[7].refit.sum()))
-
-    monkeypatch.setattr(factored, "forward_chunk", spy)
+    refits = _spy(monkeypatch)
     x, w, b, y, _ = small_problem(32, 16, 150, torch.float32, seed=9, bias=True)
     x[[3, 20]] *= 150.0  # logits of ~±300: the window (50 nats) exceeded on both rows
     y[[3, 20]] = torch.tensor([0, 1])
