@@ -44,14 +44,19 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
-    mbarrier,
     tma,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# the tile order, the TMA producer and the consumers' MMA turn are the library's (its factored exponential GEMM, the
+# the shared memory and barriers, the tile order, the TMA producer and the consumers' MMA turn are the library's (its factored exponential GEMM, the
 # same ping-pong)
-from linear_cross_entropy.backends.fused.factored_gluon import _initial_accumulator, _mma_turn, _producer, _tile_coords
+from linear_cross_entropy.backends.fused.factored_gluon import (
+    _initial_accumulator,
+    _mma_turn,
+    _ping_pong_smem,
+    _producer,
+    _tile_coords,
+)
 
 __all__ = ["Config", "DEFAULT", "WIDE", "plain_gemm", "stats_gemm", "descriptors", "stats_tiles", "row_padded"]
 
@@ -230,19 +235,7 @@ def _ws_gemm_body(
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     gl.static_assert(z_desc.block_type.shape[0] == BLOCK_M)
     gl.static_assert(z_desc.block_type.shape[1] == BLOCK_N)
-    a_bufs = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES] + x_desc.block_type.shape, x_desc.layout)
-    b_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES] + w_desc.block_type.shape, w_desc.layout)
-    c_bufs = gl.allocate_shared_memory(z_desc.dtype, [2] + z_desc.block_type.shape, z_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(NUM_STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
-    for c in gl.static_range(2):
-        mbarrier.init(turn.index(c), count=1)
-    fence_async_shared()  # barrier inits visible to the async proxy (TMA) before any use
-    mbarrier.arrive(turn.index(0))  # consumer 0 owns the first MMA turn (turn[0] phase 0)
+    a_bufs, b_bufs, c_bufs, ready, empty, turn = _ping_pong_smem(x_desc, w_desc, z_desc, NUM_STAGES)
 
     gl.warp_specialize(
         [

@@ -193,12 +193,12 @@ if gluon is not None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _exp_logits_gluon_kernel(x_desc, w_desc, e_desc, bias_ptr, shift_ptr, partials_ptr, HAS_BIAS: gl.constexpr,
-                                 CLAMP: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
+    def _ping_pong_smem(x_desc, w_desc, out_desc, NUM_STAGES: gl.constexpr):
+        """``(a_bufs, b_bufs, c_bufs, ready, empty, turn)``: the ring of x and W tiles, the consumers' two output
+        staging tiles and the barriers, initialised, with consumer 0 holding the first MMA turn (turn[0] phase 0)."""
         a_bufs = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES] + x_desc.block_type.shape, x_desc.layout)
         b_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES] + w_desc.block_type.shape, w_desc.layout)
-        c_bufs = gl.allocate_shared_memory(e_desc.dtype, [2] + e_desc.block_type.shape, e_desc.layout)
+        c_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -208,7 +208,14 @@ if gluon is not None:
         for c in gl.static_range(2):
             mbarrier.init(turn.index(c), count=1)
         fence_async_shared()  # barrier inits visible to the async proxy (TMA) before any use
-        mbarrier.arrive(turn.index(0))  # consumer 0 owns the first MMA turn
+        mbarrier.arrive(turn.index(0))
+        return a_bufs, b_bufs, c_bufs, ready, empty, turn
+
+    @gluon.jit
+    def _exp_logits_gluon_kernel(x_desc, w_desc, e_desc, bias_ptr, shift_ptr, partials_ptr, HAS_BIAS: gl.constexpr,
+                                 CLAMP: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
+        a_bufs, b_bufs, c_bufs, ready, empty, turn = _ping_pong_smem(x_desc, w_desc, e_desc, NUM_STAGES)
         # the partitions' argument tuples spelled out: the frontend does not build them from a shared one
         gl.warp_specialize(  # fmt: skip
             [
