@@ -48,8 +48,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# the shared memory and barriers, the tile order, the TMA producer and the consumers' MMA turn are the library's (its factored exponential GEMM, the
-# same ping-pong)
+# the shared memory and barriers, the tile order, the TMA producer and the consumers' MMA turn are the library's
+# (its factored exponential GEMM is the same ping-pong)
 from linear_cross_entropy.backends.fused.factored_gluon import (
     _initial_accumulator,
     _mma_turn,
