@@ -53,7 +53,8 @@ class Chain:
 
         self.torch, self.factored, self.gemm = torch, factored, gemm
         self.x, self.w, self.y, self.share = x, w, y, share
-        self.buf = factored.allocate(rows, x, w.shape[0])
+        self.ws = factored.allocate(rows, x, w.shape[0])
+        self.buf = self.ws.chunk(0, rows)
         self.loss = torch.empty(rows, dtype=torch.float32, device=x.device)
         self.lse = torch.empty(rows, dtype=torch.float32, device=x.device)
         # one spare row in front: with an fp32 scratch the chunk runs as a later chunk (start 1: accumulating)
@@ -79,6 +80,7 @@ class Chain:
 
     def grads(self):
         self.factored.gradient_gemms(self.gx_all, self.gw, None, self.buf, self.w, self.x, self.y, self.start)
+        self.factored.target_column_grads(self.gw, None, self.ws.target_grad, self.x, self.y, self.w.shape[0])
 
     def run(self):
         self.forward()
@@ -171,6 +173,76 @@ def step_time(shape):
     harness.result(dict(kind="time", shape=shape, chunks=chunks, rows=rows, t=t))
 
 
+def step_pieces(shape):
+    """The gradient step's pieces alone, one chunk (accumulating where the shape runs several), beside cuBLAS's
+    same GEMMs on today's ``dz``: which piece holds the step's excess over today's two GEMMs."""
+    torch, bench, sg = _setup()
+    from linear_cross_entropy.backends.fused import factored, factored_gluon
+    from linear_cross_entropy.backends.fused.factored_kernels import _input_grad_rows_kernel
+    from linear_cross_entropy.backends.fused.gemm import input_grad_gemm, weight_grad_gemm
+
+    n, h, v = (int(s) for s in shape.split("x"))
+    rows = bench.SHAPES.get(shape, 4096 if v > 100000 else 2048)
+    chunks = -(-n // rows)
+    x, w, y, share = bench.problem(rows, h, v)
+    tbuf = bench.Buffers(rows, h, v, chunks)
+    bench.today(x, w, y, share, tbuf)  # tbuf.z: today's dz
+    ch = Chain(torch, x, w, y, share, rows, accumulate=chunks > 1, gemm="gluon")
+    ch.run()
+    torch.cuda.synchronize()
+    buf, gw = ch.buf, ch.gw
+    first = chunks == 1
+    block_h = min(1024, 1 << (h - 1).bit_length())
+
+    def rows_kernel(with_x):
+        _input_grad_rows_kernel[(rows,)](
+            buf.product, w, x if with_x else None, y, buf.scale, buf.target_grad, ch.gx, v, h,
+            buf.product.stride(0), w.stride(0), x.stride(0), ch.gx.stride(0),
+            BLOCK_H=block_h, num_warps=4,
+        )  # fmt: skip
+
+    def combine(block_r, block_t, warps):
+        def run():
+            factored._COMBINE_BLOCK_R, factored._COMBINE_BLOCK_T, factored._COMBINE_WARPS = block_r, block_t, warps
+            factored.combine(y, None, (share, share), LP, buf, ch.loss, ch.lse)
+
+        return run
+
+    def gluon_gemm(group_m, stages):
+        def run():
+            factored_gluon._GROUP_M, factored_gluon._STAGES = group_m, stages
+            factored_gluon.exp_logits(x, w, None, buf.shift, factored.CLAMP, buf.e, buf.partials)
+
+        return run
+
+    pieces = {
+        "cuBLAS dz·W (today's dz)": lambda: input_grad_gemm(tbuf.z, w, tbuf.gx),
+        "cuBLAS E'·W": lambda: input_grad_gemm(buf.e, w, buf.product),
+        "grad_x rows kernel": lambda: rows_kernel(False),
+        "grad_x rows kernel + r ⊙ x": lambda: rows_kernel(True),
+        "r ⊙ x": lambda: torch.mul(x, buf.scale[:, None], out=buf.product),
+        "cuBLAS dzᵀ·x (today's dz)": lambda: weight_grad_gemm(gw, tbuf.z, x, first=first),
+        "cuBLAS E'ᵀ·(r⊙x)": lambda: weight_grad_gemm(gw, buf.e, buf.product, first=first),
+        "cuBLAS E'ᵀ·x": lambda: weight_grad_gemm(gw, buf.e, x, first=first),
+        "cuBLAS dzᵀ·(r⊙x)": lambda: weight_grad_gemm(gw, tbuf.z, buf.product, first=first),
+        "target columns (sort + kernel, once a call)": lambda: factored.target_column_grads(
+            gw, None, ch.ws.target_grad, x, y, v
+        ),
+        "gradient step (library)": ch.grads,
+        "cuBLAS logits GEMM": lambda: torch.mm(x, w.T, out=tbuf.z),
+    }
+    for g, st in ((8, 4), (16, 4), (32, 4), (8, 3)):
+        pieces[f"Gluon exp GEMM GROUP_M={g} stages={st}"] = gluon_gemm(g, st)
+    for br, bt, nw in ((16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 8), (64, 64, 8)):
+        pieces[f"combine {br}x{bt}, {nw} warps"] = combine(br, bt, nw)
+    t = {"floor": bench.time_shape(n, h, v, rows, {})[1]["floor"]}
+    print(f"{shape}: {rows} rows a chunk, {chunks} chunks", flush=True)
+    for name, fn in pieces.items():
+        t[name] = bench.bench(fn)
+        print(f"  {name:32s} {t[name]:8.3f} ms", flush=True)
+    harness.result(dict(kind="pieces", shape=shape, chunks=chunks, rows=rows, t=t))
+
+
 ROWS = [
     ("floor (3 cuBLAS GEMMs)", "floor"),
     ("today: logits GEMM", "today logits GEMM"),
@@ -189,13 +261,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--pieces", action="store_true", help="time the gradient step's pieces alone instead")
     ap.add_argument("--step", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
         kind, shape = args.step.split(":")
-        return (step_check if kind == "check" else step_time)(shape)
+        return {"check": step_check, "time": step_time, "pieces": step_pieces}[kind](shape)
     t0 = time.time()
     print(harness.device_line())
+    if args.pieces:
+        times = {}
+        for s in args.shapes:
+            for r in harness.run_step(__file__, ["--step", f"pieces:{s}"], LIMITS["time"])[0]:
+                times[r["shape"]] = r
+        names = next(iter(times.values()))["t"] if times else {}
+        harness.chunk_table(times, args.shapes, [(k, k) for k in names])
+        return
     checks, times = [], {}
     if not args.no_check:
         print(f"== correctness at {CHECK_ROWS} rows (against float64 autograd)", flush=True)

@@ -253,7 +253,7 @@ def profile(n, h, v, dtype):
         linear_cross_entropy(x, w, y, options=opts).backward()
         torch.cuda.synchronize()
     print(f"profile {n}x{h}x{v}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=50))
     prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "."), f"trace_{n}x{h}x{v}.json"))
     for sync in (False, True):

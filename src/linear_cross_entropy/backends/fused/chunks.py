@@ -149,7 +149,7 @@ def _row_pass(
         row_out = slice(start, stop) if plan.per_row else slice(0, r)  # where this chunk's losses and lse go
         scales_c = None if scales is None else (scales[0][start:stop], scales[1][start:stop])
         if fact is not None:
-            buf = fact.rows(r)
+            buf = fact.chunk(start, r)
             factored.forward_chunk(
                 x[start:stop], w, b, target[start:stop], class_weight, scales_c, lp, buf, losses[row_out],
                 lse[row_out],
@@ -176,6 +176,9 @@ def _row_pass(
             )
         elif grads is not None:
             _gradient_gemms(grads, grad, w, x[start:stop], start)
+    if fact is not None:  # the (rows, V) buffer freed first: the sort's temporaries may take its place
+        target_grad, fact, buf = fact.target_grad, None, None
+        factored.target_column_grads(grads.weight, grads.bias, target_grad, x, target, w.shape[0])
     return (losses if loss_sums is None else loss_sums), lse, stats, logits_all
 
 

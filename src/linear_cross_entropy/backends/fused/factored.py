@@ -4,7 +4,8 @@ Per chunk of rows, :func:`forward_chunk` runs the target logits, the exponential
 one of :mod:`.factored_gluon` where it runs, else the plain Triton one), the combine and the refit, leaving in its
 :class:`FactoredBuffers` ``E'`` (its target column zeroed), each row's scale ``r`` and the target column's exact
 ``dz_y`` (``dz = r·E' + dz_y·e_y``); :func:`gradient_gemms` then forms the chunk's shares of the gradients with
-cuBLAS and two small kernels. Nothing here reads a GPU value on the host.
+cuBLAS and one small kernel. After the last chunk, :func:`target_column_grads` adds every row's target-column term
+to the weight and bias gradients in one launch. Nothing here reads a GPU value on the host.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ __all__ = [
     "CLAMP",
     "FactoredTiles",
     "FactoredBuffers",
+    "combine",
+    "Workspace",
     "tma_ready",
     "allocate",
     "forward_chunk",
     "gradient_gemms",
+    "target_column_grads",
 ]
 
 # The window of the stored exponential, in nats above the row's target logit. A tile whose max(z − z_y) exceeds it
@@ -45,7 +49,7 @@ __all__ = [
 # keeps r ⊙ x a normal bf16 number for any share ≥ 1e−10 (bf16's smallest normal: 1.2e−38). A refitted row has
 # p_y < e^−50 ≈ 2e−22 (a loss above 50 nats) or thereabouts.
 CLAMP = 50.0
-_COMBINE_BLOCK_R, _COMBINE_BLOCK_T = 16, 64
+_COMBINE_BLOCK_R, _COMBINE_BLOCK_T, _COMBINE_WARPS = 16, 64, 4
 _REFIT_BLOCK_R, _REFIT_BLOCK_V, _REFIT_BLOCK_H = 16, 128, 64
 
 
@@ -84,41 +88,59 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 
 
 class FactoredBuffers(NamedTuple):
-    """One chunk's working set (views of :func:`allocate`'s buffers, :meth:`rows` for a shorter last chunk)."""
+    """One chunk's working set: views of a :class:`Workspace` (:meth:`Workspace.chunk`)."""
 
     e: torch.Tensor  # (r, V) x's dtype, row-padded: E, then E' (and dz on refitted rows)
     partials: torch.Tensor  # (tiles, r) fp32: l_t
+    product: torch.Tensor  # (r, H) x's dtype, over the partials' storage: E'·W, then r ⊙ x
     shift: torch.Tensor  # (r,) fp32: the target logits
     scale: torch.Tensor  # (r,) fp32: r
-    coefs: torch.Tensor  # (3, r) fp32: coef, T, dz_y
+    coefs: torch.Tensor  # (2, r) fp32: coef, T
+    target_grad: torch.Tensor  # (r,) fp32, a view of the call's (N,): dz_y
     refit: torch.Tensor  # (r,) int8
-    product: torch.Tensor  # (r, H) x's dtype: E'·W before the row scale, then r ⊙ x (one buffer: used in turn)
 
-    def rows(self, r: int) -> FactoredBuffers:
-        if r == self.e.shape[0]:
-            return self
-        tiles = self.partials.shape[0]
-        # the kernels read (tiles, r) and (3, r) planes r rows apart: fresh views of the same storage
-        partials = self.partials.view(-1)[: tiles * r].view(tiles, r)
-        coefs = self.coefs.view(-1)[: 3 * r].view(3, r)
+
+class Workspace(NamedTuple):
+    """The factored pass's buffers for one call: chunk-sized ones, and ``target_grad`` for every row (the target
+    column's ``dz_y``, read after the last chunk: 4 bytes a row)."""
+
+    e: torch.Tensor  # (rows, V) row-padded: the only (rows, V) buffer, as today's logits
+    space: torch.Tensor  # flat fp32: a chunk's partials, then (dead once the combine read them) its (r, H) product
+    tiles: int  # partials per row: vocabulary tiles of the exponential GEMM
+    features: int  # H
+    shift: torch.Tensor  # (rows,) fp32
+    scale: torch.Tensor  # (rows,) fp32
+    coefs: torch.Tensor  # (2, rows) fp32
+    target_grad: torch.Tensor  # (N,) fp32
+    refit: torch.Tensor  # (rows,) int8
+
+    def chunk(self, start: int, r: int) -> FactoredBuffers:
+        """Views for the ``r`` rows from ``start`` (the kernels read ``(tiles, r)`` planes ``r`` rows apart)."""
+        partials = self.space[: self.tiles * r].view(self.tiles, r)
+        product = self.space.view(self.e.dtype)[: r * self.features].view(r, self.features)
+        coefs = self.coefs.view(-1)[: 2 * r].view(2, r)
+        target_grad = self.target_grad[start : start + r]
         return FactoredBuffers(
-            self.e[:r], partials, self.shift[:r], self.scale[:r], coefs, self.refit[:r], self.product[:r]
+            self.e[:r], partials, product, self.shift[:r], self.scale[:r], coefs, target_grad, self.refit[:r]
         )
 
 
-def allocate(rows: int, x: torch.Tensor, num_classes: int) -> FactoredBuffers:
-    """The working set of ``rows``-row chunks (``E`` is the only ``(rows, V)`` buffer, as today's logits)."""
-    dev, h = x.device, x.shape[1]
+def allocate(rows: int, x: torch.Tensor, num_classes: int) -> Workspace:
+    """The working set of ``rows``-row chunks of ``x``'s rows."""
+    (n, h), dev = x.shape, x.device
     tiles = triton.cdiv(num_classes, _block_n(x))
+    product_words = triton.cdiv(rows * h * x.element_size(), 4)
     f32 = dict(dtype=torch.float32, device=dev)
-    return FactoredBuffers(
+    return Workspace(
         row_padded(rows, num_classes, x.dtype, dev),
-        torch.empty((tiles, rows), **f32),
+        torch.empty(max(tiles * rows, product_words), **f32),
+        tiles,
+        h,
         torch.empty(rows, **f32),
         torch.empty(rows, **f32),
-        torch.empty((3, rows), **f32),
+        torch.empty((2, rows), **f32),
+        torch.empty(n, **f32),
         torch.empty(rows, dtype=torch.int8, device=dev),
-        torch.empty((rows, h), dtype=x.dtype, device=dev),
     )
 
 
@@ -144,28 +166,41 @@ def forward_chunk(
         return
     _target_logit_kernel[(r,)](
         x_c, w, b, target, buf.shift, v, h, x_c.stride(0), w.stride(0), lp.ignore_index,
-        BLOCK_H=min(1024, triton.next_power_of_2(h)), num_warps=4,
+        BLOCK_H=_feature_block(h), num_warps=4,
     )  # fmt: skip
     if factored_gluon.runs_on(x_c):
         factored_gluon.exp_logits(x_c, w, b, buf.shift, CLAMP, buf.e, buf.partials)
     else:
         _exp_logits(x_c, w, b, buf)
-    ce, zs = scales
-    _factored_combine_kernel[(triton.cdiv(r, _COMBINE_BLOCK_R),)](
-        buf.partials, buf.shift, target, class_weight, ce, zs, buf.e, loss_out, lse_out, buf.scale, buf.coefs,
-        buf.refit,
-        r, buf.partials.shape[0], v,
-        buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
-        lp.ignore_index, lp.z_loss,
-        HAS_Z_LOSS=lp.z_loss > 0, CLAMP=CLAMP, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
-        num_warps=4,
-    )  # fmt: skip
+    combine(target, class_weight, scales, lp, buf, loss_out, lse_out)
     _refit_rows_kernel[(triton.cdiv(r, _REFIT_BLOCK_R),)](
         x_c, w, b, target, lse_out, buf.coefs, buf.refit, buf.e,
         r, v, h,
         x_c.stride(0), w.stride(0), buf.e.stride(0),
         BLOCK_R=_REFIT_BLOCK_R, BLOCK_V=_REFIT_BLOCK_V, BLOCK_H=_REFIT_BLOCK_H,
         INPUT_PRECISION=input_precision(x_c.dtype), num_warps=4,
+    )  # fmt: skip
+
+
+def combine(
+    target: torch.Tensor,  # (r,) int64
+    class_weight: torch.Tensor | None,  # (V,)
+    scales: tuple[torch.Tensor, torch.Tensor],  # (r,) fp32 each, or stride-0 scalars: s, s_z
+    lp: LossParams,
+    buf: FactoredBuffers,  # of r rows, after the exponential GEMM
+    loss_out: torch.Tensor,  # (r,) fp32
+    lse_out: torch.Tensor,  # (r,) fp32
+) -> None:
+    """The partials into the losses, lse, ``r``, ``dz_y`` and the rows to refit; ``E``'s target column zeroed."""
+    (r, v), ce, zs = buf.e.shape, *scales
+    _factored_combine_kernel[(triton.cdiv(r, _COMBINE_BLOCK_R),)](
+        buf.partials, buf.shift, target, class_weight, ce, zs, buf.e, loss_out, lse_out, buf.scale, buf.coefs,
+        buf.target_grad, buf.refit,
+        r, buf.partials.shape[0], v,
+        buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
+        lp.ignore_index, lp.z_loss,
+        HAS_Z_LOSS=lp.z_loss > 0, CLAMP=CLAMP, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
+        num_warps=_COMBINE_WARPS,
     )  # fmt: skip
 
 
@@ -192,30 +227,53 @@ def gradient_gemms(
     target: torch.Tensor,  # (r,) int64
     start: int,
 ) -> None:
-    """One chunk's shares: ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (the product in x's dtype: cuBLAS's fp32-output
-    GEMM ran 1.4x its 16-bit one on an H100; the rounding falls on the non-target part only),
-    ``grad_W (+)= E'ᵀ·(r ⊙ x_c)`` then ``+ dz_y·x_n`` at the target rows, ``grad_b += E'ᵀ·r + dz_y`` likewise."""
+    """One chunk's shares but the target column's in ``grad_W`` and ``grad_b`` (:func:`target_column_grads`):
+    ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (the product in x's dtype: cuBLAS's fp32-output GEMM ran 1.4x its
+    16-bit one on an H100; the rounding falls on the non-target part only), ``grad_W (+)= E'ᵀ·(r ⊙ x_c)``,
+    ``grad_b += E'ᵀ·r``."""
     (r, h), v = x_c.shape, w.shape[0]
     if r == 0:
         return
-    block_h = min(1024, triton.next_power_of_2(h))
     if grad_x is not None:
         input_grad_gemm(buf.e, w, buf.product)
         out = grad_x[start : start + r]
         _input_grad_rows_kernel[(r,)](
-            buf.product, w, target, buf.scale, buf.coefs, out, r, v, h, buf.product.stride(0), w.stride(0),
-            out.stride(0), BLOCK_H=block_h, num_warps=4,
+            buf.product, w, x_c if grad_w is not None else None, target, buf.scale, buf.target_grad, out,
+            v, h,
+            buf.product.stride(0), w.stride(0), x_c.stride(0), out.stride(0),
+            BLOCK_H=_feature_block(h), num_warps=4,
         )  # fmt: skip
-    if grad_w is not None:
-        torch.mul(x_c, buf.scale[:, None], out=buf.product)  # E'·W was read above
+    elif grad_w is not None:
+        torch.mul(x_c, buf.scale[:, None], out=buf.product)
+    if grad_w is not None:  # buf.product holds r ⊙ x_c
         weight_grad_gemm(grad_w, buf.e, buf.product, first=start == 0)
     if grad_b is not None:  # E'ᵀ·r, r rounded to E's dtype (as r ⊙ x is), summed in fp32
         share = torch.empty((v, 1), dtype=torch.float32, device=w.device)
         weight_grad_gemm(share, buf.e, buf.scale.to(buf.e.dtype)[:, None], first=True)
         grad_b.add_(share[:, 0])
-    if grad_w is not None or grad_b is not None:
-        sorted_target, order = torch.sort(target, stable=True)
-        _target_weight_grad_kernel[(r,)](
-            order, sorted_target, buf.coefs, x_c, grad_w, grad_b, r, v, h, x_c.stride(0),
-            0 if grad_w is None else grad_w.stride(0), BLOCK_H=block_h, num_warps=4,
-        )  # fmt: skip
+
+
+def target_column_grads(
+    grad_w: torch.Tensor | None,  # (V, H): added to at the target rows
+    grad_b: torch.Tensor | None,  # (V,) fp32: added to
+    target_grad: torch.Tensor,  # (N,) fp32: every row's dz_y (Workspace.target_grad after the last chunk)
+    x: torch.Tensor,  # (N, H)
+    target: torch.Tensor,  # (N,) int64
+    num_classes: int,
+) -> None:
+    """``grad_W[y_n] += dz_y,n·x_n`` and ``grad_b[y_n] += dz_y,n`` for every row at once, after the last chunk:
+    the rows sorted by target once, one writer per class (deterministic, no atomics)."""
+    n, h = x.shape
+    if n == 0 or (grad_w is None and grad_b is None):
+        return
+    sorted_target, order = torch.sort(target, stable=True)
+    _target_weight_grad_kernel[(n,)](
+        order, sorted_target, target_grad, x, grad_w, grad_b,
+        n, num_classes, h,
+        x.stride(0), 0 if grad_w is None else grad_w.stride(0),
+        BLOCK_H=_feature_block(h), num_warps=4,
+    )  # fmt: skip
+
+
+def _feature_block(h: int) -> int:
+    return min(1024, triton.next_power_of_2(h))

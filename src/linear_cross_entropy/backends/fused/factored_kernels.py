@@ -33,8 +33,10 @@ Kernels, in the order a chunk runs them:
 - :func:`_factored_combine_kernel`: ``lse = c + L + log Σ_t exp(l_t − L)`` (``L = max_t l_t``), the loss
   ``w_y·(lse − c)``, ``r``, ``dz_y`` (``E_y`` zeroed), and the rows to refit.
 - :func:`_refit_rows_kernel`: the refitted rows' ``dz`` (blocks of rows without one return at once).
-- after cuBLAS's ``E'·W``: :func:`_input_grad_rows_kernel` (``grad_x``); after ``E'ᵀ·(r ⊙ x)``:
-  :func:`_target_weight_grad_kernel` (the target rows' ``dz_y·x``, summed per class in a sorted order).
+- after cuBLAS's ``E'·W``: :func:`_input_grad_rows_kernel` (``grad_x``, and ``r ⊙ x`` for cuBLAS's ``E'ᵀ·(r ⊙ x)``
+  written where ``E'·W`` was);
+- once, after the last chunk: :func:`_target_weight_grad_kernel` (every row's ``dz_y·x`` added at its target's row
+  of ``grad_W``, summed per class over the rows sorted by target).
 """
 
 import triton
@@ -144,7 +146,8 @@ def _factored_combine_kernel(
     loss_ptr,  # (r,) fp32; written
     lse_ptr,  # (r,) fp32; written
     scale_ptr,  # (r,) fp32: r (1 on refitted rows); written
-    coef_ptr,  # (3, r) fp32: coef, T (what the refit needs) and dz_y (0 on refitted rows); written
+    coef_ptr,  # (2, r) fp32: coef and T (what the refit needs); written
+    target_grad_ptr,  # (r,) fp32: dz_y (0 on refitted rows); written
     refit_ptr,  # (r,) int8: 1 where the row's dz must be recomputed; written
     # dimensions
     n_rows,
@@ -164,8 +167,8 @@ def _factored_combine_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """One program per ``BLOCK_R`` rows: two reads of their partials (the max ``L`` of the ``l_t``, then
-    ``S = Σ_t exp(l_t − L)``), then per row::
+    """One program per ``BLOCK_R`` rows: one read of their partials, ``L = max_t l_t`` and ``S = Σ_t exp(l_t − L)``
+    kept online (``S`` rescaled by ``exp(L_old − L_new)`` as ``L`` grows), then per row::
 
         lse = c + L + log S,   ℓ = w_y·(L + log S)   (lse − z_y with z_y = c),
         coef = s·w_y (+ 2λ·s_z·lse),   T = s·w_y,   r = coef·exp(c − lse),   dz_y = coef·exp(c − lse) − T
@@ -178,19 +181,16 @@ def _factored_combine_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     offs_t = tl.arange(0, BLOCK_T)
-    big_l = tl.full([BLOCK_R], -float("inf"), tl.float32)
-    for t0 in range(0, n_tiles, BLOCK_T):
-        t = t0 + offs_t
-        mask = (t < n_tiles)[:, None] & row_mask[None, :]
-        l_t = tl.load(partials_ptr + t.to(tl.int64)[:, None] * n_rows + rows[None, :], mask=mask, other=-float("inf"))
-        big_l = tl.maximum(big_l, tl.max(l_t, axis=0))
-    big_l = tl.maximum(big_l, -3.0e38)  # finite: a row whose every exponential underflowed (only an ignored row)
+    # L starts finite (−3e38): a row whose every exponential underflowed (only an ignored row) gets S = 0, no NaN
+    big_l = tl.full([BLOCK_R], -3.0e38, tl.float32)
     big_s = tl.zeros([BLOCK_R], tl.float32)
     for t0 in range(0, n_tiles, BLOCK_T):
         t = t0 + offs_t
         mask = (t < n_tiles)[:, None] & row_mask[None, :]
         l_t = tl.load(partials_ptr + t.to(tl.int64)[:, None] * n_rows + rows[None, :], mask=mask, other=-float("inf"))
-        big_s += tl.sum(tl.exp2((l_t - big_l[None, :]) * _LOG2E), axis=0)
+        new_l = tl.maximum(big_l, tl.max(l_t, axis=0))
+        big_s = big_s * tl.exp2((big_l - new_l) * _LOG2E) + tl.sum(tl.exp2((l_t - new_l[None, :]) * _LOG2E), axis=0)
+        big_l = new_l
 
     shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
     y = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
@@ -226,42 +226,51 @@ def _factored_combine_kernel(
     tl.store(scale_ptr + rows, tl.where(refit, 1.0, scale), mask=row_mask)
     tl.store(coef_ptr + rows, coef, mask=row_mask)
     tl.store(coef_ptr + n_rows + rows, target_coef, mask=row_mask)
-    tl.store(coef_ptr + 2 * n_rows + rows, tl.where(kept_scale, scale - target_coef, 0.0), mask=row_mask)
+    tl.store(target_grad_ptr + rows, tl.where(kept_scale, scale - target_coef, 0.0), mask=row_mask)
     tl.store(refit_ptr + rows, refit.to(tl.int8), mask=row_mask)
 
 
+@triton.heuristics({"SCALE_INPUT": lambda args: args["x_ptr"] is not None})
 @triton.jit
 def _input_grad_rows_kernel(
     # pointers
-    product_ptr,  # (r, H): E'·W
+    product_ptr,  # (r, H): E'·W; then r ⊙ x written over it (with x_ptr)
     w_ptr,  # (V, H)
+    x_ptr,  # (r, H) or None
     target_ptr,  # (r,) int64
     scale_ptr,  # (r,) fp32: r
-    coef_ptr,  # (3, r) fp32: dz_y in the third plane
+    target_grad_ptr,  # (r,) fp32: dz_y
     out_ptr,  # (r, H) grad_x rows; written
     # dimensions
-    n_rows,
     n_classes,
     n_features,
     # strides
     stride_product_row,
     stride_w_row,
+    stride_x_row,
     stride_out_row,
     # meta-parameters
+    SCALE_INPUT: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """``grad_x_n = r_n·(E'·W)_n + dz_y·W_y``, rounded once to ``out``'s dtype (one program per row)."""
+    """``grad_x_n = r_n·(E'·W)_n + dz_y·W_y``, rounded once to ``out``'s dtype (one program per row); with ``x``,
+    the weight gradient's operand ``r_n·x_n`` then goes where the row's product was (each block is read before it
+    is written, and no program reads another's row)."""
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + row)
-    dz_y = tl.load(coef_ptr + 2 * n_rows + row)
+    dz_y = tl.load(target_grad_ptr + row)
     y = tl.load(target_ptr + row)
     y = tl.where((dz_y != 0.0) & (y >= 0) & (y < n_classes), y, 0)
     for k in range(0, n_features, BLOCK_H):
         offs_h = k + tl.arange(0, BLOCK_H)
         mask = offs_h < n_features
-        g = scale * tl.load(product_ptr + row * stride_product_row + offs_h, mask=mask, other=0.0).to(tl.float32)
+        product = product_ptr + row * stride_product_row + offs_h
+        g = scale * tl.load(product, mask=mask, other=0.0).to(tl.float32)
         g += dz_y * tl.load(w_ptr + y * stride_w_row + offs_h, mask=mask, other=0.0).to(tl.float32)  # row 0: dz_y = 0
         tl.store(out_ptr + row * stride_out_row + offs_h, g.to(out_ptr.dtype.element_ty), mask=mask)
+        if SCALE_INPUT:
+            xs = scale * tl.load(x_ptr + row * stride_x_row + offs_h, mask=mask, other=0.0).to(tl.float32)
+            tl.store(product, xs.to(product_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.heuristics(
@@ -275,7 +284,7 @@ def _target_weight_grad_kernel(
     # pointers
     order_ptr,  # (r,) int64: the rows sorted by target (stable)
     sorted_target_ptr,  # (r,) int64: the targets in that order
-    coef_ptr,  # (3, r) fp32: dz_y in the third plane
+    target_grad_ptr,  # (r,) fp32: dz_y
     x_ptr,  # (r, H)
     weight_grad_ptr,  # (V, H) or None: added to at the target rows
     bias_grad_ptr,  # (V,) fp32 or None: added to
@@ -308,7 +317,7 @@ def _target_weight_grad_kernel(
         same = True
         while same:
             row = tl.load(order_ptr + j)
-            dz_y = tl.load(coef_ptr + 2 * n_rows + row)
+            dz_y = tl.load(target_grad_ptr + row)
             acc += dz_y * tl.load(x_ptr + row * stride_x_row + offs_h, mask=mask, other=0.0).to(tl.float32)
             bias += dz_y
             j += 1
@@ -333,7 +342,7 @@ def _refit_rows_kernel(
     bias_ptr,  # (V,) or None
     target_ptr,  # (r,) int64
     lse_ptr,  # (r,) fp32
-    coef_ptr,  # (3, r) fp32: coef, T, dz_y
+    coef_ptr,  # (2, r) fp32: coef, T
     refit_ptr,  # (r,) int8
     e_ptr,  # (r, V): dz written over the refitted rows
     # dimensions
