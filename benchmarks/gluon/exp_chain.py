@@ -231,7 +231,7 @@ def step_pieces(shape):
         "gradient step (library)": ch.grads,
         "cuBLAS logits GEMM": lambda: torch.mm(x, w.T, out=tbuf.z),
     }
-    for g, st in ((8, 4), (16, 4), (32, 4), (8, 3)):
+    for g, st in ((8, 4), (8, 5), (16, 4), (16, 5)):
         pieces[f"Gluon exp GEMM GROUP_M={g} stages={st}"] = gluon_gemm(g, st)
     for br, bt, nw in ((16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 8), (64, 64, 8)):
         pieces[f"combine {br}x{bt}, {nw} warps"] = combine(br, bt, nw)

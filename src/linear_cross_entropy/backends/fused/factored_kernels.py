@@ -45,6 +45,7 @@ import triton.language as tl
 from .softmax_gemm_kernels import _logits_tile
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -87,12 +88,14 @@ def _target_logit_kernel(
 
 @triton.jit
 def _exp_tile(acc, shift, offs_n, n_classes, CLAMP: tl.constexpr):
-    """``(E, o)`` of one ``(rows, classes)`` fp32 logits tile: ``o`` per row 0, or ``max(z − c)`` where that
-    exceeds ``CLAMP``; ``E = exp(z − c − o)``, 0 past ``V``."""
-    t = tl.where((offs_n < n_classes)[None, :], acc - shift[:, None], -float("inf"))
-    tile_max = tl.max(t, axis=1)
-    o = tl.where(tile_max > CLAMP, tile_max, 0.0)
-    return tl.exp2((t - o[:, None]) * _LOG2E), o
+    """``(E, l)`` of one ``(rows, classes)`` fp32 logits tile: ``E = exp(z − c − o)`` (0 past ``V``) with ``o`` per
+    row 0, or ``max(z − c)`` where that exceeds ``CLAMP``, and the partial ``l = o + log Σ_tile E``. Computed in
+    base-2 units, ``u = z·log2(e) − c·log2(e)``: one FMA a logit before the exponential."""
+    u = tl.where((offs_n < n_classes)[None, :], acc * _LOG2E - (shift * _LOG2E)[:, None], -float("inf"))
+    tile_max = tl.max(u, axis=1)
+    o = tl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
+    e = tl.exp2(u - o[:, None])
+    return e, (o + tl.log2(tl.sum(e, axis=1))) * _LN2
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -126,10 +129,10 @@ def _exp_logits_kernel(
     offs_n = first_col + tl.arange(0, BLOCK_N)
     row_mask = offs_m < n_rows
     shift = tl.load(shift_ptr + offs_m, mask=row_mask, other=0.0)
-    e, o = _exp_tile(acc, shift, offs_n, n_classes, CLAMP)
+    e, partial = _exp_tile(acc, shift, offs_n, n_classes, CLAMP)
     e_desc.store([first_row, first_col], e.to(e_desc.dtype))
-    # l_t = o + log Σ_tile E: the tile's logsumexp relative to c ((tiles, r): rows contiguous)
-    tl.store(partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m, o + tl.log(tl.sum(e, axis=1)), mask=row_mask)
+    # l_t: the tile's logsumexp relative to c ((tiles, r): rows contiguous)
+    tl.store(partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m, partial, mask=row_mask)
 
 
 @triton.heuristics({"HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None})
