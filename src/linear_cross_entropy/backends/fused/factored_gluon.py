@@ -35,9 +35,9 @@ import triton
 __all__ = ["BLOCK_N", "runs_on", "exp_logits"]
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
-# 5 stages: 230 KB of shared memory with the two staging tiles (of 227 KiB); 4-8% faster than 4 at H = 768-896,
-# the same at 1536-2048 (benchmarks/NOTES.md, v17)
-_STAGES, _GROUP_M = 5, 8
+# 4 stages: 197 KB of shared memory with the two staging tiles. 5 (230 KB) ran 2% faster at H = 768, the same at
+# 896 and 14-17% slower at 1536-2048 on an H100 (benchmarks/NOTES.md, v17)
+_STAGES, _GROUP_M = 4, 8
 # Registers per thread: the two consumers 232 each (a 128×128 fp32 accumulator is 128), the producer 40; 168 a
 # thread at launch across the 12 warps (the pool setmaxnreg redistributes).
 _CONSUMER_REGS, _PRODUCER_REGS, _MAXNREG = 232, 40, 168
@@ -139,21 +139,32 @@ if gluon is not None:
         return acc
 
     @gluon.jit
+    def _exp_partial(acc, shift, col_mask, CLAMP: gl.constexpr, MASKED: gl.constexpr):
+        """``(E, l)`` of one tile, as ``_exp_tile`` of the plain kernel: the row max taken on the accumulator,
+        ``o`` folded into the row's shift ``s = c·log2(e) + o``, then ``E = exp2(z·log2(e) − s)`` (one FFMA and one
+        MUFU op a logit) and ``l = o + log Σ E``. Only a tile past V masks (``MASKED``)."""
+        if MASKED:
+            acc = gl.where(col_mask[None, :], acc, -float("inf"))
+        base = shift * _LOG2E
+        tile_max = gl.max(acc, axis=1) * _LOG2E - base
+        s = base + gl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
+        e = gl.exp2(acc * _LOG2E - s[:, None])
+        return e, (s - base + gl.log2(gl.sum(e, axis=1))) * _LN2
+
+    @gluon.jit
     def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout: gl.constexpr,
                       CLAMP: gl.constexpr):  # fmt: skip
-        """``_exp_tile`` of the plain kernel (base-2 units: ``u = z·log2(e) − c·log2(e)``, one FFMA a logit), and
-        the partial ``l_t = o + log Σ_tile E`` stored."""
+        """``_exp_partial`` of the tile (its masks only on the last vocabulary tile: a uniform branch) and the
+        partial ``l_t`` stored."""
         BLOCK_M: gl.constexpr = acc.shape[0]
         BLOCK_N: gl.constexpr = acc.shape[1]
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-        row_mask = offs_m < n_rows
-        u = gl.where((offs_n < n_cols)[None, :], acc * _LOG2E - (shift * _LOG2E)[:, None], -float("inf"))
-        tile_max = gl.max(u, axis=1)
-        o = gl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
-        e = gl.exp2(u - o[:, None])
-        partial = (o + gl.log2(gl.sum(e, axis=1))) * _LN2
-        gl.store(partials_ptr + pid_n.to(gl.int64) * n_rows + offs_m, partial, mask=row_mask)
+        if off_n + BLOCK_N <= n_cols:
+            e, partial = _exp_partial(acc, shift, offs_n < n_cols, CLAMP, False)
+        else:
+            e, partial = _exp_partial(acc, shift, offs_n < n_cols, CLAMP, True)
+        gl.store(partials_ptr + pid_n.to(gl.int64) * n_rows + offs_m, partial, mask=offs_m < n_rows)
         return e
 
     @gluon.jit

@@ -89,13 +89,15 @@ def _target_logit_kernel(
 @triton.jit
 def _exp_tile(acc, shift, offs_n, n_classes, CLAMP: tl.constexpr):
     """``(E, l)`` of one ``(rows, classes)`` fp32 logits tile: ``E = exp(z − c − o)`` (0 past ``V``) with ``o`` per
-    row 0, or ``max(z − c)`` where that exceeds ``CLAMP``, and the partial ``l = o + log Σ_tile E``. Computed in
-    base-2 units, ``u = z·log2(e) − c·log2(e)``: one FMA a logit before the exponential."""
-    u = tl.where((offs_n < n_classes)[None, :], acc * _LOG2E - (shift * _LOG2E)[:, None], -float("inf"))
-    tile_max = tl.max(u, axis=1)
-    o = tl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
-    e = tl.exp2(u - o[:, None])
-    return e, (o + tl.log2(tl.sum(e, axis=1))) * _LN2
+    row 0, or ``max(z − c)`` where that exceeds ``CLAMP``, and the partial ``l = o + log Σ_tile E``. In base-2 units,
+    the row max taken on the logits and ``o`` folded into the row's shift ``s = c·log2(e) + o``: one FMA a logit
+    before the exponential, ``E = exp2(z·log2(e) − s)``."""
+    acc = tl.where((offs_n < n_classes)[None, :], acc, -float("inf"))
+    base = shift * _LOG2E
+    tile_max = tl.max(acc, axis=1) * _LOG2E - base
+    s = base + tl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
+    e = tl.exp2(acc * _LOG2E - s[:, None])
+    return e, (s - base + tl.log2(tl.sum(e, axis=1))) * _LN2
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
