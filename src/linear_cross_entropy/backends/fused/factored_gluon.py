@@ -11,7 +11,7 @@ per SM walking the grouped tile order ``tile = pid, pid + P, ...``, three partit
   logit), the two row sums and the TMA store — while the other consumer's wgmmas run.
 
 The plain-Triton kernel cannot overlap the exponential with the MMA and runs 1.13-1.26× cuBLAS's logits GEMM on an
-H100; this one 1.08-1.17× (benchmarks/NOTES.md, v16).
+H100 (v16); this one 1.06-1.11× (benchmarks/NOTES.md, v17).
 
 mbarrier protocol (each barrier has arrival count 1; phase n = its n-th completion, waited with parity n & 1):
 ``ready[s]`` phase n when fill n of slot s lands (load q waits parity ``(q // S) & 1``); ``empty[s]`` phase n when
