@@ -154,9 +154,9 @@ def main():
         r = compile_one(
             fg._exp_logits_gluon_kernel,
             dict(
-                x_desc=fg._descriptor(x, [fg.BLOCK_M, fg.BLOCK_K]),
-                w_desc=fg._descriptor(w, [fg.BLOCK_N, fg.BLOCK_K]),
-                e_desc=fg._descriptor(z, [fg.BLOCK_M, fg.BLOCK_N]),
+                x_desc=fg._descriptor(x, (fg.BLOCK_M, fg.BLOCK_K)),
+                w_desc=fg._descriptor(w, (fg.BLOCK_N, fg.BLOCK_K)),
+                e_desc=fg._descriptor(z, (fg.BLOCK_M, fg.BLOCK_N)),
                 bias_ptr=ptr_args["bias_ptr"],
                 shift_ptr=ptr_args["z_y_ptr"],
                 partials_ptr=torch.empty(1, m),

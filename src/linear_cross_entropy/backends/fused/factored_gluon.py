@@ -29,6 +29,8 @@ kernel runs. Nothing here can run in the interpreter: the GPU tests cover it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -284,10 +286,21 @@ if gluon is not None:
         )
 
 
-def _descriptor(t: torch.Tensor, block: list[int]):
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
-    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+def _descriptor(t: torch.Tensor, block: tuple[int, int]):
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), _shared_layout(block, t.dtype))
+
+
+# Host time: a chunk's launch builds three descriptors; their layouts and the SM count are the same every call.
+@functools.cache
+def _shared_layout(block: tuple[int, int], dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(
+        list(block), {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
+    )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def exp_logits(
@@ -304,9 +317,9 @@ def exp_logits(
     if r == 0:
         return
     tiles = triton.cdiv(r, BLOCK_M) * triton.cdiv(v, BLOCK_N)
-    grid = (min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles),)
+    grid = (min(_sm_count(x.device), tiles),)
     _exp_logits_gluon_kernel[grid](
-        _descriptor(x, [BLOCK_M, BLOCK_K]), _descriptor(w, [BLOCK_N, BLOCK_K]), _descriptor(e, [BLOCK_M, BLOCK_N]),
+        _descriptor(x, (BLOCK_M, BLOCK_K)), _descriptor(w, (BLOCK_N, BLOCK_K)), _descriptor(e, (BLOCK_M, BLOCK_N)),
         bias if bias is not None else partials, shift, partials, bias is not None, float(clamp), _STAGES, _GROUP_M,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG,
     )  # fmt: skip
