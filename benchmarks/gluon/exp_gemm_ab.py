@@ -76,6 +76,20 @@ def _check(baseline, x, w, shift, v):
     )
 
 
+def _round_robin(shape, variants, args, windows, times):
+    """Each variant warmed, then ``args.rounds`` rounds of one ``do_bench`` window each, in turn: their times and
+    (start, end) wall-clock windows go into ``times`` and ``windows`` under ``(shape, name)``."""
+    for fn in variants.values():  # compile and warm
+        fn()
+    torch.cuda.synchronize()
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            t0 = time.time()
+            ms = triton.testing.do_bench(fn, warmup=5, rep=args.window_ms, return_mode="median")
+            windows.setdefault((shape, name), []).append((t0, time.time()))
+            times.setdefault((shape, name), []).append(ms)
+
+
 def _time_shape(shape, baseline, args, windows, times):
     """``args.rounds`` round-robin windows of every variant at one chunk shape, into ``windows`` and ``times``."""
     r, h, v = (int(s) for s in shape.split("x"))
@@ -90,15 +104,7 @@ def _time_shape(shape, baseline, args, windows, times):
     if baseline is not None:
         _check(baseline, x, w, shift, v)
         variants["baseline Gluon exp, 4 stages"] = lambda: _with_stages(baseline, 4)(x, w, shift, e, partials)
-    for fn in variants.values():  # compile and warm
-        fn()
-    torch.cuda.synchronize()
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            t0 = time.time()
-            ms = triton.testing.do_bench(fn, warmup=5, rep=args.window_ms, return_mode="median")
-            windows.setdefault((shape, name), []).append((t0, time.time()))
-            times.setdefault((shape, name), []).append(ms)
+    _round_robin(shape, variants, args, windows, times)
 
 
 def _time_input_grad(shape, args, windows, times):
@@ -119,15 +125,7 @@ def _time_input_grad(shape, args, windows, times):
     data["randn"] = rnd
     out = torch.empty((r, h), dtype=x.dtype, device=x.device)
     variants = {name: (lambda d=d: factored.input_grad_gemm(d, w, out)) for name, d in data.items()}
-    for fn in variants.values():
-        fn()
-    torch.cuda.synchronize()
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            t0 = time.time()
-            ms = triton.testing.do_bench(fn, warmup=5, rep=args.window_ms, return_mode="median")
-            windows.setdefault((shape, name), []).append((t0, time.time()))
-            times.setdefault((shape, name), []).append(ms)
+    _round_robin(shape, variants, args, windows, times)
 
 
 def main():

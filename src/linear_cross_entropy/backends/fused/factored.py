@@ -34,11 +34,11 @@ __all__ = [
     "CLAMP",
     "FactoredTiles",
     "FactoredBuffers",
-    "combine",
     "Workspace",
     "tma_ready",
     "allocate",
     "forward_chunk",
+    "combine",
     "gradient_gemms",
     "target_column_grads",
 ]
