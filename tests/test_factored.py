@@ -123,6 +123,22 @@ def test_rows_beyond_the_window_are_refitted(force_factored, monkeypatch):
     assert_within_plain(ours, plain, ref, torch.float32)
 
 
+@pytest.mark.interpreter
+@needs_interpreter
+def test_targets_repeated_across_chunks(force_factored, monkeypatch):
+    """Every class the target of rows in several chunks (the target column's weight and bias gradients are added
+    once a call, summed per class over rows of every chunk): with bias and class weights, against float64."""
+    calls = _spy(monkeypatch)
+    x, w, b, _, cw = small_problem(70, 16, 40, torch.float32, seed=13, bias=True, class_weight=True)
+    y = torch.arange(70) % 7  # 7 classes, each the target of 10 rows spread over the 5 chunks
+    y[[4, 33]] = -100
+    ours = _run(x, w, y, b, cw, rows=16)
+    assert len(calls) == 5
+    ref = _reference(oracle_loss, x.double(), w.double(), y, b.double(), cw.double(), "mean")
+    plain = _reference(plain_loss, x, w, y, b, cw, "mean")
+    assert_within_plain(ours, plain, ref, torch.float32)
+
+
 def _plan(x, lp=None, w_dtype=None, **kw):
     lp = lp or LossParams("mean", -100, 0.0, False)
     return policy.uses_factored(
