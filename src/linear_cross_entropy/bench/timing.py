@@ -27,7 +27,17 @@ import torch
 
 MiB = 2**20
 
-__all__ = ["MiB", "time_fn", "CpuPeakMemory", "cpu_memory", "floor_ms", "synchronize", "empty_cache", "is_cuda"]
+__all__ = [
+    "MiB",
+    "time_fn",
+    "CpuPeakMemory",
+    "cpu_memory",
+    "floor_ms",
+    "synchronize",
+    "empty_cache",
+    "is_cuda",
+    "occupy_device",
+]
 
 
 def is_cuda(device) -> bool:
@@ -50,7 +60,7 @@ def time_fn(step, reps, warmup=2, device="cuda"):
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(_SLEEP_CYCLES)
+        occupy_device()
         a.record()
         step()
         b.record()
@@ -60,6 +70,11 @@ def time_fn(step, reps, warmup=2, device="cuda"):
 
 
 _SLEEP_CYCLES = 40_000_000  # ~20 ms at H100 clocks: longer than the host needs to enqueue one step
+
+
+def occupy_device(steps: int = 1) -> None:
+    """Queue ``steps`` × ~20 ms of GPU sleep: the host then enqueues what follows without waiting on the device."""
+    torch.cuda._sleep(steps * _SLEEP_CYCLES)
 
 
 def _time_fn_cpu(step, reps, warmup):
