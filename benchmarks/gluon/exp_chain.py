@@ -175,7 +175,9 @@ def step_time(shape):
 
 def step_pieces(shape):
     """The gradient step's pieces alone, one chunk (accumulating where the shape runs several), beside cuBLAS's
-    same GEMMs on today's ``dz``: which piece holds the step's excess over today's two GEMMs."""
+    same GEMMs on today's ``dz``: which piece holds the step's excess over today's two GEMMs. The pieces run one
+    ``do_bench`` loop after another, which drifts with the GPU's power state by up to ±15% at the 700 W cap (NOTES,
+    v17): compare GEMMs of similar cost with ``exp_gemm_ab.py``'s interleaved windows instead."""
     torch, bench, sg = _setup()
     from linear_cross_entropy.backends.fused import factored, factored_gluon
     from linear_cross_entropy.backends.fused.factored_kernels import _input_grad_rows_kernel
