@@ -154,7 +154,7 @@ if gluon is not None:
         return e, (s - base + gl.log2(gl.sum(e, axis=1))) * _LN2
 
     @gluon.jit
-    def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout: gl.constexpr,
+    def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, acc_layout: gl.constexpr,
                       CLAMP: gl.constexpr):  # fmt: skip
         """``_exp_partial`` of the tile (its masks only on the last vocabulary tile: a uniform branch) and the
         partial ``l_t`` stored."""
@@ -200,9 +200,9 @@ if gluon is not None:
             shift = gl.load(shift_ptr + offs_s, mask=offs_s < n_rows, other=0.0)
             acc = _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps)
             # the epilogue, under the other consumer's wgmmas
-            e = _exp_epilogue(
-                acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, tiles_n, acc_layout, CLAMP
-            ).to(e_desc.dtype)
+            e = _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, acc_layout, CLAMP).to(
+                e_desc.dtype
+            )
             tma.store_wait(pendings=0)  # this consumer's previous store has read c_smem
             c_smem.store(e)
             fence_async_shared()
