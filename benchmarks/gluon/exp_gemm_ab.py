@@ -65,17 +65,6 @@ def _with_stages(module, stages):
     return run
 
 
-def _with_group(group_m):
-    def run(*args):
-        default, factored_gluon._GROUP_M = factored_gluon._GROUP_M, group_m
-        try:
-            factored_gluon.finish_weight_grad(*args)
-        finally:
-            factored_gluon._GROUP_M = default
-
-    return run
-
-
 def _check(baseline, x, w, shift, v):
     r = x.shape[0]
     e0, p0 = _outputs(r, v, x)
@@ -183,10 +172,6 @@ def _time_finish(shape, args, windows, times):
         "Gluon finish": lambda: factored_gluon.finish_weight_grad(e, p, scratch, upstream, out),
         "plain Triton finish": plain_triton,
     }
-    for group_m in (4, 16):
-        variants[f"Gluon finish, GROUP_M {group_m}"] = lambda group_m=group_m: _with_group(group_m)(
-            e, p, scratch, upstream, out
-        )
     _round_robin(shape, variants, args, windows, times)
 
 

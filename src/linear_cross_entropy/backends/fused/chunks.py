@@ -145,7 +145,7 @@ def _row_pass(
     # the factored pass (.factored) replaces the logits GEMM, the row kernel and the gradient GEMMs chunk by chunk
     fact = share = None
     if plan.factored and grads is not None and factored.tma_ready(x, w):
-        fact = factored.allocate(min(rows, n), x, target, w.shape[0])
+        fact = factored.allocate(min(rows, n), x, w.shape[0])
         logits_all = grad_all = None
     else:
         logits_all, grad_all = logits_buffers(rows, w.shape[0], x, plan.fp32_logits, grads is not None)
@@ -184,8 +184,9 @@ def _row_pass(
             )  # fmt: skip
         elif grads is not None:
             _gradient_gemms(grads, grad, w, x[start:stop], start)
-    if fact is not None:
-        factored.target_column_grads(grads.weight, grads.bias, fact, x, w.shape[0])
+    if fact is not None:  # the (rows, V) buffer freed first (unless the share keeps it): the sort's temporaries
+        target_grad, fact, buf = fact.target_grad, None, None  # may take its place
+        factored.target_column_grads(grads.weight, grads.bias, target_grad, x, target, w.shape[0])
     return (losses if loss_sums is None else loss_sums), lse, stats, (logits_all if share is None else share)
 
 

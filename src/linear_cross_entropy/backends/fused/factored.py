@@ -109,10 +109,8 @@ class FactoredBuffers(NamedTuple):
 
 
 class Workspace(NamedTuple):
-    """The factored pass's buffers for one call: chunk-sized ones, and for every row the target column's ``dz_y``
-    and the rows' order by target (read after the last chunk: 12 bytes a row). The sort runs before the chunk
-    loop, where its temporaries (≈ 40 bytes a row) take no memory the loop's peak needs: after it, the last chunk's
-    buffers may be waiting for backward (its ``grad_W`` share)."""
+    """The factored pass's buffers for one call: chunk-sized ones, and ``target_grad`` for every row (the target
+    column's ``dz_y``, read after the last chunk: 4 bytes a row)."""
 
     e: torch.Tensor  # (rows, V) row-padded: the only (rows, V) buffer, as today's logits
     space: torch.Tensor  # flat fp32: a chunk's partials, then (dead once the combine read them) its (r, H) product
@@ -123,8 +121,6 @@ class Workspace(NamedTuple):
     coefs: torch.Tensor  # (2, rows) fp32
     target_grad: torch.Tensor  # (N,) fp32
     refit: torch.Tensor  # (rows,) int8
-    order: torch.Tensor  # (N,) int32: the rows sorted by target (stable)
-    sorted_target: torch.Tensor  # (N,) int32: their targets, −1 for an ignored or out-of-range one
 
     def chunk(self, start: int, r: int) -> FactoredBuffers:
         """Views for the ``r`` rows from ``start`` (the kernels read ``(tiles, r)`` planes ``r`` rows apart)."""
@@ -145,17 +141,9 @@ class WeightShare(NamedTuple):
     product: torch.Tensor  # (r, H) r ⊙ x
 
 
-def allocate(
-    rows: int,
-    x: torch.Tensor,  # (N, H)
-    target: torch.Tensor,  # (N,) int64
-    num_classes: int,
-) -> Workspace:
-    """The working set of ``rows``-row chunks of ``x``'s rows (the rows sorted by target first)."""
+def allocate(rows: int, x: torch.Tensor, num_classes: int) -> Workspace:
+    """The working set of ``rows``-row chunks of ``x``'s rows."""
     (n, h), dev = x.shape, x.device
-    in_range = (target >= 0) & (target < num_classes)
-    sorted_target, order = torch.sort(torch.where(in_range, target, -1).to(torch.int32), stable=True)
-    order = order.to(torch.int32)
     tiles = triton.cdiv(num_classes, _block_n(x))
     product_words = triton.cdiv(rows * h * x.element_size(), 4)
     f32 = dict(dtype=torch.float32, device=dev)
@@ -169,8 +157,6 @@ def allocate(
         torch.empty((2, rows), **f32),
         torch.empty(n, **f32),
         torch.empty(rows, dtype=torch.int8, device=dev),
-        order,
-        sorted_target,
     )
 
 
@@ -295,17 +281,19 @@ def gradient_gemms(
 def target_column_grads(
     grad_w: torch.Tensor | None,  # (V, H): added to at the target rows
     grad_b: torch.Tensor | None,  # (V,) fp32: added to
-    ws: Workspace,  # after the last chunk: every row's dz_y, and the rows' order by target
+    target_grad: torch.Tensor,  # (N,) fp32: every row's dz_y (Workspace.target_grad after the last chunk)
     x: torch.Tensor,  # (N, H)
+    target: torch.Tensor,  # (N,) int64
     num_classes: int,
 ) -> None:
     """``grad_W[y_n] += dz_y,n·x_n`` and ``grad_b[y_n] += dz_y,n`` for every row at once, after the last chunk:
-    over the rows sorted by target, one writer per class (deterministic, no atomics)."""
+    the rows sorted by target once, one writer per class (deterministic, no atomics)."""
     n, h = x.shape
     if n == 0 or (grad_w is None and grad_b is None):
         return
+    sorted_target, order = torch.sort(target, stable=True)
     _target_weight_grad_kernel[(n,)](
-        ws.order, ws.sorted_target, ws.target_grad, x, grad_w, grad_b,
+        order, sorted_target, target_grad, x, grad_w, grad_b,
         n, num_classes, h,
         x.stride(0), 0 if grad_w is None else grad_w.stride(0),
         BLOCK_H=_feature_block(h), num_warps=4,
