@@ -12,16 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import (
-    assert_within_plain,
-    extras_oracle,
-    leaf,
-    oracle_loss,
-    plain_loss,
-    rel_err,
-    small_problem,
-    upstream_grad,
-)
+from helpers import assert_within_plain, extras_oracle, leaf, oracle_loss, plain_loss, small_problem, upstream_grad
 from helpers.env import HAS_CUDA, HAS_TRITON, needs_interpreter
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
@@ -146,64 +137,6 @@ def test_targets_repeated_across_chunks(force_factored, monkeypatch):
     ref = _reference(oracle_loss, x.double(), w.double(), y, b.double(), cw.double(), "mean")
     plain = _reference(plain_loss, x, w, y, b, cw, "mean")
     assert_within_plain(ours, plain, ref, torch.float32)
-
-
-@pytest.mark.interpreter
-@needs_interpreter
-@pytest.mark.parametrize("dtype, retain", [(torch.float32, False), (torch.float16, False), (torch.float16, True)])
-def test_last_share_of_the_weight_grad_added_in_backward(force_factored, monkeypatch, dtype, retain):
-    """The last chunk's ``grad_W`` share waits for backward, which adds it to the other chunks' sum and scales by
-    the upstream gradient in one GEMM: in place over an fp32 gradient (against float64), or over fp16's fp32
-    scratch into a new tensor; with ``allow_retain_graph`` (nothing written in place) a second backward gives the
-    same gradients. fp16 stands in for bf16 (the interpreter's bf16 dot is unusable) and is checked against the
-    same call with the share formed in forward (the path the other tests check; fp16 is not dispatched, and its
-    factored errors exceed plain fp16's): ``grad_W`` within fp16's unit roundoff, the rest bit for bit."""
-    from linear_cross_entropy.backends.fused import factored, function
-
-    # 16-row chunks: fp16 would take the vocabulary-major pass for its weight gradient (no accumulated share)
-    thresholds = dataclasses.replace(policy.THRESHOLDS, factored_dtypes=frozenset({dtype}), gemm_flops_per_byte={})
-    monkeypatch.setattr(policy, "THRESHOLDS", thresholds)
-    finished = []
-    real_finish, real_plan = factored.finish_weight_grad, function.make_plan
-
-    def spy(partial, share, upstream, out_dtype, in_place):
-        finished.append((partial.dtype, in_place))
-        return real_finish(partial, share, upstream, out_dtype, in_place)
-
-    monkeypatch.setattr(factored, "finish_weight_grad", spy)
-    x, w, b, y, cw = small_problem(45, 16, 90, dtype, seed=21, bias=True, class_weight=True)
-    options = LinearCrossEntropyOptions(
-        backend="fused", batch_chunk_size=16, chunking_method=None, allow_retain_graph=retain
-    )  # fmt: skip
-
-    def run():
-        xl, wl, bl = leaf(x), leaf(w), leaf(b)
-        loss = linear_cross_entropy(xl, wl, y, linear_bias=bl, weight=cw, options=options)
-        loss.backward(upstream_grad(loss), retain_graph=retain)
-        if retain:
-            first = xl.grad, wl.grad, bl.grad
-            xl.grad = wl.grad = bl.grad = None
-            loss.backward(upstream_grad(loss))
-            assert all(torch.equal(a, g) for a, g in zip(first, (xl.grad, wl.grad, bl.grad)))
-        return loss.detach(), xl.grad, wl.grad, bl.grad
-
-    ours = run()
-    assert finished == [(dtype if dtype == torch.float32 else torch.float32, not retain)] * (1 + retain)
-    if dtype == torch.float32:
-        ref = _reference(oracle_loss, x.double(), w.double(), y, b.double(), cw.double(), "mean")
-        plain = _reference(plain_loss, x, w, y, b, cw, "mean")
-        assert_within_plain(ours, plain, ref, dtype)
-        return
-    monkeypatch.setattr(
-        function, "make_plan", lambda *a, **kw: dataclasses.replace(real_plan(*a, **kw), weight_share_later=False)
-    )  # fmt: skip
-    formed_in_forward = run()
-    assert len(finished) == 1 + retain
-    for name, a, e in zip(("loss", "grad_input", "grad_weight", "grad_bias"), ours, formed_in_forward):
-        if name == "grad_weight":
-            assert rel_err(a, e) <= 2.0**-11, name
-        else:
-            assert torch.equal(a, e), name
 
 
 def _plan(x, lp=None, w_dtype=None, **kw):

@@ -179,37 +179,6 @@ def main():
             f"{label}: smem {r['smem']} B, REG {r['regs']}, stack {r['stack']}, spills {spill}, HGMMA {r['HGMMA']}, "
             f"MUFU.EX2 {r['MUFU.EX2']}, setmaxnreg {r['setmaxnreg'] or 'NONE'}"
         )
-    # the library's finishing weight-gradient GEMM (issue 20 v18): g·(S + E'ᵀ·P), S fp32
-    e_rows = z[: 4 * fg.BLOCK_K]
-    p_rows = torch.empty(e_rows.shape[0], k, dtype=torch.bfloat16)
-    grad_w = torch.empty(n, k, dtype=torch.bfloat16)
-    label = f"library finishing GEMM 128x128x64 s{fg._STAGES}"
-    r = compile_one(
-        fg._finish_weight_grad_gluon_kernel,
-        dict(
-            e_desc=fg._descriptor(e_rows, (fg.BLOCK_K, fg.BLOCK_M)),
-            p_desc=fg._descriptor(p_rows, (fg.BLOCK_K, fg.BLOCK_N)),
-            out_desc=fg._descriptor(grad_w, (fg.BLOCK_M, fg.BLOCK_N)),
-            partial_ptr=torch.empty(n, k),
-            stride_partial=k,
-            upstream_ptr=torch.empty(()),
-        ),
-        dict(
-            NUM_STAGES=fg._STAGES,
-            GROUP_M=fg._GROUP_M,
-            CONSUMER_REGS=fg._CONSUMER_REGS,
-            PRODUCER_REGS=fg._PRODUCER_REGS,
-        ),
-        fg._MAXNREG,
-        args.dump,
-        re.sub(r"[^A-Za-z0-9]+", "_", label),
-    )
-    spill = "none" if (r["LDL"] + r["STL"] == 0 and r["stack"] == "0") else "SPILLS"
-    ok &= r["smem"] <= 232448 and spill == "none"
-    print(
-        f"{label}: smem {r['smem']} B, REG {r['regs']}, stack {r['stack']}, spills {spill}, HGMMA {r['HGMMA']}, "
-        f"setmaxnreg {r['setmaxnreg'] or 'NONE'}"
-    )
     # the combine (plain Triton): partials → loss, lse, dz's coefficients
     ptr = dict(
         partials_ptr="*fp32",

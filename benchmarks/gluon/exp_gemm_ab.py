@@ -15,11 +15,6 @@ library's on the same inputs (E in bf16 ulps, partials absolute).
 the exponential as the library stores it (shift = the target logit), the same shifted by 8 more nats (every value
 below 1), the same scaled per row into ``dz``'s magnitudes (``E·r``, the softmax over N), and ``randn``: under the
 GPU's power cap a GEMM's speed depends on its operands' bits.
-
-``--finish`` times the last chunk's weight-gradient share instead (v18): cuBLAS ``E'ᵀ·(r ⊙ x)`` added to the fp32
-scratch followed by the rounding pass ``g·S → bf16`` (what backward did before), against the finishing GEMM that
-starts its accumulator from the scratch and scales in its epilogue (``factored.finish_weight_grad``: the Gluon
-kernel, and the plain-Triton one), after checking both against an fp32 computation of the same sum.
 """
 
 import argparse
@@ -133,48 +128,6 @@ def _time_input_grad(shape, args, windows, times):
     _round_robin(shape, variants, args, windows, times)
 
 
-def _time_finish(shape, args, windows, times):
-    """``--finish``: the last chunk's share of grad_W and the rounding, before (cuBLAS + scale_cast) and after."""
-    from linear_cross_entropy.backends.fused.gemm import weight_grad_gemm
-    from linear_cross_entropy.backends.fused.rows import scale_cast
-
-    r, h, v = (int(s) for s in shape.split("x"))
-    x, w, shift = _problem(r, h, v)
-    e, partials = _outputs(r, v, x)
-    _with_stages(factored_gluon, 4)(x, w, shift, e, partials)
-    p = (torch.randn(r, h, device="cuda") * 1e-4).bfloat16()  # r ⊙ x: the share's operand
-    scratch = torch.randn(v, h, device="cuda") * 1e-3
-    upstream = torch.tensor(0.75, device="cuda")
-    out = torch.empty(v, h, dtype=torch.bfloat16, device="cuda")
-    share = factored.WeightShare(e, p)
-
-    def plain_triton():
-        gluon_runs = factored_gluon.runs_on
-        factored_gluon.runs_on = lambda t: False
-        try:
-            return factored.finish_weight_grad(scratch, share, upstream, torch.bfloat16, False)
-        finally:
-            factored_gluon.runs_on = gluon_runs
-
-    want = (scratch + torch.mm(e.float().T, p.float())) * upstream
-    for name, got in (("Gluon", factored.finish_weight_grad(scratch, share, upstream, torch.bfloat16, False)),
-                      ("plain Triton", plain_triton())):  # fmt: skip
-        err = ((got.float() - want).norm() / want.norm()).item()
-        print(f"  {shape} check {name}: relative error {err:.2e} against fp32 (one bf16 rounding: ~1e-3)", flush=True)
-    work = scratch.clone()  # cuBLAS accumulates into it on every call
-    variants = {
-        "cuBLAS E'ᵀ·P + S (fp32), then scale_cast": lambda: (
-            weight_grad_gemm(work, e, p, first=False),
-            scale_cast(work, upstream, torch.bfloat16, out=out),
-        ),
-        "cuBLAS E'ᵀ·P (fp32, written)": lambda: weight_grad_gemm(work, e, p, first=True),
-        "scale_cast alone": lambda: scale_cast(work, upstream, torch.bfloat16, out=out),
-        "Gluon finish": lambda: factored_gluon.finish_weight_grad(e, p, scratch, upstream, out),
-        "plain Triton finish": plain_triton,
-    }
-    _round_robin(shape, variants, args, windows, times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES)
@@ -182,7 +135,6 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--window-ms", type=float, default=40.0)
     ap.add_argument("--input-grad", action="store_true", help="time cuBLAS E·W on different data instead")
-    ap.add_argument("--finish", action="store_true", help="time the last weight-gradient share and its rounding")
     args = ap.parse_args()
     baseline = None
     if args.baseline:
@@ -203,8 +155,6 @@ def main():
         for shape in args.shapes:
             if args.input_grad:
                 _time_input_grad(shape, args, windows, times)
-            elif args.finish:
-                _time_finish(shape, args, windows, times)
             else:
                 _time_shape(shape, baseline, args, windows, times)
             torch.cuda.empty_cache()

@@ -91,7 +91,7 @@ def _forward(
     backend, lp, ro, grads = _settings(key)
     module = _backend(backend)
     loss, lse, stats, saved = module.forward_pass(x, w, b, target, class_weight, lp, ro, grads)
-    gx, gw, gb = saved[:3] if saved is not None else (None, None, None)  # the op's forward leaves no share for later
+    gx, gw, gb = saved if saved is not None else (None, None, None)
     # the fused path's fp32 accumulators stay fp32 (saved_grad_dtypes) until the formula scales them
     if backend != "fused":
         gw = None if gw is None else gw.to(w.dtype)

@@ -32,10 +32,8 @@ EntropyGrad = tuple[torch.Tensor, torch.Tensor]  # (N,) fp32 each: the rows' ent
 
 class Gradients(NamedTuple):
     input: torch.Tensor | None  # (N, H) in plan.grad_x_dtype
-    weight: torch.Tensor | None  # (V, H) in plan.grad_w_dtype: with weight_share, every chunk's share but the last
+    weight: torch.Tensor | None  # (V, H) in plan.grad_w_dtype
     bias: torch.Tensor | None  # (V,) fp32
-    # the factored pass's last chunk's share of grad_W, for backward (plan.weight_share_later)
-    weight_share: factored.WeightShare | None = None
 
 
 class DeferredSaved(NamedTuple):
@@ -83,15 +81,11 @@ def accumulated(
     ``shard.input_grad_all_reduce`` is off)."""
     assert plan.mode is Mode.ACCUMULATED
     grads = _allocate_grads(x, w, plan)
-    losses, lse, stats, kept = _row_pass(
-        x, w, b, target, class_weight, lp, plan, scales, shard, None, grads, entropy_grad
-    )  # fmt: skip
+    losses, lse, stats, _ = _row_pass(x, w, b, target, class_weight, lp, plan, scales, shard, None, grads, entropy_grad)
     if grads.weight is not None and x.shape[0] == 0:
         grads.weight.zero_()
     if grads.input is not None and shard is not None and shard.input_grad_all_reduce:
         shard.sum_(grads.input)  # each rank's grad_x covers its classes only
-    if isinstance(kept, factored.WeightShare):
-        grads = grads._replace(weight_share=kept)
     return Pass(losses, lse if plan.per_row else None, stats, grads)
 
 
@@ -130,10 +124,9 @@ def _row_pass(
     grads: Gradients | None = None,  # where the gradients go (None: sweep 2 does not run)
     entropy_grad: EntropyGrad | None = None,  # unsharded, with grads
 ):
-    """The chunk loop. ``(losses, lse, stats, kept)``: per-row losses (each chunk's sum without
+    """The chunk loop. ``(losses, lse, stats, logits)``: per-row losses (each chunk's sum without
     ``plan.per_row``), the lse buffer (``(N,)``, or one chunk's rows without ``plan.per_row``), the statistics and
-    the logits buffer (``(rows, V)``), or for the factored pass its last chunk's :class:`.factored.WeightShare`
-    where ``plan.weight_share_later`` leaves it for backward (else None)."""
+    the logits buffer (``(rows, V)``)."""
     assert entropy_grad is None or (shard is None and grads is not None)
     assert plan.per_row or not lp.metrics
     n, rows = x.shape[0], plan.chunk_rows
@@ -143,7 +136,7 @@ def _row_pass(
     loss_sums = None if plan.per_row else torch.empty(-(-n // rows), dtype=torch.float32, device=x.device)
     stats = torch.empty((n, 5), dtype=torch.float32, device=x.device) if lp.metrics else None
     # the factored pass (.factored) replaces the logits GEMM, the row kernel and the gradient GEMMs chunk by chunk
-    fact = share = None
+    fact = None
     if plan.factored and grads is not None and factored.tma_ready(x, w):
         fact = factored.allocate(min(rows, n), x, w.shape[0])
         logits_all = grad_all = None
@@ -178,16 +171,15 @@ def _row_pass(
         if loss_sums is not None:
             torch.sum(losses[:r], dim=0, out=loss_sums[chunk])
         if fact is not None:
-            share = factored.gradient_gemms(
-                grads.input, grads.weight, grads.bias, buf, w, x[start:stop], target[start:stop], start,
-                weight_later=plan.weight_share_later and start > 0 and stop == n,
-            )  # fmt: skip
+            factored.gradient_gemms(
+                grads.input, grads.weight, grads.bias, buf, w, x[start:stop], target[start:stop], start
+            )
         elif grads is not None:
             _gradient_gemms(grads, grad, w, x[start:stop], start)
-    if fact is not None:  # the (rows, V) buffer freed first (unless the share keeps it): the sort's temporaries
-        target_grad, fact, buf = fact.target_grad, None, None  # may take its place
+    if fact is not None:  # the (rows, V) buffer freed first: the sort's temporaries may take its place
+        target_grad, fact, buf = fact.target_grad, None, None
         factored.target_column_grads(grads.weight, grads.bias, target_grad, x, target, w.shape[0])
-    return (losses if loss_sums is None else loss_sums), lse, stats, (logits_all if share is None else share)
+    return (losses if loss_sums is None else loss_sums), lse, stats, logits_all
 
 
 class _ChunkOutputs(NamedTuple):

@@ -5,10 +5,7 @@ one of :mod:`.factored_gluon` where it runs, else the plain Triton one), the com
 :class:`FactoredBuffers` ``E'`` (its target column zeroed), each row's scale ``r`` and the target column's exact
 ``dz_y`` (``dz = r·E' + dz_y·e_y``); :func:`gradient_gemms` then forms the chunk's shares of the gradients with
 cuBLAS and one small kernel. After the last chunk, :func:`target_column_grads` adds every row's target-column term
-to the weight and bias gradients in one launch. Where the autograd Function asks for it, the last chunk's share of
-``grad_W`` waits for backward (a :class:`WeightShare`): :func:`finish_weight_grad` then forms it with the other
-chunks' sum as its GEMM's initial accumulator and the upstream gradient in the epilogue, so that the sum is
-rounded once without a pass of its own. Nothing here reads a GPU value on the host.
+to the weight and bias gradients in one launch. Nothing here reads a GPU value on the host.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from . import factored_gluon
 from .factored_kernels import (
     _exp_logits_kernel,
     _factored_combine_kernel,
-    _finish_weight_grad_kernel,
     _input_grad_rows_kernel,
     _refit_rows_kernel,
     _target_logit_kernel,
@@ -39,14 +35,12 @@ __all__ = [
     "FactoredTiles",
     "FactoredBuffers",
     "Workspace",
-    "WeightShare",
     "tma_ready",
     "allocate",
     "forward_chunk",
     "combine",
     "gradient_gemms",
     "target_column_grads",
-    "finish_weight_grad",
 ]
 
 # The window of the stored exponential, in nats above the row's target logit. A tile whose max(z − z_y) exceeds it
@@ -74,8 +68,6 @@ class FactoredTiles:
 # 128 classes a tile on the GPU, as the Gluon kernel (the partials' tile count must not depend on which GEMM runs).
 _GPU = FactoredTiles(128, 128, 64, 8, 3)
 _INTERPRETER = FactoredTiles(16, 16, 16, 1, 1, 2)
-# The plain-Triton finishing GEMM's tile: (classes, features) over rows.
-_FINISH_GPU = FactoredTiles(128, 128, 64, 8, 4)
 
 
 def _tiles(device: torch.device) -> FactoredTiles:
@@ -131,14 +123,6 @@ class Workspace(NamedTuple):
         return FactoredBuffers(
             self.e[:r], partials, product, self.shift[:r], self.scale[:r], coefs, target_grad, self.refit[:r]
         )
-
-
-class WeightShare(NamedTuple):
-    """The last chunk's share of ``grad_W``, ``E'ᵀ·(r ⊙ x)``, left for :func:`finish_weight_grad`: views of the
-    call's :class:`Workspace`, which they keep alive until backward."""
-
-    e: torch.Tensor  # (r, V) E'
-    product: torch.Tensor  # (r, H) r ⊙ x
 
 
 def allocate(rows: int, x: torch.Tensor, num_classes: int) -> Workspace:
@@ -242,17 +226,14 @@ def gradient_gemms(
     x_c: torch.Tensor,  # (r, H)
     target: torch.Tensor,  # (r,) int64
     start: int,
-    *,
-    weight_later: bool = False,
-) -> WeightShare | None:
+) -> None:
     """One chunk's shares but the target column's in ``grad_W`` and ``grad_b`` (:func:`target_column_grads`):
     ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (the product in x's dtype: cuBLAS's fp32-output GEMM ran 1.4x its
     16-bit one on an H100; the rounding falls on the non-target part only), ``grad_W (+)= E'ᵀ·(r ⊙ x_c)``,
-    ``grad_b += E'ᵀ·r``. With ``weight_later`` (a chunk after the first) the ``grad_W`` share is returned for
-    :func:`finish_weight_grad` instead."""
+    ``grad_b += E'ᵀ·r``."""
     (r, h), v = x_c.shape, w.shape[0]
     if r == 0:
-        return None
+        return
     if grad_x is not None:
         input_grad_gemm(buf.e, w, buf.product)
         out = grad_x[start : start + r]
@@ -264,18 +245,12 @@ def gradient_gemms(
         )  # fmt: skip
     elif grad_w is not None:
         torch.mul(x_c, buf.scale[:, None], out=buf.product)
+    if grad_w is not None:  # buf.product holds r ⊙ x_c
+        weight_grad_gemm(grad_w, buf.e, buf.product, first=start == 0)
     if grad_b is not None:  # E'ᵀ·r, r rounded to E's dtype (as r ⊙ x is), summed in fp32
         share = torch.empty((v, 1), dtype=torch.float32, device=w.device)
         weight_grad_gemm(share, buf.e, buf.scale.to(buf.e.dtype)[:, None], first=True)
         grad_b.add_(share[:, 0])
-    if grad_w is None:
-        return None
-    # buf.product holds r ⊙ x_c
-    if weight_later:
-        assert start > 0, "the first chunk's GEMM writes grad_W"
-        return WeightShare(buf.e, buf.product)
-    weight_grad_gemm(grad_w, buf.e, buf.product, first=start == 0)
-    return None
 
 
 def target_column_grads(
@@ -298,33 +273,6 @@ def target_column_grads(
         x.stride(0), 0 if grad_w is None else grad_w.stride(0),
         BLOCK_H=_feature_block(h), num_warps=4,
     )  # fmt: skip
-
-
-def finish_weight_grad(
-    partial: torch.Tensor,  # (V, H) S: every chunk's share of grad_W but the last (fp32 scratch or dtype)
-    share: WeightShare,
-    upstream: torch.Tensor,  # () g, on the GPU
-    dtype: torch.dtype,
-    in_place: bool,
-) -> torch.Tensor:
-    """``grad_W = g·(S + E'ᵀ·(r ⊙ x))`` in ``dtype``, the sum rounded once: one GEMM whose accumulator starts from
-    ``S`` (the Hopper Gluon one where it runs, else the plain-Triton one). Written over ``S`` when ``in_place``
-    and the dtypes agree (each tile reads its part of ``S`` before it writes it), else into a new tensor."""
-    (v, h), e, p = partial.shape, share.e, share.product
-    out = partial if in_place and partial.dtype == dtype else torch.empty((v, h), dtype=dtype, device=partial.device)
-    if factored_gluon.runs_on(e):
-        factored_gluon.finish_weight_grad(e, p, partial, upstream, out)
-        return out
-    t = _FINISH_GPU if e.is_cuda else _INTERPRETER
-    grid = (triton.cdiv(v, t.block_m) * triton.cdiv(h, t.block_n),)
-    _finish_weight_grad_kernel[grid](
-        descriptor(e, t.block_k, t.block_m), descriptor(p, t.block_k, t.block_n),
-        descriptor(partial, t.block_m, t.block_n), descriptor(out, t.block_m, t.block_n), upstream,
-        e.shape[0], v, h,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-        INPUT_PRECISION=input_precision(e.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
-    )  # fmt: skip
-    return out
 
 
 def _feature_block(h: int) -> int:

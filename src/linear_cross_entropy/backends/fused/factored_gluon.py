@@ -34,7 +34,7 @@ import functools
 import torch
 import triton
 
-__all__ = ["BLOCK_N", "runs_on", "exp_logits", "finish_weight_grad"]
+__all__ = ["BLOCK_N", "runs_on", "exp_logits"]
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
 # 4 stages: 197 KB of shared memory with the two staging tiles. 5 (230 KB) ran 2% faster at H = 768, the same at
@@ -86,19 +86,15 @@ if gluon is not None:
         return first_m + in_group % group_size, in_group // group_size
 
     @gluon.jit
-    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, GROUP_M: gl.constexpr, TRANSPOSED: gl.constexpr):
-        """TMA loads of the ring: K-major operands (``x·Wᵀ``: blocks ``(BLOCK_M, BLOCK_K)`` and ``(BLOCK_N,
-        BLOCK_K)``), or with ``TRANSPOSED`` the reduction dimension first (``E'ᵀ·P``, both row-major ``(r, ·)``:
-        blocks ``(BLOCK_K, BLOCK_M)`` and ``(BLOCK_K, BLOCK_N)``)."""
-        M_DIM: gl.constexpr = 1 if TRANSPOSED else 0
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[M_DIM]
-        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1 - M_DIM]
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[M_DIM]
+    def _producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, GROUP_M: gl.constexpr):
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         S: gl.constexpr = a_bufs.type.shape[0]
-        tiles_m = gl.cdiv(a_desc.shape[M_DIM], BLOCK_M)
-        tiles_n = gl.cdiv(b_desc.shape[M_DIM], BLOCK_N)
-        k_steps = gl.cdiv(a_desc.shape[1 - M_DIM], BLOCK_K)
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        tiles_m = gl.cdiv(x_desc.shape[0], BLOCK_M)
+        tiles_n = gl.cdiv(w_desc.shape[0], BLOCK_N)
+        k_steps = gl.cdiv(x_desc.shape[1], BLOCK_K)
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
         q = 0  # the CTA's load counter: local tile j, step k -> q = j * k_steps + k
         for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
@@ -107,12 +103,8 @@ if gluon is not None:
                 mbarrier.wait(empty.index(s), ((q // S) & 1) ^ 1)  # release n - 1 of the slot
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
-                if TRANSPOSED:
-                    tma.async_copy_global_to_shared(a_desc, [k * BLOCK_K, pid_m * BLOCK_M], bar, a_bufs.index(s))
-                    tma.async_copy_global_to_shared(b_desc, [k * BLOCK_K, pid_n * BLOCK_N], bar, b_bufs.index(s))
-                else:
-                    tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, k * BLOCK_K], bar, a_bufs.index(s))
-                    tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, k * BLOCK_K], bar, b_bufs.index(s))
+                tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, k * BLOCK_K], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, k * BLOCK_K], bar, b_bufs.index(s))
                 q += 1
 
     @gluon.jit
@@ -129,7 +121,7 @@ if gluon is not None:
         return acc
 
     @gluon.jit
-    def _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps, TRANSPOSED: gl.constexpr):
+    def _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps):
         """A consumer's MMA turn for its ``i``-th tile (loads ``q0 .. q0 + k_steps − 1`` of the ring): wait for the
         turn, issue the K loop's async wgmmas (one in flight; each finished one releases its slot), hand the turn
         over once all are issued, drain, release the last slot. The protocol is the module docstring's."""
@@ -139,10 +131,7 @@ if gluon is not None:
             q = q0 + k
             s = q % S
             mbarrier.wait(ready.index(s), (q // S) & 1)
-            if TRANSPOSED:  # (BLOCK_K, BLOCK_M) and (BLOCK_K, BLOCK_N) slots: A read M-major
-                acc = warpgroup_mma(a_bufs.index(s).permute((1, 0)), b_bufs.index(s), acc, is_async=True)
-            else:
-                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
             # one wgmma in flight: the previous step's is done with its slot
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((q + S - 1) % S), pred=k > 0)
@@ -209,7 +198,7 @@ if gluon is not None:
             acc = _initial_accumulator(bias_ptr, off_n, n_cols, BLOCK_M, BLOCK_N, acc_layout, HAS_BIAS)
             offs_s = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
             shift = gl.load(shift_ptr + offs_s, mask=offs_s < n_rows, other=0.0)
-            acc = _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps, False)
+            acc = _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps)
             # the epilogue, under the other consumer's wgmmas
             e = _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, acc_layout, CLAMP).to(
                 e_desc.dtype
@@ -290,101 +279,7 @@ if gluon is not None:
                         GROUP_M,
                     ),
                 ),
-                (_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, GROUP_M, False)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
-
-    @gluon.jit
-    def _finish_consumer(e_desc, p_desc, out_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, partial_ptr,
-                         stride_partial, upstream_ptr, CONSUMER: gl.constexpr, GROUP_M: gl.constexpr):  # fmt: skip
-        """``g·(S + E'ᵀ·P)`` per tile: the accumulator starts from ``S`` (loaded before the turn wait, which hides
-        its latency and keeps no second tile of registers), the upstream gradient scales it in the epilogue."""
-        BLOCK_K: gl.constexpr = e_desc.block_type.shape[0]
-        BLOCK_M: gl.constexpr = e_desc.block_type.shape[1]
-        BLOCK_N: gl.constexpr = p_desc.block_type.shape[1]
-        gl.static_assert(gl.num_warps() == 4, "a consumer is one warpgroup")
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-        n_classes = e_desc.shape[1]
-        n_features = p_desc.shape[1]
-        tiles_m = gl.cdiv(n_classes, BLOCK_M)
-        tiles_n = gl.cdiv(n_features, BLOCK_N)
-        k_steps = gl.cdiv(e_desc.shape[0], BLOCK_K)
-        nprog = gl.num_programs(0)
-        c_smem = c_bufs.index(CONSUMER)
-        my_turn = turn.index(CONSUMER)
-        other_turn = turn.index(1 - CONSUMER)
-        g = gl.load(upstream_ptr).to(gl.float32)
-        i = 0
-        for tile in range(gl.program_id(0) + CONSUMER * nprog, tiles_m * tiles_n, 2 * nprog):
-            pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
-            off_m = pid_m * BLOCK_M
-            off_n = pid_n * BLOCK_N
-            offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-            offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-            mask = (offs_m < n_classes)[:, None] & (offs_n < n_features)[None, :]
-            ptrs = partial_ptr + offs_m.to(gl.int64)[:, None] * stride_partial + offs_n[None, :]
-            acc = gl.load(ptrs, mask=mask, other=0.0).to(gl.float32)
-            q0 = (2 * i + CONSUMER) * k_steps
-            acc = _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps, True)
-            out = (acc * g).to(out_desc.dtype)
-            tma.store_wait(pendings=0)  # this consumer's previous store has read c_smem
-            c_smem.store(out)
-            fence_async_shared()
-            tma.async_copy_shared_to_global(out_desc, [off_m, off_n], c_smem)
-            i += 1
-        tma.store_wait(pendings=0)
-
-    @gluon.jit
-    def _finish_weight_grad_gluon_kernel(e_desc, p_desc, out_desc, partial_ptr, stride_partial, upstream_ptr,
-                                         NUM_STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
-        a_bufs, b_bufs, c_bufs, ready, empty, turn = _ping_pong_smem(e_desc, p_desc, out_desc, NUM_STAGES)
-        # the argument tuples spelled out, as the exp GEMM's (the frontend does not build them from a shared one)
-        gl.warp_specialize(  # fmt: skip
-            [
-                (
-                    _finish_consumer,
-                    (
-                        e_desc,
-                        p_desc,
-                        out_desc,
-                        a_bufs,
-                        b_bufs,
-                        c_bufs,
-                        ready,
-                        empty,
-                        turn,
-                        partial_ptr,
-                        stride_partial,
-                        upstream_ptr,
-                        0,
-                        GROUP_M,
-                    ),
-                ),
-                (
-                    _finish_consumer,
-                    (
-                        e_desc,
-                        p_desc,
-                        out_desc,
-                        a_bufs,
-                        b_bufs,
-                        c_bufs,
-                        ready,
-                        empty,
-                        turn,
-                        partial_ptr,
-                        stride_partial,
-                        upstream_ptr,
-                        1,
-                        GROUP_M,
-                    ),
-                ),
-                (_producer, (e_desc, p_desc, a_bufs, b_bufs, ready, empty, GROUP_M, True)),
+                (_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, GROUP_M)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -399,7 +294,7 @@ def _descriptor(t: torch.Tensor, block: tuple[int, int]):
 @functools.cache
 def _shared_layout(block: tuple[int, int], dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for(
-        list(block), {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+        list(block), {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
     )
 
 
@@ -427,21 +322,4 @@ def exp_logits(
         _descriptor(x, (BLOCK_M, BLOCK_K)), _descriptor(w, (BLOCK_N, BLOCK_K)), _descriptor(e, (BLOCK_M, BLOCK_N)),
         bias if bias is not None else partials, shift, partials, bias is not None, float(clamp), _STAGES, _GROUP_M,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG,
-    )  # fmt: skip
-
-
-def finish_weight_grad(
-    e: torch.Tensor,  # (r, V) 16-bit E', TMA-ready
-    p: torch.Tensor,  # (r, H) e's dtype: r ⊙ x
-    partial: torch.Tensor,  # (V, H) contiguous: S (fp32 or the output's dtype)
-    upstream: torch.Tensor,  # () g
-    out: torch.Tensor,  # (V, H) contiguous, e's dtype, 16-byte row stride: written (may be partial itself)
-) -> None:
-    """``out = g·(S + E'ᵀ·P)``, as :func:`.factored_kernels._finish_weight_grad_kernel` computes it."""
-    v, h = out.shape
-    tiles = triton.cdiv(v, BLOCK_M) * triton.cdiv(h, BLOCK_N)
-    _finish_weight_grad_gluon_kernel[(min(_sm_count(e.device), tiles),)](
-        _descriptor(e, (BLOCK_K, BLOCK_M)), _descriptor(p, (BLOCK_K, BLOCK_N)), _descriptor(out, (BLOCK_M, BLOCK_N)),
-        partial, partial.stride(0), upstream, _STAGES, _GROUP_M, _CONSUMER_REGS, _PRODUCER_REGS,
-        num_warps=4, maxnreg=_MAXNREG,
     )  # fmt: skip

@@ -36,18 +36,13 @@ Kernels, in the order a chunk runs them:
 - after cuBLAS's ``E'·W``: :func:`_input_grad_rows_kernel` (``grad_x``, and ``r ⊙ x`` for cuBLAS's ``E'ᵀ·(r ⊙ x)``
   written where ``E'·W`` was);
 - once, after the last chunk: :func:`_target_weight_grad_kernel` (every row's ``dz_y·x`` added at its target's row
-  of ``grad_W``, summed per class over the rows sorted by target);
-- in backward, where the autograd Function left the last chunk's share of ``grad_W`` for it:
-  :func:`_finish_weight_grad_kernel`, ``grad_W = g·(S + E'ᵀ·(r ⊙ x))`` with ``S`` the other chunks' sum (the fp32
-  scratch) as the GEMM's initial accumulator and the upstream gradient ``g`` in its epilogue: the scratch is read
-  once and the gradient rounded once, with no pass of its own over ``(V, H)``. (Its Hopper warp-specialised
-  version is in :mod:`.factored_gluon`.)
+  of ``grad_W``, summed per class over the rows sorted by target).
 """
 
 import triton
 import triton.language as tl
 
-from .softmax_gemm_kernels import _grouped_tile, _logits_tile
+from .softmax_gemm_kernels import _logits_tile
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -403,38 +398,3 @@ def _refit_rows_kernel(
         dz -= tl.where(offs_v[None, :] == y[:, None], target_coef[:, None], 0.0)
         mask = refit[:, None] & (offs_v < n_classes)[None, :]
         tl.store(e_ptr + rows64[:, None] * stride_e_row + offs_v[None, :], dz.to(e_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _finish_weight_grad_kernel(
-    # tensor descriptors and pointers
-    e_desc,  # (r, V) blocks (BLOCK_K, BLOCK_M): the last chunk's E'
-    p_desc,  # (r, H) blocks (BLOCK_K, BLOCK_N): its r ⊙ x
-    s_desc,  # (V, H) blocks (BLOCK_M, BLOCK_N): S, the other chunks' sum (fp32 scratch, or the gradient's dtype)
-    out_desc,  # (V, H) blocks (BLOCK_M, BLOCK_N): grad_W, written (may be S itself: each tile is read first)
-    upstream_ptr,  # () the upstream gradient g
-    # dimensions
-    n_rows,
-    n_classes,
-    n_features,
-    # meta-parameters
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """``grad_W = g·(S + E'ᵀ·P)``, rounded once: one ``(BLOCK_M classes, BLOCK_N features)`` tile a program, its
-    accumulator started from ``S``, the reduction over the chunk's rows (``E'`` read transposed)."""
-    pid_m, pid_n = _grouped_tile(
-        tl.program_id(0), tl.cdiv(n_classes, BLOCK_M), tl.cdiv(n_features, BLOCK_N), GROUP_M
-    )  # fmt: skip
-    first_class = pid_m * BLOCK_M
-    first_feature = pid_n * BLOCK_N
-    acc = s_desc.load([first_class, first_feature]).to(tl.float32)
-    for k in range(0, n_rows, BLOCK_K):
-        a = e_desc.load([k, first_class])  # (BLOCK_K, BLOCK_M)
-        b = p_desc.load([k, first_feature])  # (BLOCK_K, BLOCK_N)
-        acc = tl.dot(a.T, b, acc, input_precision=INPUT_PRECISION)
-    g = tl.load(upstream_ptr).to(tl.float32)
-    out_desc.store([first_class, first_feature], (acc * g).to(out_desc.dtype))

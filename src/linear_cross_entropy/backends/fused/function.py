@@ -33,7 +33,7 @@ from ..common import (
     row_scales,
     take_saved_grads,
 )
-from . import chunks, factored
+from . import chunks
 from .policy import FusedPlan, Mode, make_plan
 from .rows import scale_cast
 from .vocab_major import deferred_grads, weight_grad_pass
@@ -85,7 +85,7 @@ def backward_none(
     if plan.mode is Mode.LOSS_ONLY:
         return None, None, None
     share = grad_out[:, 0].float()
-    gx, gw, gb, _ = _run(x, w, b, target, class_weight, lp, plan, (share, share), shard, entropy_grad).saved
+    gx, gw, gb = _run(x, w, b, target, class_weight, lp, plan, (share, share), shard, entropy_grad).saved
     return gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype)
 
 
@@ -151,15 +151,12 @@ class _FusedFunction(torch.autograd.Function):
 
 
 def _accumulated_backward(ctx, grad_out):
-    """The gradients forward formed for an upstream gradient of 1, scaled by ``g`` and rounded once (the factored
-    pass's last share of ``grad_W`` added in the same pass)."""
-    gx, gw, gb, weight_share = take_saved_grads(ctx)
+    """The gradients forward formed for an upstream gradient of 1, scaled by ``g`` and rounded once."""
+    gx, gw, gb = take_saved_grads(ctx)
     in_place = not ctx.ro.allow_retain_graph
     if gx is not None:
         gx = scale_cast(gx, grad_out, ctx.x_dtype, out=gx if in_place and gx.dtype == ctx.x_dtype else None)
-    if weight_share is not None:
-        gw = factored.finish_weight_grad(gw, weight_share, grad_out, ctx.w_dtype, in_place)
-    elif gw is not None:
+    if gw is not None:
         gw = scale_cast(gw, grad_out, ctx.w_dtype, out=gw if in_place and gw.dtype == ctx.w_dtype else None)
     if gb is not None:
         gb = gb * grad_out

@@ -172,9 +172,6 @@ class FusedPlan:
     weight_grad_later: bool  # RECOMPUTE: the vocabulary-major pass runs in backward
     entropy_grad: bool  # sweep 2 adds g_H·∂H/∂z (token_log_probs' backward)
     factored: bool  # the row pass runs factored (fused/factored.py) instead of logits GEMM + row kernel
-    # the factored pass leaves its last chunk's grad_W share for backward, which adds it and scales by the upstream
-    # gradient in one GEMM (the eager Function's forward: its backward knows the share; the compiled op's does not)
-    weight_share_later: bool
 
 
 def _fp32_logits(acc_policy: str, x: torch.Tensor) -> bool:
@@ -250,7 +247,6 @@ def make_plan(
     chunked = ro.batch_chunk_size < n
     recompute = mode is Mode.RECOMPUTE
     fp32_logits = _fp32_logits(ro.acc_policy, x)
-    factored = uses_factored(mode, lp, x, w_dtype, sharded=sharded, entropy_grad=entropy_grad, fp32_logits=fp32_logits)
     return FusedPlan(
         mode=mode,
         chunk_rows=max(1, min(ro.batch_chunk_size, n)),
@@ -263,6 +259,7 @@ def make_plan(
         per_row=stage != "forward" or lp.reduction == "none" or lp.metrics or bool(lp.z_loss) or recompute,
         weight_grad_later=recompute and stage == "forward",
         entropy_grad=entropy_grad,
-        factored=factored,
-        weight_share_later=factored and stage == "forward" and grads.weight,
+        factored=uses_factored(
+            mode, lp, x, w_dtype, sharded=sharded, entropy_grad=entropy_grad, fp32_logits=fp32_logits
+        ),
     )
