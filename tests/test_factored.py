@@ -139,6 +139,34 @@ def test_targets_repeated_across_chunks(force_factored, monkeypatch):
     assert_within_plain(ours, plain, ref, torch.float32)
 
 
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize(
+    "bias, class_weight, reduction, z_loss",
+    [(False, False, "mean", 0.0), (True, True, "mean", 0.0), (True, False, "sum", 0.0), (False, False, "mean", 1e-2),
+     (False, True, "none", 0.0)],
+)  # fmt: skip
+def test_label_smoothing(force_factored, monkeypatch, bias, class_weight, reduction, z_loss):
+    """Label smoothing's rank-1 term beside the factoring (``grad_x −= (s·ε/C)·Σ_c w_c W_c``, ``grad_W −= w ⊗
+    Σ_n (s_n·ε/C)·x_n``, the loss's ``Σ_c w_c z_c`` one dot product a row), with class weights, bias, the z-loss
+    and a refitted row, against float64."""
+    calls = _spy(monkeypatch)
+    x, w, b, y, cw = small_problem(45, 16, 130, torch.float32, seed=31, bias=bias, class_weight=class_weight)
+    x[7] *= 150.0  # beyond the window: refitted (its dz written whole, the rank-1 term still apart)
+    y[7] = 3
+    kw = dict(label_smoothing=0.1) | (dict(z_loss=z_loss) if z_loss else {})
+    ours = _run(x, w, y, b, cw, rows=16, reduction=reduction, **kw)
+    assert len(calls) == 3 and sum(calls) >= 1, calls
+
+    def oracle(x, w, y, *, linear_bias, weight, reduction):  # the materialised logits' loss
+        return extras_oracle(x, w, y, b=linear_bias, cw=weight, reduction=reduction, ls=0.1, z_loss=z_loss)[0]
+
+    ref = _reference(oracle, x.double(), w.double(), y, None if b is None else b.double(),
+                     None if cw is None else cw.double(), reduction)  # fmt: skip
+    plain = _reference(oracle, x, w, y, b, cw, reduction)
+    assert_within_plain(ours, plain, ref, torch.float32)
+
+
 def _plan(x, lp=None, w_dtype=None, **kw):
     lp = lp or LossParams("mean", -100, 0.0, False)
     return policy.uses_factored(
@@ -153,11 +181,10 @@ def test_the_decision_table(force_factored):
     x = torch.empty(4, 8)
     base = LossParams("mean", -100, 0.0, False)
     assert _plan(x)
+    assert _plan(x, dataclasses.replace(base, label_smoothing=0.1))  # a rank-1 term beside the factoring
     assert not _plan(x.half())  # fp16's range cannot hold exp(z − z_y)
     assert not _plan(x, w_dtype=torch.bfloat16)
-    for change in (
-        dict(label_smoothing=0.1), dict(logit_softcap=30.0), dict(logit_scale=2.0), dict(metrics=True),
-    ):  # fmt: skip
+    for change in (dict(logit_softcap=30.0), dict(logit_scale=2.0), dict(metrics=True)):
         assert not _plan(x, dataclasses.replace(base, **change)), change
     assert not _plan(x, sharded=True)
     assert not _plan(x, entropy_grad=True)
@@ -181,19 +208,22 @@ def test_default_thresholds_keep_the_cpu_on_the_row_kernel():
     "n, h, v, rows", [(3072, 256, 8000, 1024), (2500, 512, 50257, 1024), (2048, 2048, 32000, 1024)]
 )
 @pytest.mark.parametrize("bias", [False, True])
-def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias, label_smoothing):
     """bf16 against eager bf16 (the large-problem tolerance): the Gluon GEMM where it runs, at H above the
-    plain-Triton threshold too. Chunks of 1024 rows or more: shorter ones take the vocabulary-major pass."""
+    plain-Triton threshold too, with and without label smoothing. Chunks of 1024 rows or more: shorter ones take
+    the vocabulary-major pass."""
     from helpers import cuda_problem
 
     big = dict(factored_max_features_triton=1 << 20, factored_max_features_gluon=1 << 20)
     monkeypatch.setattr(policy, "THRESHOLDS", dataclasses.replace(policy.THRESHOLDS, **big))
     calls = _spy(monkeypatch)
     x, w, b, y = cuda_problem(n, h, v, torch.bfloat16, seed=h, bias=bias)
-    ours = _run(x, w, y, b, rows=rows)
+    kw = dict(label_smoothing=label_smoothing) if label_smoothing else {}
+    ours = _run(x, w, y, b, rows=rows, **kw)
     assert calls
-    ref = _reference(oracle_loss, x.double(), w.double(), y, None if b is None else b.double(), None, "mean")
-    plain = _reference(plain_loss, x, w, y, b, None, "mean")
+    ref = _reference(oracle_loss, x.double(), w.double(), y, None if b is None else b.double(), None, "mean", **kw)
+    plain = _reference(plain_loss, x, w, y, b, None, "mean", **kw)
     assert_within_plain(ours, plain, ref, torch.bfloat16, large=True)
 
 

@@ -138,6 +138,7 @@ def _row_pass(
     # the factored pass (.factored) replaces the logits GEMM, the row kernel and the gradient GEMMs chunk by chunk
     fact = None
     if plan.factored and grads is not None and factored.tma_ready(x, w):
+        smoothing = factored.smoothing_terms(w, b, class_weight, lp)
         fact = factored.allocate(min(rows, n), x, w.shape[0])
         logits_all = grad_all = None
     else:
@@ -152,7 +153,7 @@ def _row_pass(
             buf = fact.chunk(start, r)
             factored.forward_chunk(
                 x[start:stop], w, b, target[start:stop], class_weight, scales_c, lp, buf, losses[row_out],
-                lse[row_out],
+                lse[row_out], smoothing=smoothing,
             )  # fmt: skip
         else:
             logits, grad = logits_all[:r], None if grads is None else grad_all[:r]
@@ -172,13 +173,16 @@ def _row_pass(
             torch.sum(losses[:r], dim=0, out=loss_sums[chunk])
         if fact is not None:
             factored.gradient_gemms(
-                grads.input, grads.weight, grads.bias, buf, w, x[start:stop], target[start:stop], start
-            )
+                grads.input, grads.weight, grads.bias, buf, w, x[start:stop], target[start:stop], start,
+                smoothing=smoothing,
+            )  # fmt: skip
         elif grads is not None:
             _gradient_gemms(grads, grad, w, x[start:stop], start)
     if fact is not None:  # the (rows, V) buffer freed first: the sort's temporaries may take its place
         target_grad, fact, buf = fact.target_grad, None, None
         factored.target_column_grads(grads.weight, grads.bias, target_grad, x, target, w.shape[0])
+        if smoothing is not None:
+            factored.smoothing_grads(grads.weight, grads.bias, smoothing, scales[0], target, x, lp)
     return (losses if loss_sums is None else loss_sums), lse, stats, logits_all
 
 

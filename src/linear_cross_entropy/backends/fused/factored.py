@@ -5,7 +5,10 @@ one of :mod:`.factored_gluon` where it runs, else the plain Triton one), the com
 :class:`FactoredBuffers` ``E'`` (its target column zeroed), each row's scale ``r`` and the target column's exact
 ``dz_y`` (``dz = r·E' + dz_y·e_y``); :func:`gradient_gemms` then forms the chunk's shares of the gradients with
 cuBLAS and one small kernel. After the last chunk, :func:`target_column_grads` adds every row's target-column term
-to the weight and bias gradients in one launch. Nothing here reads a GPU value on the host.
+to the weight and bias gradients in one launch. Label smoothing adds a rank-1 term to ``dz``, ``−(s·ε/C)·w`` (``w``
+the class weights, or ones): its parts need the class-weighted sum of ``W``'s rows (:func:`smoothing_terms`, once a
+call), one dot product per row in forward, one term per ``grad_x`` row, and after the last chunk one rank-1 update
+of the weight gradient (:func:`smoothing_grads`). Nothing here reads a GPU value on the host.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .factored_kernels import (
     _target_weight_grad_kernel,
 )
 from .gemm import input_grad_gemm, row_padded, weight_grad_gemm
+from .policy import has_out_dtype_mm
 from .rows import _vector_stride
 
 __all__ = [
@@ -35,12 +39,15 @@ __all__ = [
     "FactoredTiles",
     "FactoredBuffers",
     "Workspace",
+    "Smoothing",
+    "smoothing_terms",
     "tma_ready",
     "allocate",
     "forward_chunk",
     "combine",
     "gradient_gemms",
     "target_column_grads",
+    "smoothing_grads",
 ]
 
 # The window of the stored exponential, in nats above the row's target logit. A tile whose max(z − z_y) exceeds it
@@ -51,6 +58,7 @@ __all__ = [
 CLAMP = 50.0
 _COMBINE_BLOCK_R, _COMBINE_BLOCK_T, _COMBINE_WARPS = 16, 64, 4
 _REFIT_BLOCK_R, _REFIT_BLOCK_V, _REFIT_BLOCK_H = 16, 128, 64
+_SUM_BLOCK_ROWS = 4096  # rows upcast at a time where no fp32-output GEMM runs (_weighted_sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +103,10 @@ class FactoredBuffers(NamedTuple):
     product: torch.Tensor  # (r, H) x's dtype, over the partials' storage: E'·W, then r ⊙ x
     shift: torch.Tensor  # (r,) fp32: the target logits
     scale: torch.Tensor  # (r,) fp32: r
-    coefs: torch.Tensor  # (2, r) fp32: coef, T
+    coefs: torch.Tensor  # (3, r) fp32: coef, T, label smoothing's s·ε/C
     target_grad: torch.Tensor  # (r,) fp32, a view of the call's (N,): dz_y
     refit: torch.Tensor  # (r,) int8
+    z_sum: torch.Tensor  # (r,) fp32: Σ_c w_c·z_c (label smoothing)
 
 
 class Workspace(NamedTuple):
@@ -110,19 +119,71 @@ class Workspace(NamedTuple):
     features: int  # H
     shift: torch.Tensor  # (rows,) fp32
     scale: torch.Tensor  # (rows,) fp32
-    coefs: torch.Tensor  # (2, rows) fp32
+    coefs: torch.Tensor  # (3, rows) fp32
     target_grad: torch.Tensor  # (N,) fp32
     refit: torch.Tensor  # (rows,) int8
+    z_sum: torch.Tensor  # (rows,) fp32
 
     def chunk(self, start: int, r: int) -> FactoredBuffers:
         """Views for the ``r`` rows from ``start`` (the kernels read ``(tiles, r)`` planes ``r`` rows apart)."""
         partials = self.space[: self.tiles * r].view(self.tiles, r)
         product = self.space.view(self.e.dtype)[: r * self.features].view(r, self.features)
-        coefs = self.coefs.view(-1)[: 2 * r].view(2, r)
+        coefs = self.coefs.view(-1)[: 3 * r].view(3, r)
         target_grad = self.target_grad[start : start + r]
         return FactoredBuffers(
-            self.e[:r], partials, product, self.shift[:r], self.scale[:r], coefs, target_grad, self.refit[:r]
-        )
+            self.e[:r], partials, product, self.shift[:r], self.scale[:r], coefs, target_grad, self.refit[:r],
+            self.z_sum[:r],
+        )  # fmt: skip
+
+
+class Smoothing(NamedTuple):
+    """A call's label-smoothing constants (:func:`smoothing_terms`)."""
+
+    eps: float  # ε
+    weighted_w: torch.Tensor  # (H,) fp32: Σ_c w_c·W_c
+    weighted_bias: torch.Tensor | None  # () fp32: Σ_c w_c·b_c, None without a bias
+    weight_sum: torch.Tensor | None  # () fp32: W_sum = Σ_c w_c, None without class weights (then C)
+    class_weight: torch.Tensor  # (V,) fp32: w (ones without class weights)
+
+
+def smoothing_terms(
+    w: torch.Tensor,  # (V, H)
+    b: torch.Tensor | None,  # (V,)
+    class_weight: torch.Tensor | None,  # (V,)
+    lp: LossParams,
+) -> Smoothing | None:
+    """The class-weighted sums over the vocabulary that label smoothing's terms need, once a call (one read of
+    ``W``), or None without smoothing."""
+    if lp.label_smoothing <= 0:
+        return None
+    v = w.shape[0]
+    weights = torch.ones(v, dtype=torch.float32, device=w.device) if class_weight is None else class_weight.float()
+    return Smoothing(
+        lp.label_smoothing,
+        _weighted_sum(weights, w),
+        None if b is None else torch.dot(weights, b.float()),
+        None if class_weight is None else weights.sum(),
+        weights,
+    )
+
+
+def _weighted_sum(
+    weights: torch.Tensor,  # (K,) fp32
+    rows: torch.Tensor,  # (K, H)
+) -> torch.Tensor:
+    """``Σ_k weights_k·rows_k`` (H,) in fp32, reading ``rows`` once: 16-bit rows take cuBLAS's fp32-output GEMM with
+    the weights split into two 16-bit parts (``hi + lo``: 16 bits of mantissa, not 8); elsewhere blocks of rows
+    are upcast one at a time (no fp32 copy of a whole weight)."""
+    if rows.dtype in (torch.bfloat16, torch.float16) and has_out_dtype_mm(rows.device):
+        hi = weights.to(rows.dtype)
+        lo = (weights - hi.float()).to(rows.dtype)
+        return torch.mm(torch.stack([hi, lo]), rows, out_dtype=torch.float32).sum(0)
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    total = torch.zeros(rows.shape[1], dtype=acc, device=rows.device)
+    for start in range(0, rows.shape[0], _SUM_BLOCK_ROWS):
+        part = slice(start, start + _SUM_BLOCK_ROWS)
+        total += weights[part].to(acc) @ rows[part].to(acc)
+    return total.float()
 
 
 def allocate(rows: int, x: torch.Tensor, num_classes: int) -> Workspace:
@@ -138,9 +199,10 @@ def allocate(rows: int, x: torch.Tensor, num_classes: int) -> Workspace:
         h,
         torch.empty(rows, **f32),
         torch.empty(rows, **f32),
-        torch.empty((2, rows), **f32),
+        torch.empty((3, rows), **f32),
         torch.empty(n, **f32),
         torch.empty(rows, dtype=torch.int8, device=dev),
+        torch.empty(rows, **f32),
     )
 
 
@@ -159,20 +221,27 @@ def forward_chunk(
     buf: FactoredBuffers,  # of r rows
     loss_out: torch.Tensor,  # (r,) fp32
     lse_out: torch.Tensor,  # (r,) fp32
+    *,
+    smoothing: Smoothing | None,
 ) -> None:
-    """Per-row losses and lse, and ``dz = r·E'`` left in ``buf`` (``buf.scale``, ``buf.e``)."""
+    """Per-row losses and lse, and ``dz = r·E'`` left in ``buf`` (``buf.scale``, ``buf.e``; label smoothing's
+    rank-1 part apart, its coefficient in ``buf.coefs[2]``)."""
     (r, h), v = x_c.shape, w.shape[0]
     if r == 0:
         return
+    sm = smoothing
     _target_logit_kernel[(r,)](
-        x_c, w, b, target, buf.shift, v, h, x_c.stride(0), w.stride(0), lp.ignore_index,
+        x_c, w, b, target, buf.shift,
+        None if sm is None else sm.weighted_w, None if sm is None else sm.weighted_bias,
+        None if sm is None else buf.z_sum,
+        v, h, x_c.stride(0), w.stride(0), lp.ignore_index,
         BLOCK_H=_feature_block(h), num_warps=4,
     )  # fmt: skip
     if factored_gluon.runs_on(x_c):
         factored_gluon.exp_logits(x_c, w, b, buf.shift, CLAMP, buf.e, buf.partials)
     else:
         _exp_logits(x_c, w, b, buf)
-    combine(target, class_weight, scales, lp, buf, loss_out, lse_out)
+    combine(target, class_weight, scales, lp, smoothing, buf, loss_out, lse_out)
     _refit_rows_kernel[(triton.cdiv(r, _REFIT_BLOCK_R),)](
         x_c, w, b, target, lse_out, buf.coefs, buf.refit, buf.e,
         r, v, h,
@@ -187,6 +256,7 @@ def combine(
     class_weight: torch.Tensor | None,  # (V,)
     scales: tuple[torch.Tensor, torch.Tensor],  # (r,) fp32 each, or stride-0 scalars: s, s_z
     lp: LossParams,
+    smoothing: Smoothing | None,
     buf: FactoredBuffers,  # of r rows, after the exponential GEMM
     loss_out: torch.Tensor,  # (r,) fp32
     lse_out: torch.Tensor,  # (r,) fp32
@@ -194,11 +264,12 @@ def combine(
     """The partials into the losses, lse, ``r``, ``dz_y`` and the rows to refit; ``E``'s target column zeroed."""
     (r, v), ce, zs = buf.e.shape, *scales
     _factored_combine_kernel[(triton.cdiv(r, _COMBINE_BLOCK_R),)](
-        buf.partials, buf.shift, target, class_weight, ce, zs, buf.e, loss_out, lse_out, buf.scale, buf.coefs,
-        buf.target_grad, buf.refit,
+        buf.partials, buf.shift, target, class_weight, ce, zs,
+        None if smoothing is None else buf.z_sum, None if smoothing is None else smoothing.weight_sum,
+        buf.e, loss_out, lse_out, buf.scale, buf.coefs, buf.target_grad, buf.refit,
         r, buf.partials.shape[0], v,
         buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
-        lp.ignore_index, lp.z_loss,
+        lp.ignore_index, lp.z_loss, 0.0 if smoothing is None else smoothing.eps,
         HAS_Z_LOSS=lp.z_loss > 0, CLAMP=CLAMP, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
         num_warps=_COMBINE_WARPS,
     )  # fmt: skip
@@ -226,8 +297,11 @@ def gradient_gemms(
     x_c: torch.Tensor,  # (r, H)
     target: torch.Tensor,  # (r,) int64
     start: int,
+    *,
+    smoothing: Smoothing | None,
 ) -> None:
-    """One chunk's shares but the target column's in ``grad_W`` and ``grad_b`` (:func:`target_column_grads`):
+    """One chunk's shares but the target column's and label smoothing's in ``grad_W`` and ``grad_b``
+    (:func:`target_column_grads`, :func:`smoothing_grads`):
     ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (the product in x's dtype: cuBLAS's fp32-output GEMM ran 1.4x its
     16-bit one on an H100; the rounding falls on the non-target part only), ``grad_W (+)= E'ᵀ·(r ⊙ x_c)``,
     ``grad_b += E'ᵀ·r``."""
@@ -238,7 +312,8 @@ def gradient_gemms(
         input_grad_gemm(buf.e, w, buf.product)
         out = grad_x[start : start + r]
         _input_grad_rows_kernel[(r,)](
-            buf.product, w, x_c if grad_w is not None else None, target, buf.scale, buf.target_grad, out,
+            buf.product, w, x_c if grad_w is not None else None, target, buf.scale, buf.target_grad,
+            None if smoothing is None else buf.coefs[2], None if smoothing is None else smoothing.weighted_w, out,
             v, h,
             buf.product.stride(0), w.stride(0), x_c.stride(0), out.stride(0),
             BLOCK_H=_feature_block(h), num_warps=4,
@@ -273,6 +348,31 @@ def target_column_grads(
         x.stride(0), 0 if grad_w is None else grad_w.stride(0),
         BLOCK_H=_feature_block(h), num_warps=4,
     )  # fmt: skip
+
+
+def smoothing_grads(
+    grad_w: torch.Tensor | None,  # (V, H): added to
+    grad_b: torch.Tensor | None,  # (V,) fp32: added to
+    smoothing: Smoothing,
+    ce_scale: torch.Tensor,  # (N,) fp32, or a stride-0 scalar: s
+    target: torch.Tensor,  # (N,) int64
+    x: torch.Tensor,  # (N, H)
+    lp: LossParams,
+) -> None:
+    """Label smoothing's rank-1 share of the weight and bias gradients, after the last chunk::
+
+        grad_W −= w ⊗ Σ_n (s_n·ε/C)·x_n,     grad_b −= w·Σ_n s_n·ε/C
+
+    (``s`` 0 on ignored rows), one pass over ``grad_W``."""
+    n, v = x.shape[0], smoothing.class_weight.shape[0]
+    if n == 0:
+        return
+    smooth = torch.where(target != lp.ignore_index, ce_scale.float().expand(n), 0.0) * (smoothing.eps / v)
+    if grad_w is not None:
+        q = _weighted_sum(smooth, x)
+        grad_w.addr_(smoothing.class_weight.to(grad_w.dtype), q.to(grad_w.dtype), alpha=-1)
+    if grad_b is not None:
+        grad_b.sub_(smoothing.class_weight * smooth.sum())
 
 
 def _feature_block(h: int) -> int:

@@ -48,7 +48,13 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+        "HAS_SMOOTHING": lambda args: args["z_sum_ptr"] is not None,
+        "HAS_WEIGHTED_BIAS": lambda args: args["weighted_bias_ptr"] is not None,
+    }
+)
 @triton.jit
 def _target_logit_kernel(
     # pointers
@@ -57,6 +63,9 @@ def _target_logit_kernel(
     bias_ptr,  # (V,) or None
     target_ptr,  # (r,) int64
     shift_ptr,  # (r,) fp32: z_y, 0 where the target is ignored or out of range; written
+    weighted_w_ptr,  # (H,) fp32 Σ_c w_c·W_c (read with HAS_SMOOTHING)
+    weighted_bias_ptr,  # () fp32 Σ_c w_c·b_c, or None
+    z_sum_ptr,  # (r,) fp32: Σ_c w_c·z_c = x·(Σ_c w_c·W_c) + Σ_c w_c·b_c; written, or None (no smoothing)
     # dimensions
     n_classes,
     n_features,
@@ -67,23 +76,35 @@ def _target_logit_kernel(
     ignore_index,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHTED_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    """One program per row: the target logit ``z_y = x·W_y + b_y`` and, for label smoothing, the row's class-weighted
+    logit sum ``Σ_c w_c·z_c`` as one dot product with the precomputed ``Σ_c w_c·W_c``."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(target_ptr + row)
     has_class = (y != ignore_index) & (y >= 0) & (y < n_classes)
     y = tl.where(has_class, y, 0)
     acc = tl.zeros((BLOCK_H,), tl.float32)
+    acc_sum = tl.zeros((BLOCK_H,), tl.float32)
     for k in range(0, n_features, BLOCK_H):
         offs_h = k + tl.arange(0, BLOCK_H)
         mask = offs_h < n_features
         a = tl.load(x_ptr + row * stride_x_row + offs_h, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(w_ptr + y * stride_w_row + offs_h, mask=mask, other=0.0).to(tl.float32)
         acc += a * b
+        if HAS_SMOOTHING:
+            acc_sum += a * tl.load(weighted_w_ptr + offs_h, mask=mask, other=0.0)
     z_y = tl.sum(acc, axis=0)
     if HAS_BIAS:
         z_y += tl.load(bias_ptr + y).to(tl.float32)
     tl.store(shift_ptr + row, tl.where(has_class, z_y, 0.0))
+    if HAS_SMOOTHING:
+        z_sum = tl.sum(acc_sum, axis=0)
+        if HAS_WEIGHTED_BIAS:
+            z_sum += tl.load(weighted_bias_ptr)
+        tl.store(z_sum_ptr + row, z_sum)
 
 
 @triton.jit
@@ -137,7 +158,12 @@ def _exp_logits_kernel(
     tl.store(partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m, partial, mask=row_mask)
 
 
-@triton.heuristics({"HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None})
+@triton.heuristics(
+    {
+        "HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None,
+        "HAS_SMOOTHING": lambda args: args["z_sum_ptr"] is not None,
+    }
+)
 @triton.jit
 def _factored_combine_kernel(
     # pointers
@@ -147,11 +173,13 @@ def _factored_combine_kernel(
     class_weight_ptr,  # (V,) or None
     ce_scale_ptr,  # (r,) or a scalar (stride 0): s, the cross-entropy share of the upstream gradient
     z_scale_ptr,  # (r,) or a scalar (stride 0): s_z, the z-loss share (read with HAS_Z_LOSS)
+    z_sum_ptr,  # (r,) fp32 Σ_c w_c·z_c, or None (no label smoothing)
+    weight_sum_ptr,  # () fp32 W_sum = Σ_c w_c (read with HAS_SMOOTHING and HAS_CLASS_WEIGHT; else C)
     e_ptr,  # (r, V): E; its target column set to 0 (rows that keep a scale)
     loss_ptr,  # (r,) fp32; written
     lse_ptr,  # (r,) fp32; written
     scale_ptr,  # (r,) fp32: r (1 on refitted rows); written
-    coef_ptr,  # (2, r) fp32: coef and T (what the refit needs); written
+    coef_ptr,  # (3, r) fp32: coef and T (what the refit needs), and the smoothing coefficient s·ε/C; written
     target_grad_ptr,  # (r,) fp32: dz_y (0 on refitted rows); written
     refit_ptr,  # (r,) int8: 1 where the row's dz must be recomputed; written
     # dimensions
@@ -165,9 +193,11 @@ def _factored_combine_kernel(
     # scalars
     ignore_index,
     z_loss,
+    label_smoothing,
     # meta-parameters
     HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
     CLAMP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -177,6 +207,10 @@ def _factored_combine_kernel(
 
         lse = c + L + log S,   ℓ = w_y·(L + log S)   (lse − z_y with z_y = c),
         coef = s·w_y (+ 2λ·s_z·lse),   T = s·w_y,   r = coef·exp(c − lse),   dz_y = coef·exp(c − lse) − T
+
+    With label smoothing ``ε`` (:func:`..common.index_rows`' math): ``ℓ = (1−ε)·w_y·(lse − z_y) + (ε/C)·(W_sum·lse −
+    Σ_c w_c z_c)``, ``coef = s·((1−ε)·w_y + (ε/C)·W_sum)``, ``T = (1−ε)·s·w_y``, and the rank-1 part of ``dz``,
+    ``−(s·ε/C)·w``, left to the callers (its coefficient stored): it needs no pass over ``E``.
 
     The target column's ``dz_y`` is kept exact in fp32 (the gradient GEMMs' callers add ``dz_y·W_y`` and
     ``dz_y·x`` themselves) and ``E_y`` is set to 0: with a confident prediction ``dz_y = coef·(p_y − 1)`` is
@@ -210,11 +244,23 @@ def _factored_combine_kernel(
     loss_rel = big_l + tl.log(big_s)  # lse − c
     # an ignored row whose every exponential underflowed has S = 0: its lse (which nothing reads) is left finite
     lse = tl.where(big_s > 0.0, shift + loss_rel, shift)
-    loss = tl.where(bad, nan, tl.where(keep, w_y * loss_rel, 0.0))
     s = tl.load(ce_scale_ptr + rows * stride_ce, mask=row_mask, other=0.0)
     s = tl.where(bad, nan, tl.where(keep, s, 0.0))
-    target_coef = s * w_y
-    coef = target_coef
+    if HAS_SMOOTHING:
+        eps = label_smoothing
+        weight_sum = n_classes * 1.0
+        if HAS_CLASS_WEIGHT:
+            weight_sum = tl.load(weight_sum_ptr)
+        z_sum = tl.load(z_sum_ptr + rows, mask=row_mask, other=0.0)
+        row_loss = (1.0 - eps) * w_y * loss_rel + (eps / n_classes) * (weight_sum * lse - z_sum)
+        target_coef = (1.0 - eps) * s * w_y
+        coef = s * ((1.0 - eps) * w_y + (eps / n_classes) * weight_sum)
+        tl.store(coef_ptr + 2 * n_rows + rows, s * (eps / n_classes), mask=row_mask)
+    else:
+        row_loss = w_y * loss_rel
+        target_coef = s * w_y
+        coef = target_coef
+    loss = tl.where(bad, nan, tl.where(keep, row_loss, 0.0))
     if HAS_Z_LOSS:  # d(λ·lse²)/dz = 2λ·lse·p
         s_z = tl.load(z_scale_ptr + rows * stride_zs, mask=row_mask, other=0.0)
         coef += tl.where(keep, s_z, 0.0) * 2.0 * z_loss * lse
@@ -235,7 +281,12 @@ def _factored_combine_kernel(
     tl.store(refit_ptr + rows, refit.to(tl.int8), mask=row_mask)
 
 
-@triton.heuristics({"SCALE_INPUT": lambda args: args["x_ptr"] is not None})
+@triton.heuristics(
+    {
+        "SCALE_INPUT": lambda args: args["x_ptr"] is not None,
+        "HAS_SMOOTHING": lambda args: args["smooth_ptr"] is not None,
+    }
+)
 @triton.jit
 def _input_grad_rows_kernel(
     # pointers
@@ -245,6 +296,8 @@ def _input_grad_rows_kernel(
     target_ptr,  # (r,) int64
     scale_ptr,  # (r,) fp32: r
     target_grad_ptr,  # (r,) fp32: dz_y
+    smooth_ptr,  # (r,) fp32: label smoothing's s·ε/C, or None
+    weighted_w_ptr,  # (H,) fp32 Σ_c w_c·W_c (read with HAS_SMOOTHING)
     out_ptr,  # (r, H) grad_x rows; written
     # dimensions
     n_classes,
@@ -256,14 +309,18 @@ def _input_grad_rows_kernel(
     stride_out_row,
     # meta-parameters
     SCALE_INPUT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """``grad_x_n = r_n·(E'·W)_n + dz_y·W_y``, rounded once to ``out``'s dtype (one program per row); with ``x``,
-    the weight gradient's operand ``r_n·x_n`` then goes where the row's product was (each block is read before it
-    is written, and no program reads another's row)."""
+    """``grad_x_n = r_n·(E'·W)_n + dz_y·W_y`` (``− (s·ε/C)·Σ_c w_c·W_c`` with label smoothing), rounded once to
+    ``out``'s dtype (one program per row); with ``x``, the weight gradient's operand ``r_n·x_n`` then goes where the
+    row's product was (each block is read before it is written, and no program reads another's row)."""
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + row)
     dz_y = tl.load(target_grad_ptr + row)
+    smooth = 0.0
+    if HAS_SMOOTHING:
+        smooth = tl.load(smooth_ptr + row)
     y = tl.load(target_ptr + row)
     y = tl.where((dz_y != 0.0) & (y >= 0) & (y < n_classes), y, 0)
     for k in range(0, n_features, BLOCK_H):
@@ -272,6 +329,8 @@ def _input_grad_rows_kernel(
         product = product_ptr + row * stride_product_row + offs_h
         g = scale * tl.load(product, mask=mask, other=0.0).to(tl.float32)
         g += dz_y * tl.load(w_ptr + y * stride_w_row + offs_h, mask=mask, other=0.0).to(tl.float32)  # row 0: dz_y = 0
+        if HAS_SMOOTHING:
+            g -= smooth * tl.load(weighted_w_ptr + offs_h, mask=mask, other=0.0)
         tl.store(out_ptr + row * stride_out_row + offs_h, g.to(out_ptr.dtype.element_ty), mask=mask)
         if SCALE_INPUT:
             xs = scale * tl.load(x_ptr + row * stride_x_row + offs_h, mask=mask, other=0.0).to(tl.float32)
