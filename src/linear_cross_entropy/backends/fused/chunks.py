@@ -138,8 +138,8 @@ def _row_pass(
     # the factored pass (.factored) replaces the logits GEMM, the row kernel and the gradient GEMMs chunk by chunk
     fact = None
     if plan.factored and grads is not None and factored.tma_ready(x, w):
-        smoothing = factored.smoothing_terms(w, b, class_weight, lp)
-        fact = factored.allocate(min(rows, n), x, w.shape[0])
+        smoothing = factored.smoothing_terms(x, w, b, target, class_weight, scales[0], lp)
+        fact = factored.allocate(min(rows, n), x, w.shape[0], smoothing)
         logits_all = grad_all = None
     else:
         logits_all, grad_all = logits_buffers(rows, w.shape[0], x, plan.fp32_logits, grads is not None)
@@ -181,8 +181,6 @@ def _row_pass(
     if fact is not None:  # the (rows, V) buffer freed first: the sort's temporaries may take its place
         target_grad, fact, buf = fact.target_grad, None, None
         factored.target_column_grads(grads.weight, grads.bias, target_grad, x, target, w.shape[0])
-        if smoothing is not None:
-            factored.smoothing_grads(grads.weight, grads.bias, smoothing, scales[0], target, x, lp)
     return (losses if loss_sums is None else loss_sums), lse, stats, logits_all
 
 

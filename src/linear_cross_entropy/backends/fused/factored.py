@@ -6,9 +6,9 @@ one of :mod:`.factored_gluon` where it runs, else the plain Triton one), the com
 ``dz_y`` (``dz = r·E' + dz_y·e_y``); :func:`gradient_gemms` then forms the chunk's shares of the gradients with
 cuBLAS and one small kernel. After the last chunk, :func:`target_column_grads` adds every row's target-column term
 to the weight and bias gradients in one launch. Label smoothing adds a rank-1 term to ``dz``, ``−(s·ε/C)·w`` (``w``
-the class weights, or ones): its parts need the class-weighted sum of ``W``'s rows (:func:`smoothing_terms`, once a
-call), one dot product per row in forward, one term per ``grad_x`` row, and after the last chunk one rank-1 update
-of the weight gradient (:func:`smoothing_grads`). Nothing here reads a GPU value on the host.
+the class weights, or ones), kept apart as the target column is: the loss's ``Σ_c w_c z_c`` is one dot product a
+row, ``grad_x`` takes one term a row, and ``grad_W`` its rank-1 share as extra rows of the first chunk's GEMM
+(:func:`smoothing_terms`). Nothing here reads a GPU value on the host.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ __all__ = [
     "combine",
     "gradient_gemms",
     "target_column_grads",
-    "smoothing_grads",
 ]
 
 # The window of the stored exponential, in nats above the row's target logit. A tile whose max(z − z_y) exceeds it
@@ -107,13 +106,14 @@ class FactoredBuffers(NamedTuple):
     target_grad: torch.Tensor  # (r,) fp32, a view of the call's (N,): dz_y
     refit: torch.Tensor  # (r,) int8
     z_sum: torch.Tensor  # (r,) fp32: Σ_c w_c·z_c (label smoothing)
+    extended: tuple[torch.Tensor, torch.Tensor] | None  # e and product with label smoothing's rank-1 rows below
 
 
 class Workspace(NamedTuple):
     """The factored pass's buffers for one call: chunk-sized ones, and ``target_grad`` for every row (the target
     column's ``dz_y``, read after the last chunk: 4 bytes a row)."""
 
-    e: torch.Tensor  # (rows, V) row-padded: the only (rows, V) buffer, as today's logits
+    e: torch.Tensor  # (rows [+ rank-1 rows], V) row-padded: the only (rows, V) buffer, as today's logits
     space: torch.Tensor  # flat fp32: a chunk's partials, then (dead once the combine read them) its (r, H) product
     tiles: int  # partials per row: vocabulary tiles of the exponential GEMM
     features: int  # H
@@ -130,10 +130,19 @@ class Workspace(NamedTuple):
         product = self.space.view(self.e.dtype)[: r * self.features].view(r, self.features)
         coefs = self.coefs.view(-1)[: 3 * r].view(3, r)
         target_grad = self.target_grad[start : start + r]
+        extended = None
+        if self.e.shape[0] > self.shift.shape[0]:  # room for label smoothing's rank-1 rows below the chunk's
+            k = r + self.e.shape[0] - self.shift.shape[0]
+            extended = (self.e[:k], self.space.view(self.e.dtype)[: k * self.features].view(k, self.features))
         return FactoredBuffers(
             self.e[:r], partials, product, self.shift[:r], self.scale[:r], coefs, target_grad, self.refit[:r],
-            self.z_sum[:r],
+            self.z_sum[:r], extended,
         )  # fmt: skip
+
+
+# Label smoothing's rank-1 share of grad_W rides on the first chunk's weight-gradient GEMM as this many more rows
+# (3 used: the hi/lo split below; 8 keep the reduction dimension a multiple of cuBLAS's alignment)
+_RANK_ONE_ROWS = 8
 
 
 class Smoothing(NamedTuple):
@@ -143,28 +152,55 @@ class Smoothing(NamedTuple):
     weighted_w: torch.Tensor  # (H,) fp32: Σ_c w_c·W_c
     weighted_bias: torch.Tensor | None  # () fp32: Σ_c w_c·b_c, None without a bias
     weight_sum: torch.Tensor | None  # () fp32: W_sum = Σ_c w_c, None without class weights (then C)
-    class_weight: torch.Tensor  # (V,) fp32: w (ones without class weights)
+    bias_share: torch.Tensor  # (V,) fp32: −w·Σ_n s_n·ε/C, grad_b's rank-1 share
+    rank_one_e: torch.Tensor  # (_RANK_ONE_ROWS, V) x's dtype: −w split in two (hi, lo, hi), then zeros
+    rank_one_p: torch.Tensor  # (_RANK_ONE_ROWS, H) x's dtype: q = Σ_n (s_n·ε/C)·x_n split (hi, hi, lo), then zeros
 
 
 def smoothing_terms(
+    x: torch.Tensor,  # (N, H)
     w: torch.Tensor,  # (V, H)
     b: torch.Tensor | None,  # (V,)
+    target: torch.Tensor,  # (N,) int64
     class_weight: torch.Tensor | None,  # (V,)
+    ce_scale: torch.Tensor,  # (N,) fp32, or a stride-0 scalar: s
     lp: LossParams,
 ) -> Smoothing | None:
-    """The class-weighted sums over the vocabulary that label smoothing's terms need, once a call (one read of
-    ``W``), or None without smoothing."""
+    """Label smoothing's constants for one call, or None without smoothing: the class-weighted sums over the
+    vocabulary (one read of ``W``) and over the rows (one read of ``x``).
+
+    The smoothing adds ``−(s_n·ε/C)·w`` to each row of ``dz`` (``w`` the class weights, or ones), so ``grad_W``
+    gains the rank-1 ``−w ⊗ q`` with ``q = Σ_n (s_n·ε/C)·x_n``: instead of a pass over ``grad_W`` it is added by the
+    first chunk's weight-gradient GEMM, as extra rows of its operands, ``E'`` below the chunk's rows and ``r ⊙ x``
+    below its own: ``−(w_hi·q_hi + w_lo·q_hi + w_hi·q_lo)``, each factor split into 16-bit parts (16 bits of
+    mantissa, the products summed in fp32 by the GEMM). ``s`` is 0 on ignored rows."""
     if lp.label_smoothing <= 0:
         return None
-    v = w.shape[0]
+    (n, h), v, dtype = x.shape, w.shape[0], x.dtype
     weights = torch.ones(v, dtype=torch.float32, device=w.device) if class_weight is None else class_weight.float()
+    smooth = torch.where(target != lp.ignore_index, ce_scale.float().expand(n), 0.0) * (lp.label_smoothing / v)
+    q = _weighted_sum(smooth, x) if n else torch.zeros(h, dtype=torch.float32, device=x.device)
+    w_hi, w_lo = _split(-weights, dtype)
+    q_hi, q_lo = _split(q, dtype)
+    rank_one_e = torch.zeros((_RANK_ONE_ROWS, v), dtype=dtype, device=x.device)
+    rank_one_p = torch.zeros((_RANK_ONE_ROWS, h), dtype=dtype, device=x.device)
+    torch.stack([w_hi, w_lo, w_hi], out=rank_one_e[:3])
+    torch.stack([q_hi, q_hi, q_lo], out=rank_one_p[:3])
     return Smoothing(
         lp.label_smoothing,
         _weighted_sum(weights, w),
         None if b is None else torch.dot(weights, b.float()),
         None if class_weight is None else weights.sum(),
-        weights,
+        -weights * smooth.sum(),
+        rank_one_e,
+        rank_one_p,
     )
+
+
+def _split(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` (fp32) as ``hi + lo`` in ``dtype`` (exact to about twice ``dtype``'s mantissa)."""
+    hi = t.to(dtype)
+    return hi, (t - hi.float()).to(dtype)
 
 
 def _weighted_sum(
@@ -172,12 +208,10 @@ def _weighted_sum(
     rows: torch.Tensor,  # (K, H)
 ) -> torch.Tensor:
     """``Σ_k weights_k·rows_k`` (H,) in fp32, reading ``rows`` once: 16-bit rows take cuBLAS's fp32-output GEMM with
-    the weights split into two 16-bit parts (``hi + lo``: 16 bits of mantissa, not 8); elsewhere blocks of rows
-    are upcast one at a time (no fp32 copy of a whole weight)."""
+    the weights split into two 16-bit parts; elsewhere blocks of rows are upcast one at a time (no fp32 copy of a
+    whole weight)."""
     if rows.dtype in (torch.bfloat16, torch.float16) and has_out_dtype_mm(rows.device):
-        hi = weights.to(rows.dtype)
-        lo = (weights - hi.float()).to(rows.dtype)
-        return torch.mm(torch.stack([hi, lo]), rows, out_dtype=torch.float32).sum(0)
+        return torch.mm(torch.stack(_split(weights, rows.dtype)), rows, out_dtype=torch.float32).sum(0)
     acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
     total = torch.zeros(rows.shape[1], dtype=acc, device=rows.device)
     for start in range(0, rows.shape[0], _SUM_BLOCK_ROWS):
@@ -186,14 +220,16 @@ def _weighted_sum(
     return total.float()
 
 
-def allocate(rows: int, x: torch.Tensor, num_classes: int) -> Workspace:
-    """The working set of ``rows``-row chunks of ``x``'s rows."""
+def allocate(rows: int, x: torch.Tensor, num_classes: int, smoothing: Smoothing | None) -> Workspace:
+    """The working set of ``rows``-row chunks of ``x``'s rows (with label smoothing, room for its rank-1 rows below
+    a chunk's in ``E'`` and ``r ⊙ x``: :func:`smoothing_terms`)."""
     (n, h), dev = x.shape, x.device
     tiles = triton.cdiv(num_classes, _block_n(x))
-    product_words = triton.cdiv(rows * h * x.element_size(), 4)
+    extra = 0 if smoothing is None else _RANK_ONE_ROWS
+    product_words = triton.cdiv((rows + extra) * h * x.element_size(), 4)
     f32 = dict(dtype=torch.float32, device=dev)
     return Workspace(
-        row_padded(rows, num_classes, x.dtype, dev),
+        row_padded(rows + extra, num_classes, x.dtype, dev),
         torch.empty(max(tiles * rows, product_words), **f32),
         tiles,
         h,
@@ -300,8 +336,8 @@ def gradient_gemms(
     *,
     smoothing: Smoothing | None,
 ) -> None:
-    """One chunk's shares but the target column's and label smoothing's in ``grad_W`` and ``grad_b``
-    (:func:`target_column_grads`, :func:`smoothing_grads`):
+    """One chunk's shares but the target column's in ``grad_W`` and ``grad_b`` (:func:`target_column_grads`; the
+    first chunk adds label smoothing's rank-1 shares, :func:`smoothing_terms`):
     ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (the product in x's dtype: cuBLAS's fp32-output GEMM ran 1.4x its
     16-bit one on an H100; the rounding falls on the non-target part only), ``grad_W (+)= E'ᵀ·(r ⊙ x_c)``,
     ``grad_b += E'ᵀ·r``."""
@@ -321,11 +357,19 @@ def gradient_gemms(
     elif grad_w is not None:
         torch.mul(x_c, buf.scale[:, None], out=buf.product)
     if grad_w is not None:  # buf.product holds r ⊙ x_c
-        weight_grad_gemm(grad_w, buf.e, buf.product, first=start == 0)
+        if start == 0 and smoothing is not None:  # and, below it, the rank-1 share's rows (smoothing_terms)
+            e, product = buf.extended
+            e[r:].copy_(smoothing.rank_one_e)
+            product[r:].copy_(smoothing.rank_one_p)
+            weight_grad_gemm(grad_w, e, product, first=True)
+        else:
+            weight_grad_gemm(grad_w, buf.e, buf.product, first=start == 0)
     if grad_b is not None:  # E'ᵀ·r, r rounded to E's dtype (as r ⊙ x is), summed in fp32
         share = torch.empty((v, 1), dtype=torch.float32, device=w.device)
         weight_grad_gemm(share, buf.e, buf.scale.to(buf.e.dtype)[:, None], first=True)
         grad_b.add_(share[:, 0])
+        if start == 0 and smoothing is not None:
+            grad_b.add_(smoothing.bias_share)
 
 
 def target_column_grads(
@@ -348,31 +392,6 @@ def target_column_grads(
         x.stride(0), 0 if grad_w is None else grad_w.stride(0),
         BLOCK_H=_feature_block(h), num_warps=4,
     )  # fmt: skip
-
-
-def smoothing_grads(
-    grad_w: torch.Tensor | None,  # (V, H): added to
-    grad_b: torch.Tensor | None,  # (V,) fp32: added to
-    smoothing: Smoothing,
-    ce_scale: torch.Tensor,  # (N,) fp32, or a stride-0 scalar: s
-    target: torch.Tensor,  # (N,) int64
-    x: torch.Tensor,  # (N, H)
-    lp: LossParams,
-) -> None:
-    """Label smoothing's rank-1 share of the weight and bias gradients, after the last chunk::
-
-        grad_W −= w ⊗ Σ_n (s_n·ε/C)·x_n,     grad_b −= w·Σ_n s_n·ε/C
-
-    (``s`` 0 on ignored rows), one pass over ``grad_W``."""
-    n, v = x.shape[0], smoothing.class_weight.shape[0]
-    if n == 0:
-        return
-    smooth = torch.where(target != lp.ignore_index, ce_scale.float().expand(n), 0.0) * (smoothing.eps / v)
-    if grad_w is not None:
-        q = _weighted_sum(smooth, x)
-        grad_w.addr_(smoothing.class_weight.to(grad_w.dtype), q.to(grad_w.dtype), alpha=-1)
-    if grad_b is not None:
-        grad_b.sub_(smoothing.class_weight * smooth.sum())
 
 
 def _feature_block(h: int) -> int:
