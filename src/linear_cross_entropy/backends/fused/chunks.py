@@ -138,8 +138,8 @@ def _row_pass(
     # the factored pass (.factored) replaces the logits GEMM, the row kernel and the gradient GEMMs chunk by chunk
     fact = None
     if plan.factored and grads is not None and factored.tma_ready(x, w):
-        smoothing = factored.smoothing_terms(x, w, b, target, class_weight, scales[0], lp)
-        fact = factored.allocate(min(rows, n), x, w.shape[0], smoothing)
+        fact = factored.allocate(min(rows, n), x, w.shape[0], smoothing=lp.label_smoothing > 0)
+        smoothing = factored.smoothing_terms(fact, x, w, b, target, class_weight, scales[0], lp)
         logits_all = grad_all = None
     else:
         logits_all, grad_all = logits_buffers(rows, w.shape[0], x, plan.fp32_logits, grads is not None)

@@ -153,11 +153,13 @@ class Smoothing(NamedTuple):
     weighted_bias: torch.Tensor | None  # () fp32: Σ_c w_c·b_c, None without a bias
     weight_sum: torch.Tensor | None  # () fp32: W_sum = Σ_c w_c, None without class weights (then C)
     bias_share: torch.Tensor  # (V,) fp32: −w·Σ_n s_n·ε/C, grad_b's rank-1 share
-    rank_one_e: torch.Tensor  # (_RANK_ONE_ROWS, V) x's dtype: −w split in two (hi, lo, hi), then zeros
-    rank_one_p: torch.Tensor  # (_RANK_ONE_ROWS, H) x's dtype: q = Σ_n (s_n·ε/C)·x_n split (hi, hi, lo), then zeros
+    # (_RANK_ONE_ROWS, H) x's dtype: q = Σ_n (s_n·ε/C)·x_n split (hi, hi, lo), then zeros; the matching rows of E',
+    # −w split (hi, lo, hi), wait in the workspace below the first chunk's rows
+    rank_one_p: torch.Tensor
 
 
 def smoothing_terms(
+    ws: Workspace,  # allocated with room for the rank-1 rows: those of E' written here
     x: torch.Tensor,  # (N, H)
     w: torch.Tensor,  # (V, H)
     b: torch.Tensor | None,  # (V,)
@@ -182,9 +184,10 @@ def smoothing_terms(
     q = _weighted_sum(smooth, x) if n else torch.zeros(h, dtype=torch.float32, device=x.device)
     w_hi, w_lo = _split(-weights, dtype)
     q_hi, q_lo = _split(q, dtype)
-    rank_one_e = torch.zeros((_RANK_ONE_ROWS, v), dtype=dtype, device=x.device)
-    rank_one_p = torch.zeros((_RANK_ONE_ROWS, h), dtype=dtype, device=x.device)
+    rank_one_e = ws.e[ws.shift.shape[0] :]  # below the first chunk: it has the workspace's rows (or all N)
+    rank_one_e[3:].zero_()
     torch.stack([w_hi, w_lo, w_hi], out=rank_one_e[:3])
+    rank_one_p = torch.zeros((_RANK_ONE_ROWS, h), dtype=dtype, device=x.device)
     torch.stack([q_hi, q_hi, q_lo], out=rank_one_p[:3])
     return Smoothing(
         lp.label_smoothing,
@@ -192,7 +195,6 @@ def smoothing_terms(
         None if b is None else torch.dot(weights, b.float()),
         None if class_weight is None else weights.sum(),
         -weights * smooth.sum(),
-        rank_one_e,
         rank_one_p,
     )
 
@@ -220,12 +222,12 @@ def _weighted_sum(
     return total.float()
 
 
-def allocate(rows: int, x: torch.Tensor, num_classes: int, smoothing: Smoothing | None) -> Workspace:
+def allocate(rows: int, x: torch.Tensor, num_classes: int, smoothing: bool) -> Workspace:
     """The working set of ``rows``-row chunks of ``x``'s rows (with label smoothing, room for its rank-1 rows below
     a chunk's in ``E'`` and ``r ⊙ x``: :func:`smoothing_terms`)."""
     (n, h), dev = x.shape, x.device
     tiles = triton.cdiv(num_classes, _block_n(x))
-    extra = 0 if smoothing is None else _RANK_ONE_ROWS
+    extra = _RANK_ONE_ROWS if smoothing else 0
     product_words = triton.cdiv((rows + extra) * h * x.element_size(), 4)
     f32 = dict(dtype=torch.float32, device=dev)
     return Workspace(
@@ -359,7 +361,6 @@ def gradient_gemms(
     if grad_w is not None:  # buf.product holds r ⊙ x_c
         if start == 0 and smoothing is not None:  # and, below it, the rank-1 share's rows (smoothing_terms)
             e, product = buf.extended
-            e[r:].copy_(smoothing.rank_one_e)
             product[r:].copy_(smoothing.rank_one_p)
             weight_grad_gemm(grad_w, e, product, first=True)
         else:

@@ -37,6 +37,13 @@ Kernels, in the order a chunk runs them:
   written where ``E'·W`` was);
 - once, after the last chunk: :func:`_target_weight_grad_kernel` (every row's ``dz_y·x`` added at its target's row
   of ``grad_W``, summed per class over the rows sorted by target).
+
+Label smoothing ``ε`` (class weights ``w``, or ones; ``W_sum = Σ_c w_c``) adds to each kept row of ``dz`` the
+rank-1 term ``−(s·ε/C)·w`` and changes ``coef`` and ``T`` (:func:`..common.index_rows`); the term is kept apart as
+the target column is: the loss needs ``Σ_c w_c z_c = x·(Σ_c w_c W_c) + Σ_c w_c b_c``, one more dot product in
+:func:`_target_logit_kernel`; ``grad_x`` gains ``−(s·ε/C)·Σ_c w_c W_c`` in :func:`_input_grad_rows_kernel`;
+``grad_W`` gains ``−w ⊗ Σ_n (s_n·ε/C)·x_n``, added by the first chunk's weight-gradient GEMM as extra rows of its
+operands (:func:`.factored.smoothing_terms`). A refitted row's ``dz`` is written without it, for the same reason.
 """
 
 import triton
