@@ -185,10 +185,11 @@ def smoothing_terms(
     w_hi, w_lo = _split(-weights, dtype)
     q_hi, q_lo = _split(q, dtype)
     rank_one_e = ws.e[ws.shift.shape[0] :]  # below the first chunk: it has the workspace's rows (or all N)
-    rank_one_e[3:].zero_()
-    torch.stack([w_hi, w_lo, w_hi], out=rank_one_e[:3])
     rank_one_p = torch.zeros((_RANK_ONE_ROWS, h), dtype=dtype, device=x.device)
-    torch.stack([q_hi, q_hi, q_lo], out=rank_one_p[:3])
+    rank_one_e[3:].zero_()
+    for i, (e_row, p_row) in enumerate(((w_hi, q_hi), (w_lo, q_hi), (w_hi, q_lo))):
+        rank_one_e[i].copy_(e_row)
+        rank_one_p[i].copy_(p_row)
     return Smoothing(
         lp.label_smoothing,
         _weighted_sum(weights, w),
