@@ -230,21 +230,24 @@ def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias, label_smoothing):
 @pytest.mark.interpreter
 @needs_interpreter
 @pytest.mark.parametrize("wants", ["input", "weight"])
-def test_one_gradient_wanted(force_factored, monkeypatch, wants):
-    """Only grad_input or only grad_weight asked for (the other operand frozen): the pass forms just that one."""
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_one_gradient_wanted(force_factored, monkeypatch, wants, label_smoothing):
+    """Only grad_input or only grad_weight asked for (the other operand frozen): the pass forms just that one (with
+    label smoothing, its rank-1 rows only where grad_weight is wanted)."""
     calls = _spy(monkeypatch)
     x, w, b, y, _ = small_problem(40, 16, 130, torch.float32, seed=11, bias=True)
     options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=16, chunking_method=None)
     xl = leaf(x) if wants == "input" else x
     wl = leaf(w) if wants == "weight" else w
-    loss = linear_cross_entropy(xl, wl, y, linear_bias=b, options=options)
+    ls = dict(label_smoothing=label_smoothing)
+    loss = linear_cross_entropy(xl, wl, y, linear_bias=b, options=options, **ls)
     loss.backward()
     assert calls
     xr, wr = x.double().requires_grad_(wants == "input"), w.double().requires_grad_(wants == "weight")
-    oracle_loss(xr, wr, y, linear_bias=b.double()).backward()
+    oracle_loss(xr, wr, y, linear_bias=b.double(), **ls).backward()
     ours, ref = (xl.grad, xr.grad) if wants == "input" else (wl.grad, wr.grad)
     plain_x, plain_w = leaf(x), leaf(w)
-    plain_loss(plain_x, plain_w, y, linear_bias=b).backward()
+    plain_loss(plain_x, plain_w, y, linear_bias=b, **ls).backward()
     plain = plain_x.grad if wants == "input" else plain_w.grad
     assert_within_plain((ours,), (plain,), (ref,), torch.float32, names=("grad",))
 

@@ -154,12 +154,12 @@ class Smoothing(NamedTuple):
     weight_sum: torch.Tensor | None  # () fp32: W_sum = Σ_c w_c, None without class weights (then C)
     bias_share: torch.Tensor  # (V,) fp32: −w·Σ_n s_n·ε/C, grad_b's rank-1 share
     # (_RANK_ONE_ROWS, H) x's dtype: q = Σ_n (s_n·ε/C)·x_n split (hi, hi, lo), then zeros; the matching rows of E',
-    # −w split (hi, lo, hi), wait in the workspace below the first chunk's rows
-    rank_one_p: torch.Tensor
+    # −w split (hi, lo, hi), wait in the workspace below the first chunk's rows. None without grad_W.
+    rank_one_p: torch.Tensor | None
 
 
 def smoothing_terms(
-    ws: Workspace,  # allocated with room for the rank-1 rows: those of E' written here
+    ws: Workspace,  # with room for the rank-1 rows where grad_W is wanted: those of E' written here
     x: torch.Tensor,  # (N, H)
     w: torch.Tensor,  # (V, H)
     b: torch.Tensor | None,  # (V,)
@@ -181,15 +181,17 @@ def smoothing_terms(
     (n, h), v, dtype = x.shape, w.shape[0], x.dtype
     weights = torch.ones(v, dtype=torch.float32, device=w.device) if class_weight is None else class_weight.float()
     smooth = torch.where(target != lp.ignore_index, ce_scale.float().expand(n), 0.0) * (lp.label_smoothing / v)
-    q = _weighted_sum(smooth, x) if n else torch.zeros(h, dtype=torch.float32, device=x.device)
-    w_hi, w_lo = _split(-weights, dtype)
-    q_hi, q_lo = _split(q, dtype)
     rank_one_e = ws.e[ws.shift.shape[0] :]  # below the first chunk: it has the workspace's rows (or all N)
-    rank_one_p = torch.zeros((_RANK_ONE_ROWS, h), dtype=dtype, device=x.device)
-    rank_one_e[3:].zero_()
-    for i, (e_row, p_row) in enumerate(((w_hi, q_hi), (w_lo, q_hi), (w_hi, q_lo))):
-        rank_one_e[i].copy_(e_row)
-        rank_one_p[i].copy_(p_row)
+    rank_one_p = None
+    if rank_one_e.shape[0]:  # grad_W wanted
+        q = _weighted_sum(smooth, x) if n else torch.zeros(h, dtype=torch.float32, device=x.device)
+        w_hi, w_lo = _split(-weights, dtype)
+        q_hi, q_lo = _split(q, dtype)
+        rank_one_p = torch.zeros((_RANK_ONE_ROWS, h), dtype=dtype, device=x.device)
+        rank_one_e[3:].zero_()
+        for i, (e_row, p_row) in enumerate(((w_hi, q_hi), (w_lo, q_hi), (w_hi, q_lo))):
+            rank_one_e[i].copy_(e_row)
+            rank_one_p[i].copy_(p_row)
     return Smoothing(
         lp.label_smoothing,
         _weighted_sum(weights, w),
