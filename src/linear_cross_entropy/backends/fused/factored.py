@@ -31,7 +31,6 @@ from .factored_kernels import (
     _target_weight_grad_kernel,
 )
 from .gemm import input_grad_gemm, row_padded, weight_grad_gemm
-from .policy import has_out_dtype_mm
 from .rows import _vector_stride
 
 __all__ = [
@@ -57,7 +56,6 @@ __all__ = [
 CLAMP = 50.0
 _COMBINE_BLOCK_R, _COMBINE_BLOCK_T, _COMBINE_WARPS = 16, 64, 4
 _REFIT_BLOCK_R, _REFIT_BLOCK_V, _REFIT_BLOCK_H = 16, 128, 64
-_SUM_BLOCK_ROWS = 4096  # rows upcast at a time where no fp32-output GEMM runs (_weighted_sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +125,18 @@ class Workspace(NamedTuple):
     def chunk(self, start: int, r: int) -> FactoredBuffers:
         """Views for the ``r`` rows from ``start`` (the kernels read ``(tiles, r)`` planes ``r`` rows apart)."""
         partials = self.space[: self.tiles * r].view(self.tiles, r)
-        product = self.space.view(self.e.dtype)[: r * self.features].view(r, self.features)
         coefs = self.coefs.view(-1)[: 3 * r].view(3, r)
         target_grad = self.target_grad[start : start + r]
-        extended = None
-        if self.e.shape[0] > self.shift.shape[0]:  # room for label smoothing's rank-1 rows below the chunk's
-            k = r + self.e.shape[0] - self.shift.shape[0]
-            extended = (self.e[:k], self.space.view(self.e.dtype)[: k * self.features].view(k, self.features))
+        extra = self.e.shape[0] - self.shift.shape[0]  # label smoothing's rank-1 rows, below the chunk's
+        extended = (self.e[: r + extra], self._product(r + extra)) if extra else None
         return FactoredBuffers(
-            self.e[:r], partials, product, self.shift[:r], self.scale[:r], coefs, target_grad, self.refit[:r],
-            self.z_sum[:r], extended,
+            self.e[:r], partials, self._product(r), self.shift[:r], self.scale[:r], coefs, target_grad,
+            self.refit[:r], self.z_sum[:r], extended,
         )  # fmt: skip
+
+    def _product(self, k: int) -> torch.Tensor:
+        """``(k, H)`` in x's dtype over the partials' storage."""
+        return self.space.view(self.e.dtype)[: k * self.features].view(k, self.features)
 
 
 # Label smoothing's rank-1 share of grad_W rides on the first chunk's weight-gradient GEMM as this many more rows
@@ -212,17 +211,11 @@ def _weighted_sum(
     weights: torch.Tensor,  # (K,) fp32
     rows: torch.Tensor,  # (K, H)
 ) -> torch.Tensor:
-    """``Σ_k weights_k·rows_k`` (H,) in fp32, reading ``rows`` once: 16-bit rows take cuBLAS's fp32-output GEMM with
-    the weights split into two 16-bit parts; elsewhere blocks of rows are upcast one at a time (no fp32 copy of a
-    whole weight)."""
-    if rows.dtype in (torch.bfloat16, torch.float16) and has_out_dtype_mm(rows.device):
-        return torch.mm(torch.stack(_split(weights, rows.dtype)), rows, out_dtype=torch.float32).sum(0)
-    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    total = torch.zeros(rows.shape[1], dtype=acc, device=rows.device)
-    for start in range(0, rows.shape[0], _SUM_BLOCK_ROWS):
-        part = slice(start, start + _SUM_BLOCK_ROWS)
-        total += weights[part].to(acc) @ rows[part].to(acc)
-    return total.float()
+    """``Σ_k weights_k·rows_k`` (H,) in fp32, reading ``rows`` once: the weight-gradient GEMM (fp32 output) of the
+    weights split into two parts in ``rows``' dtype (16 bits of mantissa for 16-bit rows, not 8)."""
+    sums = torch.empty((2, rows.shape[1]), dtype=torch.float32, device=rows.device)
+    weight_grad_gemm(sums, torch.stack(_split(weights, rows.dtype), dim=1), rows, first=True)
+    return sums.sum(0)
 
 
 def allocate(rows: int, x: torch.Tensor, num_classes: int, smoothing: bool) -> Workspace:

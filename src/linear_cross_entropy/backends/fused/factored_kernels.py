@@ -59,7 +59,6 @@ _LN2 = tl.constexpr(0.6931471805599453)
     {
         "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
         "HAS_SMOOTHING": lambda args: args["z_sum_ptr"] is not None,
-        "HAS_WEIGHTED_BIAS": lambda args: args["weighted_bias_ptr"] is not None,
     }
 )
 @triton.jit
@@ -71,7 +70,7 @@ def _target_logit_kernel(
     target_ptr,  # (r,) int64
     shift_ptr,  # (r,) fp32: z_y, 0 where the target is ignored or out of range; written
     weighted_w_ptr,  # (H,) fp32 Σ_c w_c·W_c (read with HAS_SMOOTHING)
-    weighted_bias_ptr,  # () fp32 Σ_c w_c·b_c, or None
+    weighted_bias_ptr,  # () fp32 Σ_c w_c·b_c (read with HAS_SMOOTHING and HAS_BIAS)
     z_sum_ptr,  # (r,) fp32: Σ_c w_c·z_c = x·(Σ_c w_c·W_c) + Σ_c w_c·b_c; written, or None (no smoothing)
     # dimensions
     n_classes,
@@ -84,7 +83,6 @@ def _target_logit_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
-    HAS_WEIGHTED_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """One program per row: the target logit ``z_y = x·W_y + b_y`` and, for label smoothing, the row's class-weighted
@@ -109,7 +107,7 @@ def _target_logit_kernel(
     tl.store(shift_ptr + row, tl.where(has_class, z_y, 0.0))
     if HAS_SMOOTHING:
         z_sum = tl.sum(acc_sum, axis=0)
-        if HAS_WEIGHTED_BIAS:
+        if HAS_BIAS:
             z_sum += tl.load(weighted_bias_ptr)
         tl.store(z_sum_ptr + row, z_sum)
 
