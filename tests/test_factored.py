@@ -167,6 +167,36 @@ def test_label_smoothing(force_factored, monkeypatch, bias, class_weight, reduct
     assert_within_plain(ours, plain, ref, torch.float32)
 
 
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize(
+    "logit_scale, bias, class_weight, label_smoothing, z_loss",
+    [(0.5, False, False, 0.0, 0.0), (2.5, True, True, 0.0, 0.0), (0.7, True, False, 0.1, 1e-2),
+     (1.8, False, True, 0.1, 0.0)],
+)  # fmt: skip
+def test_logit_scale(force_factored, monkeypatch, logit_scale, bias, class_weight, label_smoothing, z_loss):
+    """``z = a·(x·Wᵀ + b)`` (an RL objective's temperature ``1/a``): ``a`` in the exponential's FMA, the target
+    logit and the smoothing sum, the coefficients times ``a`` (the gradient of ``u = x·Wᵀ + b``); with label
+    smoothing, the z-loss and a refitted row, against float64."""
+    calls = _spy(monkeypatch)
+    x, w, b, y, cw = small_problem(45, 16, 130, torch.float32, seed=41, bias=bias, class_weight=class_weight)
+    x[9] *= 150.0 / logit_scale  # beyond the window after scaling: refitted
+    y[9] = 5
+    kw = dict(logit_scale=logit_scale, label_smoothing=label_smoothing, z_loss=z_loss)
+    ours = _run(x, w, y, b, cw, rows=16, **kw)
+    assert len(calls) == 3 and sum(calls) >= 1, calls
+
+    def oracle(x, w, y, *, linear_bias, weight, reduction):
+        return extras_oracle(
+            x, w, y, b=linear_bias, cw=weight, reduction=reduction, ls=label_smoothing, z_loss=z_loss, scale=logit_scale
+        )[0]
+
+    ref = _reference(oracle, x.double(), w.double(), y, None if b is None else b.double(),
+                     None if cw is None else cw.double(), "mean")  # fmt: skip
+    plain = _reference(oracle, x, w, y, b, cw, "mean")
+    assert_within_plain(ours, plain, ref, torch.float32)
+
+
 def _plan(x, lp=None, w_dtype=None, **kw):
     lp = lp or LossParams("mean", -100, 0.0, False)
     return policy.uses_factored(
@@ -182,9 +212,11 @@ def test_the_decision_table(force_factored):
     base = LossParams("mean", -100, 0.0, False)
     assert _plan(x)
     assert _plan(x, dataclasses.replace(base, label_smoothing=0.1))  # a rank-1 term beside the factoring
+    assert _plan(x, dataclasses.replace(base, logit_scale=0.5))  # one scalar in the kernels
     assert not _plan(x.half())  # fp16's range cannot hold exp(z − z_y)
     assert not _plan(x, w_dtype=torch.bfloat16)
-    for change in (dict(logit_softcap=30.0), dict(logit_scale=2.0), dict(metrics=True)):
+    # a scale ≤ 0 reverses (or flattens) the row max the exponential GEMM's window is taken on
+    for change in (dict(logit_softcap=30.0), dict(logit_scale=-1.0), dict(logit_scale=0.0), dict(metrics=True)):
         assert not _plan(x, dataclasses.replace(base, **change)), change
     assert not _plan(x, sharded=True)
     assert not _plan(x, entropy_grad=True)
@@ -208,22 +240,28 @@ def test_default_thresholds_keep_the_cpu_on_the_row_kernel():
     "n, h, v, rows", [(3072, 256, 8000, 1024), (2500, 512, 50257, 1024), (2048, 2048, 32000, 1024)]
 )
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias, label_smoothing):
+@pytest.mark.parametrize("label_smoothing, logit_scale", [(0.0, 1.0), (0.1, 1.0), (0.0, 0.6), (0.1, 1.7)])
+def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias, label_smoothing, logit_scale):
     """bf16 against eager bf16 (the large-problem tolerance): the Gluon GEMM where it runs, at H above the
-    plain-Triton threshold too, with and without label smoothing. Chunks of 1024 rows or more: shorter ones take
-    the vocabulary-major pass."""
+    plain-Triton threshold too, with and without label smoothing and a logit scale. Chunks of 1024 rows or more:
+    shorter ones take the vocabulary-major pass."""
     from helpers import cuda_problem
 
     big = dict(factored_max_features_triton=1 << 20, factored_max_features_gluon=1 << 20)
     monkeypatch.setattr(policy, "THRESHOLDS", dataclasses.replace(policy.THRESHOLDS, **big))
     calls = _spy(monkeypatch)
     x, w, b, y = cuda_problem(n, h, v, torch.bfloat16, seed=h, bias=bias)
-    kw = dict(label_smoothing=label_smoothing) if label_smoothing else {}
+    kw = dict(label_smoothing=label_smoothing, logit_scale=logit_scale)
     ours = _run(x, w, y, b, rows=rows, **kw)
     assert calls
-    ref = _reference(oracle_loss, x.double(), w.double(), y, None if b is None else b.double(), None, "mean", **kw)
-    plain = _reference(plain_loss, x, w, y, b, None, "mean", **kw)
+
+    def scaled(x, w, y, *, linear_bias, weight, reduction):  # z = a·logits, the logits in x's dtype, CE in ≥ fp32
+        logits = torch.nn.functional.linear(x, w, linear_bias).to(torch.promote_types(x.dtype, torch.float32))
+        ce = torch.nn.functional.cross_entropy(logits * logit_scale, y, label_smoothing=label_smoothing)
+        return ce.to(x.dtype)
+
+    ref = _reference(scaled, x.double(), w.double(), y, None if b is None else b.double(), None, "mean")
+    plain = _reference(scaled, x, w, y, b, None, "mean")
     assert_within_plain(ours, plain, ref, torch.bfloat16, large=True)
 
 

@@ -8,7 +8,9 @@ cuBLAS and one small kernel. After the last chunk, :func:`target_column_grads` a
 to the weight and bias gradients in one launch. Label smoothing adds a rank-1 term to ``dz``, ``−(s·ε/C)·w`` (``w``
 the class weights, or ones), kept apart as the target column is: the loss's ``Σ_c w_c z_c`` is one dot product a
 row, ``grad_x`` takes one term a row, and ``grad_W`` its rank-1 share as extra rows of the first chunk's GEMM
-(:func:`smoothing_terms`). Nothing here reads a GPU value on the host.
+(:func:`smoothing_terms`). A logit scale ``a > 0`` (``z = a·(x·Wᵀ + b)``) enters the kernels as one scalar: from the
+combine on, ``r``, ``dz_y`` and the rank-1 coefficient are the gradient with respect to ``x·Wᵀ + b`` (times ``a``).
+Nothing here reads a GPU value on the host.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def smoothing_terms(
     """Label smoothing's constants for one call, or None without smoothing: the class-weighted sums over the
     vocabulary (one read of ``W``) and over the rows (one read of ``x``).
 
-    The smoothing adds ``−(s_n·ε/C)·w`` to each row of ``dz`` (``w`` the class weights, or ones), so ``grad_W``
+    The smoothing adds ``−(s_n·ε/C)·w`` to each row of ``dz`` (times ``a`` with a logit scale) (``w`` the class weights, or ones), so ``grad_W``
     gains the rank-1 ``−w ⊗ q`` with ``q = Σ_n (s_n·ε/C)·x_n``: instead of a pass over ``grad_W`` it is added by the
     first chunk's weight-gradient GEMM, as extra rows of its operands, ``E'`` below the chunk's rows and ``r ⊙ x``
     below its own: ``−(w_hi·q_hi + w_lo·q_hi + w_hi·q_lo)``, each factor split into 16-bit parts (16 bits of
@@ -179,7 +181,10 @@ def smoothing_terms(
         return None
     (n, h), v, dtype = x.shape, w.shape[0], x.dtype
     weights = torch.ones(v, dtype=torch.float32, device=w.device) if class_weight is None else class_weight.float()
-    smooth = torch.where(target != lp.ignore_index, ce_scale.float().expand(n), 0.0) * (lp.label_smoothing / v)
+    # s·ε/C times the logit scale a: the rank-1 share of u's gradient (u = x·Wᵀ + b, z = a·u)
+    smooth = torch.where(target != lp.ignore_index, ce_scale.float().expand(n), 0.0) * (
+        lp.logit_scale * lp.label_smoothing / v
+    )
     rank_one_e = ws.e[ws.shift.shape[0] :]  # below the first chunk: it has the workspace's rows (or all N)
     rank_one_p = None
     if rank_one_e.shape[0]:  # grad_W wanted
@@ -268,18 +273,18 @@ def forward_chunk(
         x_c, w, b, target, buf.shift,
         None if sm is None else sm.weighted_w, None if sm is None else sm.weighted_bias,
         None if sm is None else buf.z_sum,
-        v, h, x_c.stride(0), w.stride(0), lp.ignore_index,
+        v, h, x_c.stride(0), w.stride(0), lp.ignore_index, lp.logit_scale,
         BLOCK_H=_feature_block(h), num_warps=4,
     )  # fmt: skip
     if factored_gluon.runs_on(x_c):
-        factored_gluon.exp_logits(x_c, w, b, buf.shift, CLAMP, buf.e, buf.partials)
+        factored_gluon.exp_logits(x_c, w, b, buf.shift, lp.logit_scale, CLAMP, buf.e, buf.partials)
     else:
-        _exp_logits(x_c, w, b, buf)
+        _exp_logits(x_c, w, b, buf, lp.logit_scale)
     combine(target, class_weight, scales, lp, smoothing, buf, loss_out, lse_out)
     _refit_rows_kernel[(triton.cdiv(r, _REFIT_BLOCK_R),)](
-        x_c, w, b, target, lse_out, buf.coefs, buf.refit, buf.e,
+        x_c, w, b, target, buf.coefs, buf.refit, buf.e,
         r, v, h,
-        x_c.stride(0), w.stride(0), buf.e.stride(0),
+        x_c.stride(0), w.stride(0), buf.e.stride(0), lp.logit_scale,
         BLOCK_R=_REFIT_BLOCK_R, BLOCK_V=_REFIT_BLOCK_V, BLOCK_H=_REFIT_BLOCK_H,
         INPUT_PRECISION=input_precision(x_c.dtype), num_warps=4,
     )  # fmt: skip
@@ -303,20 +308,20 @@ def combine(
         buf.e, loss_out, lse_out, buf.scale, buf.coefs, buf.target_grad, buf.refit,
         r, buf.partials.shape[0], v,
         buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
-        lp.ignore_index, lp.z_loss, 0.0 if smoothing is None else smoothing.eps,
+        lp.ignore_index, lp.z_loss, 0.0 if smoothing is None else smoothing.eps, lp.logit_scale,
         HAS_Z_LOSS=lp.z_loss > 0, CLAMP=CLAMP, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
         num_warps=_COMBINE_WARPS,
     )  # fmt: skip
 
 
-def _exp_logits(x_c, w, b, buf: FactoredBuffers) -> None:
+def _exp_logits(x_c, w, b, buf: FactoredBuffers, logit_scale: float) -> None:
     (r, h), v = x_c.shape, w.shape[0]
     t = _tiles(x_c.device)
     grid = (triton.cdiv(r, t.block_m) * triton.cdiv(v, t.block_n),)
     _exp_logits_kernel[grid](
         descriptor(x_c, t.block_m, t.block_k), descriptor(w, t.block_n, t.block_k),
         descriptor(buf.e, t.block_m, t.block_n), b, buf.shift, buf.partials,
-        r, v, h,
+        r, v, h, logit_scale,
         CLAMP=CLAMP, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         INPUT_PRECISION=input_precision(x_c.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 r"""The factored row pass's exponential GEMM for Hopper, in Gluon (Triton 3.6's ``triton.experimental.gluon``).
 
-Same outputs as :func:`.factored_kernels._exp_logits_kernel` (``E = exp(x·Wᵀ + b − c − o)`` in x's dtype and the
+Same outputs as :func:`.factored_kernels._exp_logits_kernel` (``E = exp(a·(x·Wᵀ + b) − c − o)`` in x's dtype and the
 partial ``l_t`` per 128-class tile and row), with the schedule written out: a persistent kernel, one CTA
 per SM walking the grouped tile order ``tile = pid, pid + P, ...``, three partitions (FA3's / CUTLASS's
 "ping-pong"):
@@ -141,21 +141,22 @@ if gluon is not None:
         return acc
 
     @gluon.jit
-    def _exp_partial(acc, shift, col_mask, CLAMP: gl.constexpr, MASKED: gl.constexpr):
-        """``(E, l)`` of one tile, as ``_exp_tile`` of the plain kernel: the row max taken on the accumulator,
-        ``o`` folded into the row's shift ``s = c·log2(e) + o``, then ``E = exp2(z·log2(e) − s)`` (one FFMA and one
-        MUFU op a logit) and ``l = o + log Σ E``. Only a tile past V masks (``MASKED``)."""
+    def _exp_partial(acc, shift, col_mask, to_log2, CLAMP: gl.constexpr, MASKED: gl.constexpr):
+        """``(E, l)`` of one tile, as ``_exp_tile`` of the plain kernel: the row max taken on the accumulator
+        ``u`` (``z = a·u``, ``to_log2 = a·log2(e)``, ``a > 0``), ``o`` folded into the row's shift
+        ``s = c·log2(e) + o``, then ``E = exp2(u·a·log2(e) − s)`` (one FFMA and one MUFU op a logit) and
+        ``l = o + log Σ E``. Only a tile past V masks (``MASKED``)."""
         if MASKED:
             acc = gl.where(col_mask[None, :], acc, -float("inf"))
         base = shift * _LOG2E
-        tile_max = gl.max(acc, axis=1) * _LOG2E - base
+        tile_max = gl.max(acc, axis=1) * to_log2 - base
         s = base + gl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
-        e = gl.exp2(acc * _LOG2E - s[:, None])
+        e = gl.exp2(acc * to_log2 - s[:, None])
         return e, (s - base + gl.log2(gl.sum(e, axis=1))) * _LN2
 
     @gluon.jit
-    def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, acc_layout: gl.constexpr,
-                      CLAMP: gl.constexpr):  # fmt: skip
+    def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, to_log2,
+                      acc_layout: gl.constexpr, CLAMP: gl.constexpr):  # fmt: skip
         """``_exp_partial`` of the tile (its masks only on the last vocabulary tile: a uniform branch) and the
         partial ``l_t`` stored."""
         BLOCK_M: gl.constexpr = acc.shape[0]
@@ -163,15 +164,15 @@ if gluon is not None:
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
         if off_n + BLOCK_N <= n_cols:
-            e, partial = _exp_partial(acc, shift, offs_n < n_cols, CLAMP, False)
+            e, partial = _exp_partial(acc, shift, offs_n < n_cols, to_log2, CLAMP, False)
         else:
-            e, partial = _exp_partial(acc, shift, offs_n < n_cols, CLAMP, True)
+            e, partial = _exp_partial(acc, shift, offs_n < n_cols, to_log2, CLAMP, True)
         gl.store(partials_ptr + pid_n.to(gl.int64) * n_rows + offs_m, partial, mask=offs_m < n_rows)
         return e
 
     @gluon.jit
     def _consumer(x_desc, w_desc, e_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, bias_ptr, shift_ptr,
-                  partials_ptr, CONSUMER: gl.constexpr, HAS_BIAS: gl.constexpr, CLAMP: gl.constexpr,
+                  partials_ptr, logit_scale, CONSUMER: gl.constexpr, HAS_BIAS: gl.constexpr, CLAMP: gl.constexpr,
                   GROUP_M: gl.constexpr):  # fmt: skip
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
@@ -189,6 +190,7 @@ if gluon is not None:
         c_smem = c_bufs.index(CONSUMER)
         my_turn = turn.index(CONSUMER)
         other_turn = turn.index(1 - CONSUMER)
+        to_log2 = logit_scale * _LOG2E
         i = 0  # this consumer's tile count m; its local tile is j = 2 * i + CONSUMER
         for tile in range(gl.program_id(0) + CONSUMER * nprog, tiles_m * tiles_n, 2 * nprog):
             pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
@@ -200,9 +202,9 @@ if gluon is not None:
             shift = gl.load(shift_ptr + offs_s, mask=offs_s < n_rows, other=0.0)
             acc = _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps)
             # the epilogue, under the other consumer's wgmmas
-            e = _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, acc_layout, CLAMP).to(
-                e_desc.dtype
-            )
+            e = _exp_epilogue(
+                acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, to_log2, acc_layout, CLAMP
+            ).to(e_desc.dtype)
             tma.store_wait(pendings=0)  # this consumer's previous store has read c_smem
             c_smem.store(e)
             fence_async_shared()
@@ -230,8 +232,8 @@ if gluon is not None:
         return a_bufs, b_bufs, c_bufs, ready, empty, turn
 
     @gluon.jit
-    def _exp_logits_gluon_kernel(x_desc, w_desc, e_desc, bias_ptr, shift_ptr, partials_ptr, HAS_BIAS: gl.constexpr,
-                                 CLAMP: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+    def _exp_logits_gluon_kernel(x_desc, w_desc, e_desc, bias_ptr, shift_ptr, partials_ptr, logit_scale,
+                                 HAS_BIAS: gl.constexpr, CLAMP: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                                  CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
         a_bufs, b_bufs, c_bufs, ready, empty, turn = _ping_pong_smem(x_desc, w_desc, e_desc, NUM_STAGES)
         # the partitions' argument tuples spelled out: the frontend does not build them from a shared one
@@ -252,6 +254,7 @@ if gluon is not None:
                         bias_ptr,
                         shift_ptr,
                         partials_ptr,
+                        logit_scale,
                         0,
                         HAS_BIAS,
                         CLAMP,
@@ -273,6 +276,7 @@ if gluon is not None:
                         bias_ptr,
                         shift_ptr,
                         partials_ptr,
+                        logit_scale,
                         1,
                         HAS_BIAS,
                         CLAMP,
@@ -308,6 +312,7 @@ def exp_logits(
     w: torch.Tensor,  # (V, H) x's dtype
     bias: torch.Tensor | None,  # (V,)
     shift: torch.Tensor,  # (r,) fp32
+    logit_scale: float,  # a > 0
     clamp: float,
     e: torch.Tensor,  # (r, V) x's dtype, 16-byte row stride: written
     partials: torch.Tensor,  # (cdiv(V, BLOCK_N), r) fp32: written
@@ -320,6 +325,7 @@ def exp_logits(
     grid = (min(_sm_count(x.device), tiles),)
     _exp_logits_gluon_kernel[grid](
         _descriptor(x, (BLOCK_M, BLOCK_K)), _descriptor(w, (BLOCK_N, BLOCK_K)), _descriptor(e, (BLOCK_M, BLOCK_N)),
-        bias if bias is not None else partials, shift, partials, bias is not None, float(clamp), _STAGES, _GROUP_M,
+        bias if bias is not None else partials, shift, partials, float(logit_scale), bias is not None, float(clamp),
+        _STAGES, _GROUP_M,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG,
     )  # fmt: skip

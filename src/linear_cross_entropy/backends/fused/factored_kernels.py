@@ -26,8 +26,8 @@ by its own maximum instead, which keeps the combined ``lse`` exact, and its row 
 
 Kernels, in the order a chunk runs them:
 
-- :func:`_target_logit_kernel`: ``c_n = x_n·W_y + b_y`` (0 on ignored rows and out-of-range targets).
-- :func:`_exp_logits_kernel`: ``E = exp(x·Wᵀ + b − c − o)`` through TMA descriptors, and per (vocabulary tile,
+- :func:`_target_logit_kernel`: ``c_n = a·(x_n·W_y + b_y)`` (0 on ignored rows and out-of-range targets).
+- :func:`_exp_logits_kernel`: ``E = exp(a·(x·Wᵀ + b) − c − o)`` through TMA descriptors, and per (vocabulary tile,
   row) ``l_t = o + log Σ_tile E``, the tile's logsumexp relative to ``c`` (``o`` 0, or the tile's ``max(z − c)``
   where that exceeds ``CLAMP``). (A Hopper warp-specialised version of this GEMM is :mod:`.factored_gluon`.)
 - :func:`_factored_combine_kernel`: ``lse = c + L + log Σ_t exp(l_t − L)`` (``L = max_t l_t``), the loss
@@ -44,6 +44,12 @@ the target column is: the loss needs ``Σ_c w_c z_c = x·(Σ_c w_c W_c) + Σ_c w
 :func:`_target_logit_kernel`; ``grad_x`` gains ``−(s·ε/C)·Σ_c w_c W_c`` in :func:`_input_grad_rows_kernel`;
 ``grad_W`` gains ``−w ⊗ Σ_n (s_n·ε/C)·x_n``, added by the first chunk's weight-gradient GEMM as extra rows of its
 operands (:func:`.factored.smoothing_terms`). A refitted row's ``dz`` is written without it, for the same reason.
+
+A logit scale ``a > 0`` (``z = a·u``, ``u = x·Wᵀ + b``; the temperature ``1/a`` of RL objectives) costs nothing a
+logit: the epilogue's FMA multiplies ``u`` by ``a·log2(e)`` instead of ``log2(e)`` (the row max taken on ``u`` is
+``z``'s for ``a > 0``), the target logit and ``Σ_c w_c z_c`` are times ``a``, and since ``dℓ/du = a·dℓ/dz`` the
+combine stores ``coef``, ``T`` and the smoothing coefficient times ``a``: ``r``, ``dz_y`` and every term after them
+are then ``u``'s gradient, which the GEMMs take as before. (``a ≤ 0`` reverses the row max: the row kernel.)
 """
 
 import triton
@@ -71,7 +77,7 @@ def _target_logit_kernel(
     shift_ptr,  # (r,) fp32: z_y, 0 where the target is ignored or out of range; written
     weighted_w_ptr,  # (H,) fp32 Σ_c w_c·W_c (read with HAS_SMOOTHING)
     weighted_bias_ptr,  # () fp32 Σ_c w_c·b_c (read with HAS_SMOOTHING and HAS_BIAS)
-    z_sum_ptr,  # (r,) fp32: Σ_c w_c·z_c = x·(Σ_c w_c·W_c) + Σ_c w_c·b_c; written, or None (no smoothing)
+    z_sum_ptr,  # (r,) fp32: Σ_c w_c·z_c = a·(x·(Σ_c w_c·W_c) + Σ_c w_c·b_c); written, or None (no smoothing)
     # dimensions
     n_classes,
     n_features,
@@ -80,13 +86,14 @@ def _target_logit_kernel(
     stride_w_row,
     # scalars
     ignore_index,
+    logit_scale,  # a > 0
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """One program per row: the target logit ``z_y = x·W_y + b_y`` and, for label smoothing, the row's class-weighted
-    logit sum ``Σ_c w_c·z_c`` as one dot product with the precomputed ``Σ_c w_c·W_c``."""
+    """One program per row: the target logit ``z_y = a·(x·W_y + b_y)`` and, for label smoothing, the row's
+    class-weighted logit sum ``Σ_c w_c·z_c`` as one dot product with the precomputed ``Σ_c w_c·W_c``."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(target_ptr + row)
     has_class = (y != ignore_index) & (y >= 0) & (y < n_classes)
@@ -104,25 +111,27 @@ def _target_logit_kernel(
     z_y = tl.sum(acc, axis=0)
     if HAS_BIAS:
         z_y += tl.load(bias_ptr + y).to(tl.float32)
-    tl.store(shift_ptr + row, tl.where(has_class, z_y, 0.0))
+    tl.store(shift_ptr + row, tl.where(has_class, logit_scale * z_y, 0.0))
     if HAS_SMOOTHING:
         z_sum = tl.sum(acc_sum, axis=0)
         if HAS_BIAS:
             z_sum += tl.load(weighted_bias_ptr)
-        tl.store(z_sum_ptr + row, z_sum)
+        tl.store(z_sum_ptr + row, logit_scale * z_sum)
 
 
 @triton.jit
-def _exp_tile(acc, shift, offs_n, n_classes, CLAMP: tl.constexpr):
-    """``(E, l)`` of one ``(rows, classes)`` fp32 logits tile: ``E = exp(z − c − o)`` (0 past ``V``) with ``o`` per
-    row 0, or ``max(z − c)`` where that exceeds ``CLAMP``, and the partial ``l = o + log Σ_tile E``. In base-2 units,
-    the row max taken on the logits and ``o`` folded into the row's shift ``s = c·log2(e) + o``: one FMA a logit
-    before the exponential, ``E = exp2(z·log2(e) − s)``."""
+def _exp_tile(acc, shift, offs_n, n_classes, logit_scale, CLAMP: tl.constexpr):
+    """``(E, l)`` of one ``(rows, classes)`` fp32 tile of ``u = x·Wᵀ + b``, the logits ``z = a·u`` (``a > 0``):
+    ``E = exp(z − c − o)`` (0 past ``V``) with ``o`` per row 0, or ``max(z − c)`` where that exceeds ``CLAMP``, and
+    the partial ``l = o + log Σ_tile E``. In base-2 units, the row max taken on ``u`` (``a > 0`` keeps the order)
+    and ``o`` folded into the row's shift ``s = c·log2(e) + o``: one FMA a logit before the exponential,
+    ``E = exp2(u·a·log2(e) − s)``."""
     acc = tl.where((offs_n < n_classes)[None, :], acc, -float("inf"))
+    to_log2 = logit_scale * _LOG2E
     base = shift * _LOG2E
-    tile_max = tl.max(acc, axis=1) * _LOG2E - base
+    tile_max = tl.max(acc, axis=1) * to_log2 - base
     s = base + tl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
-    e = tl.exp2(acc * _LOG2E - s[:, None])
+    e = tl.exp2(acc * to_log2 - s[:, None])
     return e, (s - base + tl.log2(tl.sum(e, axis=1))) * _LN2
 
 
@@ -140,6 +149,8 @@ def _exp_logits_kernel(
     n_rows,
     n_classes,
     n_features,
+    # scalars
+    logit_scale,  # a > 0
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     CLAMP: tl.constexpr,
@@ -157,7 +168,7 @@ def _exp_logits_kernel(
     offs_n = first_col + tl.arange(0, BLOCK_N)
     row_mask = offs_m < n_rows
     shift = tl.load(shift_ptr + offs_m, mask=row_mask, other=0.0)
-    e, partial = _exp_tile(acc, shift, offs_n, n_classes, CLAMP)
+    e, partial = _exp_tile(acc, shift, offs_n, n_classes, logit_scale, CLAMP)
     e_desc.store([first_row, first_col], e.to(e_desc.dtype))
     # l_t: the tile's logsumexp relative to c ((tiles, r): rows contiguous)
     tl.store(partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m, partial, mask=row_mask)
@@ -199,6 +210,7 @@ def _factored_combine_kernel(
     ignore_index,
     z_loss,
     label_smoothing,
+    logit_scale,  # a > 0
     # meta-parameters
     HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
@@ -221,7 +233,10 @@ def _factored_combine_kernel(
     ``dz_y·x`` themselves) and ``E_y`` is set to 0: with a confident prediction ``dz_y = coef·(p_y − 1)`` is
     a difference the GEMMs must not form from rounded terms. A row is refitted where ``L > CLAMP`` (a tile may have
     been shifted by its own max: ``E`` is not ``exp(z − c)`` there); its scale is then 1, its ``dz_y`` 0 and ``E`` is left for
-    the refit. Ignored rows: loss 0, scale 0. Out-of-range targets: NaN loss and scale (NaN gradients)."""
+    the refit. Ignored rows: loss 0, scale 0. Out-of-range targets: NaN loss and scale (NaN gradients). With a
+    logit scale ``a`` (``z = a·u``, ``u = x·Wᵀ + b``) everything above is in ``z``; ``coef``, ``T`` and the
+    smoothing coefficient are stored times ``a``, so that ``r``, ``dz_y`` and the rank-1 term are ``u``'s
+    gradient, which the GEMMs take."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     offs_t = tl.arange(0, BLOCK_T)
@@ -260,7 +275,7 @@ def _factored_combine_kernel(
         row_loss = (1.0 - eps) * w_y * loss_rel + (eps / n_classes) * (weight_sum * lse - z_sum)
         target_coef = (1.0 - eps) * s * w_y
         coef = s * ((1.0 - eps) * w_y + (eps / n_classes) * weight_sum)
-        tl.store(coef_ptr + 2 * n_rows + rows, s * (eps / n_classes), mask=row_mask)
+        tl.store(coef_ptr + 2 * n_rows + rows, logit_scale * s * (eps / n_classes), mask=row_mask)
     else:
         row_loss = w_y * loss_rel
         target_coef = s * w_y
@@ -269,6 +284,9 @@ def _factored_combine_kernel(
     if HAS_Z_LOSS:  # d(λ·lse²)/dz = 2λ·lse·p
         s_z = tl.load(z_scale_ptr + rows * stride_zs, mask=row_mask, other=0.0)
         coef += tl.where(keep, s_z, 0.0) * 2.0 * z_loss * lse
+    # from here on the coefficients of dz with respect to u = x·Wᵀ + b: dℓ/du = a·dℓ/dz
+    coef *= logit_scale
+    target_coef *= logit_scale
     # 0 where coef is (an ignored row's S may underflow to 0: no 0·inf)
     scale = tl.where(coef != 0.0, coef * tl.exp2(-loss_rel * _LOG2E), coef)
     # a tile shifted by its own max has l_t ≥ its max − c > CLAMP; one not shifted l_t ≤ CLAMP + log(BLOCK_N): those
@@ -402,6 +420,28 @@ def _target_weight_grad_kernel(
                 tl.store(bias_grad_ptr + y, tl.load(bias_grad_ptr + y) + bias)
 
 
+@triton.jit
+def _scaled_logits_tile(x_ptr, w_ptr, bias_ptr, rows64, refit, offs_v, n_classes, n_features, stride_x_row,
+                        stride_w_row, logit_scale, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """``z = a·(x·Wᵀ + b)`` of the refitted rows among ``rows64`` over the classes ``offs_v`` (−inf past V)."""
+    acc = tl.zeros((BLOCK_R, BLOCK_V), tl.float32)
+    for k in range(0, n_features, BLOCK_H):
+        offs_h = k + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < n_features
+        a = tl.load(
+            x_ptr + rows64[:, None] * stride_x_row + offs_h[None, :], mask=refit[:, None] & h_mask[None, :], other=0.0
+        )
+        b = tl.load(
+            w_ptr + offs_v.to(tl.int64)[:, None] * stride_w_row + offs_h[None, :],
+            mask=(offs_v < n_classes)[:, None] & h_mask[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=offs_v < n_classes, other=0.0).to(tl.float32)[None, :]
+    return tl.where((offs_v < n_classes)[None, :], logit_scale * acc, -float("inf"))
+
+
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
 def _refit_rows_kernel(
@@ -410,8 +450,7 @@ def _refit_rows_kernel(
     w_ptr,  # (V, H)
     bias_ptr,  # (V,) or None
     target_ptr,  # (r,) int64
-    lse_ptr,  # (r,) fp32
-    coef_ptr,  # (2, r) fp32: coef, T
+    coef_ptr,  # (2, r) fp32: coef, T (times a)
     refit_ptr,  # (r,) int8
     e_ptr,  # (r, V): dz written over the refitted rows
     # dimensions
@@ -422,6 +461,8 @@ def _refit_rows_kernel(
     stride_x_row,
     stride_w_row,
     stride_e_row,
+    # scalars
+    logit_scale,  # a > 0
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -429,36 +470,42 @@ def _refit_rows_kernel(
     BLOCK_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """``dz = coef·exp(z − lse) − T·[v = y]`` of the refitted rows among ``BLOCK_R`` rows, their logits recomputed
-    tile by tile; a block without one returns after one load (the common case: the launch costs microseconds)."""
+    """``dz = coef·exp(z − lse) − T·[v = y]`` (``z = a·u``; ``coef`` and ``T`` already times ``a``) of the refitted
+    rows among ``BLOCK_R`` rows, their logits recomputed tile by tile, twice: the first sweep takes the row's max
+    ``m`` and ``Σ exp(z − m)`` online, the second writes ``exp((z − m) − log Σ)``. (The combine's ``lse`` would do
+    for one sweep, but a refitted row's logits are large — its loss exceeds ``CLAMP`` nats — and ``z − lse``
+    formed from two rounded large numbers loses the digits eager's ``z − m`` keeps.) A block without a refitted
+    row returns after one load (the common case: the launch costs microseconds)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = offs_r < n_rows
     refit = tl.load(refit_ptr + offs_r, mask=row_mask, other=0) != 0
     if tl.max(refit.to(tl.int32), axis=0) == 0:
         return
-    lse = tl.load(lse_ptr + offs_r, mask=refit, other=0.0)
     coef = tl.load(coef_ptr + offs_r, mask=refit, other=0.0)
     target_coef = tl.load(coef_ptr + n_rows + offs_r, mask=refit, other=0.0)
     y = tl.load(target_ptr + offs_r, mask=refit, other=-1)
     rows64 = offs_r.to(tl.int64)
+    row_max = tl.full([BLOCK_R], -3.0e38, tl.float32)  # finite: the rows not refitted stay NaN-free
+    row_sum = tl.zeros([BLOCK_R], tl.float32)
     for v0 in range(0, n_classes, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        acc = tl.zeros((BLOCK_R, BLOCK_V), tl.float32)
-        for k in range(0, n_features, BLOCK_H):
-            offs_h = k + tl.arange(0, BLOCK_H)
-            h_mask = offs_h < n_features
-            a = tl.load(
-                x_ptr + rows64[:, None] * stride_x_row + offs_h[None, :], mask=refit[:, None] & h_mask[None, :],
-                other=0.0,
-            )  # fmt: skip
-            b = tl.load(
-                w_ptr + offs_v.to(tl.int64)[:, None] * stride_w_row + offs_h[None, :],
-                mask=(offs_v < n_classes)[:, None] & h_mask[None, :], other=0.0,
-            )  # fmt: skip
-            acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=offs_v < n_classes, other=0.0).to(tl.float32)[None, :]
-        dz = coef[:, None] * tl.exp2((acc - lse[:, None]) * _LOG2E)
+        z = _scaled_logits_tile(
+            x_ptr, w_ptr, bias_ptr, rows64, refit, offs_v, n_classes, n_features, stride_x_row, stride_w_row,
+            logit_scale, HAS_BIAS, BLOCK_R, BLOCK_V, BLOCK_H, INPUT_PRECISION,
+        )  # fmt: skip
+        new_max = tl.maximum(row_max, tl.max(z, axis=1))
+        row_sum = row_sum * tl.exp2((row_max - new_max) * _LOG2E) + tl.sum(
+            tl.exp2((z - new_max[:, None]) * _LOG2E), axis=1
+        )
+        row_max = new_max
+    log2_sum = tl.log2(row_sum)
+    for v0 in range(0, n_classes, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        z = _scaled_logits_tile(
+            x_ptr, w_ptr, bias_ptr, rows64, refit, offs_v, n_classes, n_features, stride_x_row, stride_w_row,
+            logit_scale, HAS_BIAS, BLOCK_R, BLOCK_V, BLOCK_H, INPUT_PRECISION,
+        )  # fmt: skip
+        dz = coef[:, None] * tl.exp2((z - row_max[:, None]) * _LOG2E - log2_sum[:, None])
         dz -= tl.where(offs_v[None, :] == y[:, None], target_coef[:, None], 0.0)
         mask = refit[:, None] & (offs_v < n_classes)[None, :]
         tl.store(e_ptr + rows64[:, None] * stride_e_row + offs_v[None, :], dz.to(e_ptr.dtype.element_ty), mask=mask)

@@ -201,16 +201,17 @@ def uses_factored(
 ) -> bool:  # fmt: skip
     """Whether the row pass runs factored (:mod:`.factored`: ``dz`` as a row scale times the exponential the
     logits GEMM's epilogue stores, no pass over the logits): chunks accumulated, unsharded, class-index targets
-    (with or without label smoothing) and neither soft-capping, a logit scale, metrics nor the entropy's gradient,
-    the logits not kept in fp32, 16-bit operands of one dtype (``THRESHOLDS.factored_dtypes``: bf16; fp16's range
-    cannot hold ``exp(z − z_y)``), and a GEMM that beats the row kernel at this hidden size: the plain-Triton one up to
-    ``THRESHOLDS.factored_max_features_triton``, the Hopper Gluon one up to ``factored_max_features_gluon``
-    (benchmarks/NOTES.md, v16). The operands' layout (TMA's rules) and the GPU (Hopper or newer) are checked where
+    (with or without label smoothing), a logit scale ``a > 0`` if any (the epilogue takes the row max of
+    ``u = x·Wᵀ + b``, which is ``z = a·u``'s only for ``a > 0``), neither soft-capping, metrics nor the entropy's
+    gradient, the logits not kept in fp32, 16-bit operands of one dtype (``THRESHOLDS.factored_dtypes``: bf16;
+    fp16's range cannot hold ``exp(z − z_y)``), and a GEMM that beats the row kernel at this hidden size: the
+    plain-Triton one up to ``THRESHOLDS.factored_max_features_triton``, the Hopper Gluon one up to
+    ``factored_max_features_gluon`` (benchmarks/NOTES.md, v16). The operands' layout (TMA's rules) and the GPU (Hopper or newer) are checked where
     the operands are, in the row pass (:func:`.factored.tma_ready`)."""
     t = THRESHOLDS
     if not (mode is Mode.ACCUMULATED and not sharded and not entropy_grad and not fp32_logits):
         return False
-    if lp.target_is_probs or lp.metrics or lp.logit_softcap or lp.logit_scale != 1.0:
+    if lp.target_is_probs or lp.metrics or lp.logit_softcap or lp.logit_scale <= 0:
         return False
     if x.dtype not in t.factored_dtypes or w_dtype != x.dtype or x.device.type not in t.factored_devices:
         return False
