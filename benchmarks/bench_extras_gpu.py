@@ -4,7 +4,8 @@ Forward + backward of ours (default options) per shape, plain and with each extr
 ``triton.testing.do_bench`` (CUDA events, median) in one process; prints ms, the ratio to plain and the peak memory
 beyond the inputs and the two gradients. Label smoothing is timed twice where the factored row pass takes it (bf16
 on Hopper, H ≤ 2048, several chunks): as dispatched, and on the row kernel (the factored pass switched off through
-``policy.THRESHOLDS``), which is what every smoothed call ran before issue 20's v18.
+``policy.THRESHOLDS``), which is what every smoothed call ran before issue 20's v18; so is a logit scale (what
+such calls ran before v18c).
 
     python benchmarks/bench_extras_gpu.py --shapes 8192x4096x128256 16384x896x151936
 """
@@ -32,6 +33,8 @@ VARIANTS = {
     "label_smoothing=0.1, class weights": {"label_smoothing": 0.1, "weight": "random"},
 }
 ROW_KERNEL = " (row kernel)"
+# the variants the factored row pass takes (with plain, z-loss): timed on the row kernel too
+FACTORED_EXTRAS = ("logit_scale=0.5", "label_smoothing=0.1", "label_smoothing=0.1, class weights")
 
 
 def _time(step, reps, leaves):
@@ -68,7 +71,7 @@ def _shape(n, h, v, reps):
 
         ms, extra = _time(step, reps, (x, w))
         rows[name] = (ms, extra - grads_mib)
-        if "label_smoothing" in kw:
+        if name in FACTORED_EXTRAS:
             policy.THRESHOLDS = dataclasses.replace(default, factored_dtypes=frozenset())
             try:
                 ms, extra = _time(step, reps, (x, w))

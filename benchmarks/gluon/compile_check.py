@@ -160,6 +160,7 @@ def main():
                 bias_ptr=ptr_args["bias_ptr"],
                 shift_ptr=ptr_args["z_y_ptr"],
                 partials_ptr=torch.empty(1, m),
+                logit_scale=0.5,
             ),
             dict(
                 HAS_BIAS=bias,
