@@ -233,8 +233,9 @@ if gluon is not None:
 
     @gluon.jit
     def _exp_logits_gluon_kernel(x_desc, w_desc, e_desc, bias_ptr, shift_ptr, partials_ptr, logit_scale,
-                                 HAS_BIAS: gl.constexpr, CLAMP: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
+                                 HAS_BIAS: gl.constexpr, CLAMP: gl.constexpr, NUM_STAGES: gl.constexpr,
+                                 GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                 PRODUCER_REGS: gl.constexpr):  # fmt: skip
         a_bufs, b_bufs, c_bufs, ready, empty, turn = _ping_pong_smem(x_desc, w_desc, e_desc, NUM_STAGES)
         # the partitions' argument tuples spelled out: the frontend does not build them from a shared one
         gl.warp_specialize(  # fmt: skip

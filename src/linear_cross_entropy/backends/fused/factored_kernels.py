@@ -232,8 +232,8 @@ def _factored_combine_kernel(
     The target column's ``dz_y`` is kept exact in fp32 (the gradient GEMMs' callers add ``dz_y·W_y`` and
     ``dz_y·x`` themselves) and ``E_y`` is set to 0: with a confident prediction ``dz_y = coef·(p_y − 1)`` is
     a difference the GEMMs must not form from rounded terms. A row is refitted where ``L > CLAMP`` (a tile may have
-    been shifted by its own max: ``E`` is not ``exp(z − c)`` there); its scale is then 1, its ``dz_y`` 0 and ``E`` is left for
-    the refit. Ignored rows: loss 0, scale 0. Out-of-range targets: NaN loss and scale (NaN gradients). With a
+    been shifted by its own max: ``E`` is not ``exp(z − c)`` there); its scale is then 1, its ``dz_y`` 0 and ``E``
+    is left for the refit. Ignored rows: loss 0, scale 0. Out-of-range targets: NaN loss and scale (NaN gradients). With a
     logit scale ``a`` (``z = a·u``, ``u = x·Wᵀ + b``) everything above is in ``z``; ``coef``, ``T`` and the
     smoothing coefficient are stored times ``a``, so that ``r``, ``dz_y`` and the rank-1 term are ``u``'s
     gradient, which the GEMMs take."""

@@ -206,8 +206,8 @@ def uses_factored(
     gradient, the logits not kept in fp32, 16-bit operands of one dtype (``THRESHOLDS.factored_dtypes``: bf16;
     fp16's range cannot hold ``exp(z − z_y)``), and a GEMM that beats the row kernel at this hidden size: the
     plain-Triton one up to ``THRESHOLDS.factored_max_features_triton``, the Hopper Gluon one up to
-    ``factored_max_features_gluon`` (benchmarks/NOTES.md, v16). The operands' layout (TMA's rules) and the GPU (Hopper or newer) are checked where
-    the operands are, in the row pass (:func:`.factored.tma_ready`)."""
+    ``factored_max_features_gluon`` (benchmarks/NOTES.md, v16). The operands' layout (TMA's rules) and the GPU
+    (Hopper or newer) are checked where the operands are, in the row pass (:func:`.factored.tma_ready`)."""
     t = THRESHOLDS
     if not (mode is Mode.ACCUMULATED and not sharded and not entropy_grad and not fp32_logits):
         return False
