@@ -170,20 +170,21 @@ def test_label_smoothing(force_factored, monkeypatch, bias, class_weight, reduct
 @pytest.mark.interpreter
 @needs_interpreter
 @pytest.mark.parametrize(
-    "logit_scale, bias, class_weight, label_smoothing, z_loss",
-    [(0.5, False, False, 0.0, 0.0), (2.5, True, True, 0.0, 0.0), (0.7, True, False, 0.1, 1e-2),
-     (1.8, False, True, 0.1, 0.0)],
+    "logit_scale, bias, class_weight, label_smoothing, z_loss, reduction",
+    [(0.5, False, False, 0.0, 0.0, "mean"), (2.5, True, True, 0.0, 0.0, "mean"), (0.7, True, False, 0.1, 1e-2, "sum"),
+     (1.8, False, True, 0.1, 0.0, "mean"), (0.8, True, False, 0.0, 0.0, "none")],
 )  # fmt: skip
-def test_logit_scale(force_factored, monkeypatch, logit_scale, bias, class_weight, label_smoothing, z_loss):
-    """``z = a·(x·Wᵀ + b)`` (an RL objective's temperature ``1/a``): ``a`` in the exponential's FMA, the target
-    logit and the smoothing sum, the coefficients times ``a`` (the gradient of ``u = x·Wᵀ + b``); with label
-    smoothing, the z-loss and a refitted row, against float64."""
+def test_logit_scale(force_factored, monkeypatch, logit_scale, bias, class_weight, label_smoothing, z_loss, reduction):
+    """``z = a·(x·Wᵀ + b)`` (an RL objective's temperature ``1/a``; its per-token losses, ``"none"``, take the
+    factored pass in backward): ``a`` in the exponential's FMA, the target logit and the smoothing sum, the
+    coefficients times ``a`` (the gradient of ``u = x·Wᵀ + b``); with label smoothing, the z-loss and a refitted
+    row, against float64."""
     calls = _spy(monkeypatch)
     x, w, b, y, cw = small_problem(45, 16, 130, torch.float32, seed=41, bias=bias, class_weight=class_weight)
     x[9] *= 150.0 / logit_scale  # beyond the window after scaling: refitted
     y[9] = 5
     kw = dict(logit_scale=logit_scale, label_smoothing=label_smoothing, z_loss=z_loss)
-    ours = _run(x, w, y, b, cw, rows=16, **kw)
+    ours = _run(x, w, y, b, cw, rows=16, reduction=reduction, **kw)
     assert len(calls) == 3 and sum(calls) >= 1, calls
 
     def oracle(x, w, y, *, linear_bias, weight, reduction):
@@ -192,8 +193,8 @@ def test_logit_scale(force_factored, monkeypatch, logit_scale, bias, class_weigh
         )[0]
 
     ref = _reference(oracle, x.double(), w.double(), y, None if b is None else b.double(),
-                     None if cw is None else cw.double(), "mean")  # fmt: skip
-    plain = _reference(oracle, x, w, y, b, cw, "mean")
+                     None if cw is None else cw.double(), reduction)  # fmt: skip
+    plain = _reference(oracle, x, w, y, b, cw, reduction)
     assert_within_plain(ours, plain, ref, torch.float32)
 
 
