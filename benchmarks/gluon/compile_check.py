@@ -225,6 +225,29 @@ def main():
             f"{label}: smem {r['smem']} B, REG {r['regs']}, stack {r['stack']}, spills {spill}, "
             f"MUFU.EX2 {r['MUFU.EX2']}"
         )
+    # the library's combine (backends/fused/factored_kernels.py), with the refit inside (issue 20 v18d)
+    from linear_cross_entropy.backends.fused import factored
+    from linear_cross_entropy.backends.fused.factored_kernels import _factored_combine_kernel
+
+    names = _factored_combine_kernel.fn.arg_names
+    sig = {n: "*fp32" for n in names if n.endswith("_ptr")}
+    sig.update(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", e_ptr="*bf16", target_ptr="*i64", refit_ptr="*i8")
+    sig.update({n: "i32" for n in names if n.startswith(("n_", "stride_")) or n == "ignore_index"})
+    sig.update({n: "fp32" for n in ("z_loss", "label_smoothing", "logit_scale")})
+    for bias, smooth in ((False, False), (True, True)):
+        label = f"library combine + refit bias={int(bias)} smooth={int(smooth)}"
+        consts = dict(
+            HAS_BIAS=bias, HAS_CLASS_WEIGHT=smooth, HAS_Z_LOSS=smooth, HAS_SMOOTHING=smooth, CLAMP=factored.CLAMP,
+            BLOCK_T=factored._COMBINE_BLOCK_T, BLOCK_R=factored._COMBINE_BLOCK_R, BLOCK_V=factored._REFIT_BLOCK_V,
+            BLOCK_H=factored._REFIT_BLOCK_H, INPUT_PRECISION="tf32",
+        )  # fmt: skip
+        r = compile_one(
+            _factored_combine_kernel.fn, sig, consts, None, args.dump, re.sub(r"[^A-Za-z0-9]+", "_", label),
+            source=ASTSource, num_warps=factored._COMBINE_WARPS,
+        )  # fmt: skip
+        spill = "none" if (r["LDL"] + r["STL"] == 0 and r["stack"] == "0") else "SPILLS"
+        ok &= spill == "none"
+        print(f"{label}: REG {r['regs']}, stack {r['stack']}, spills {spill}, HMMA {r['HMMA']}")
     sys.exit(0 if ok else 1)
 
 

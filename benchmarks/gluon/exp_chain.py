@@ -53,7 +53,7 @@ class Chain:
 
         self.torch, self.factored, self.gemm = torch, factored, gemm
         self.x, self.w, self.y, self.share = x, w, y, share
-        self.ws = factored.allocate(rows, x, w.shape[0])
+        self.ws = factored.allocate(rows, x, w.shape[0], smoothing=False)
         self.buf = self.ws.chunk(0, rows)
         self.loss = torch.empty(rows, dtype=torch.float32, device=x.device)
         self.lse = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -76,10 +76,14 @@ class Chain:
     def forward(self):
         self._use_gemm()
         share = (self.share, self.share)
-        self.factored.forward_chunk(self.x, self.w, None, self.y, None, share, LP, self.buf, self.loss, self.lse)
+        self.factored.forward_chunk(
+            self.x, self.w, None, self.y, None, share, LP, self.buf, self.loss, self.lse, smoothing=None
+        )
 
     def grads(self):
-        self.factored.gradient_gemms(self.gx_all, self.gw, None, self.buf, self.w, self.x, self.y, self.start)
+        self.factored.gradient_gemms(
+            self.gx_all, self.gw, None, self.buf, self.w, self.x, self.y, self.start, smoothing=None
+        )
         self.factored.target_column_grads(self.gw, None, self.ws.target_grad, self.x, self.y, self.w.shape[0])
 
     def run(self):
@@ -198,7 +202,7 @@ def step_pieces(shape):
 
     def rows_kernel(with_x):
         _input_grad_rows_kernel[(rows,)](
-            buf.product, w, x if with_x else None, y, buf.scale, buf.target_grad, ch.gx, v, h,
+            buf.product, w, x if with_x else None, y, buf.scale, buf.target_grad, None, None, ch.gx, v, h,
             buf.product.stride(0), w.stride(0), x.stride(0), ch.gx.stride(0),
             BLOCK_H=block_h, num_warps=4,
         )  # fmt: skip
@@ -206,14 +210,14 @@ def step_pieces(shape):
     def combine(block_r, block_t, warps):
         def run():
             factored._COMBINE_BLOCK_R, factored._COMBINE_BLOCK_T, factored._COMBINE_WARPS = block_r, block_t, warps
-            factored.combine(y, None, (share, share), LP, buf, ch.loss, ch.lse)
+            factored.combine(x, w, None, y, None, (share, share), LP, None, buf, ch.loss, ch.lse)
 
         return run
 
     def gluon_gemm(group_m, stages):
         def run():
             factored_gluon._GROUP_M, factored_gluon._STAGES = group_m, stages
-            factored_gluon.exp_logits(x, w, None, buf.shift, factored.CLAMP, buf.e, buf.partials)
+            factored_gluon.exp_logits(x, w, None, buf.shift, 1.0, factored.CLAMP, buf.e, buf.partials)
 
         return run
 

@@ -1,8 +1,8 @@
 """Launchers of the factored row pass (:mod:`.factored_kernels`, the math there): check, allocate, launch.
 
 Per chunk of rows, :func:`forward_chunk` runs the target logits, the exponential GEMM (the Hopper warp-specialised
-one of :mod:`.factored_gluon` where it runs, else the plain Triton one), the combine and the refit, leaving in its
-:class:`FactoredBuffers` ``E'`` (its target column zeroed), each row's scale ``r`` and the target column's exact
+one of :mod:`.factored_gluon` where it runs, else the plain Triton one) and the combine (with the refit), leaving
+in its :class:`FactoredBuffers` ``E'`` (its target column zeroed), each row's scale ``r`` and the target column's exact
 ``dz_y`` (``dz = r·E' + dz_y·e_y``); :func:`gradient_gemms` then forms the chunk's shares of the gradients with
 cuBLAS and one small kernel. After the last chunk, :func:`target_column_grads` adds every row's target-column term
 to the weight and bias gradients in one launch. Label smoothing adds a rank-1 term to ``dz``, ``−(s·ε/C)·w`` (``w``
@@ -19,16 +19,15 @@ import dataclasses
 from typing import NamedTuple
 
 import torch
-import triton
 
 from ..common import LossParams
+from ..grid import cdiv, next_power_of_2
 from ..tma import descriptor, have_descriptors, input_precision
 from . import factored_gluon
 from .factored_kernels import (
     _exp_logits_kernel,
     _factored_combine_kernel,
     _input_grad_rows_kernel,
-    _refit_rows_kernel,
     _target_logit_kernel,
     _target_weight_grad_kernel,
 )
@@ -57,7 +56,9 @@ __all__ = [
 # p_y < e^−50 ≈ 2e−22 (a loss above 50 nats) or thereabouts.
 CLAMP = 50.0
 _COMBINE_BLOCK_R, _COMBINE_BLOCK_T, _COMBINE_WARPS = 16, 64, 4
-_REFIT_BLOCK_R, _REFIT_BLOCK_V, _REFIT_BLOCK_H = 16, 128, 64
+# The refit's tiles (rows: the combine's block): (BLOCK_R, BLOCK_V) logits over BLOCK_H features a step. 64 × 32
+# keeps the combine at 144 registers without spills for sm_90 (128 × 64: 255 and spills; compile_check.py).
+_REFIT_BLOCK_V, _REFIT_BLOCK_H = 64, 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +228,9 @@ def allocate(rows: int, x: torch.Tensor, num_classes: int, smoothing: bool) -> W
     """The working set of ``rows``-row chunks of ``x``'s rows (with label smoothing, room for its rank-1 rows below
     a chunk's in ``E'`` and ``r ⊙ x``: :func:`smoothing_terms`)."""
     (n, h), dev = x.shape, x.device
-    tiles = triton.cdiv(num_classes, _block_n(x))
+    tiles = cdiv(num_classes, _block_n(x))
     extra = _RANK_ONE_ROWS if smoothing else 0
-    product_words = triton.cdiv((rows + extra) * h * x.element_size(), 4)
+    product_words = cdiv((rows + extra) * h * x.element_size(), 4)
     f32 = dict(dtype=torch.float32, device=dev)
     return Workspace(
         row_padded(rows + extra, num_classes, x.dtype, dev),
@@ -280,17 +281,13 @@ def forward_chunk(
         factored_gluon.exp_logits(x_c, w, b, buf.shift, lp.logit_scale, CLAMP, buf.e, buf.partials)
     else:
         _exp_logits(x_c, w, b, buf, lp.logit_scale)
-    combine(target, class_weight, scales, lp, smoothing, buf, loss_out, lse_out)
-    _refit_rows_kernel[(triton.cdiv(r, _REFIT_BLOCK_R),)](
-        x_c, w, b, target, buf.coefs, buf.refit, buf.e,
-        r, v, h,
-        x_c.stride(0), w.stride(0), buf.e.stride(0), lp.logit_scale,
-        BLOCK_R=_REFIT_BLOCK_R, BLOCK_V=_REFIT_BLOCK_V, BLOCK_H=_REFIT_BLOCK_H,
-        INPUT_PRECISION=input_precision(x_c.dtype), num_warps=4,
-    )  # fmt: skip
+    combine(x_c, w, b, target, class_weight, scales, lp, smoothing, buf, loss_out, lse_out)
 
 
 def combine(
+    x_c: torch.Tensor,  # (r, H)
+    w: torch.Tensor,  # (V, H)
+    b: torch.Tensor | None,  # (V,)
     target: torch.Tensor,  # (r,) int64
     class_weight: torch.Tensor | None,  # (V,)
     scales: tuple[torch.Tensor, torch.Tensor],  # (r,) fp32 each, or stride-0 scalars: s, s_z
@@ -300,16 +297,18 @@ def combine(
     loss_out: torch.Tensor,  # (r,) fp32
     lse_out: torch.Tensor,  # (r,) fp32
 ) -> None:
-    """The partials into the losses, lse, ``r``, ``dz_y`` and the rows to refit; ``E``'s target column zeroed."""
-    (r, v), ce, zs = buf.e.shape, *scales
-    _factored_combine_kernel[(triton.cdiv(r, _COMBINE_BLOCK_R),)](
-        buf.partials, buf.shift, target, class_weight, ce, zs,
+    """The partials into the losses, lse, ``r``, ``dz_y`` and the rows to refit; ``E``'s target column zeroed, and
+    the refitted rows' ``dz`` (their logits recomputed from ``x_c``, ``w`` and ``b``) written over ``E``."""
+    (r, v), h, ce, zs = buf.e.shape, x_c.shape[1], *scales
+    _factored_combine_kernel[(cdiv(r, _COMBINE_BLOCK_R),)](
+        x_c, w, b, buf.partials, buf.shift, target, class_weight, ce, zs,
         None if smoothing is None else buf.z_sum, None if smoothing is None else smoothing.weight_sum,
         buf.e, loss_out, lse_out, buf.scale, buf.coefs, buf.target_grad, buf.refit,
-        r, buf.partials.shape[0], v,
-        buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
+        r, buf.partials.shape[0], v, h,
+        x_c.stride(0), w.stride(0), buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
         lp.ignore_index, lp.z_loss, 0.0 if smoothing is None else smoothing.eps, lp.logit_scale,
         HAS_Z_LOSS=lp.z_loss > 0, CLAMP=CLAMP, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
+        BLOCK_V=_REFIT_BLOCK_V, BLOCK_H=_REFIT_BLOCK_H, INPUT_PRECISION=input_precision(x_c.dtype),
         num_warps=_COMBINE_WARPS,
     )  # fmt: skip
 
@@ -317,7 +316,7 @@ def combine(
 def _exp_logits(x_c, w, b, buf: FactoredBuffers, logit_scale: float) -> None:
     (r, h), v = x_c.shape, w.shape[0]
     t = _tiles(x_c.device)
-    grid = (triton.cdiv(r, t.block_m) * triton.cdiv(v, t.block_n),)
+    grid = (cdiv(r, t.block_m) * cdiv(v, t.block_n),)
     _exp_logits_kernel[grid](
         descriptor(x_c, t.block_m, t.block_k), descriptor(w, t.block_n, t.block_k),
         descriptor(buf.e, t.block_m, t.block_n), b, buf.shift, buf.partials,
@@ -397,4 +396,4 @@ def target_column_grads(
 
 
 def _feature_block(h: int) -> int:
-    return min(1024, triton.next_power_of_2(h))
+    return min(1024, next_power_of_2(h))

@@ -34,6 +34,8 @@ import functools
 import torch
 import triton
 
+from ..grid import cdiv
+
 __all__ = ["BLOCK_N", "runs_on", "exp_logits"]
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
@@ -322,7 +324,7 @@ def exp_logits(
     r, v = x.shape[0], w.shape[0]
     if r == 0:
         return
-    tiles = triton.cdiv(r, BLOCK_M) * triton.cdiv(v, BLOCK_N)
+    tiles = cdiv(r, BLOCK_M) * cdiv(v, BLOCK_N)
     grid = (min(_sm_count(x.device), tiles),)
     _exp_logits_gluon_kernel[grid](
         _descriptor(x, (BLOCK_M, BLOCK_K)), _descriptor(w, (BLOCK_N, BLOCK_K)), _descriptor(e, (BLOCK_M, BLOCK_N)),

@@ -22,7 +22,7 @@ The shift is the target logit ``c = z_y`` (one dot product per row, :func:`_targ
 ``lse − c`` is the row's loss. The stored values stay in range as long as no logit exceeds the target logit by
 more than ``CLAMP`` nats (``E ≤ e^CLAMP``; ``r ⊙ x`` stays a normal number); a tile holding such a logit is shifted
 by its own maximum instead, which keeps the combined ``lse`` exact, and its row is
-*refitted*: :func:`_refit_rows_kernel` recomputes that row's logits and writes ``dz`` itself, with ``r = 1``.
+*refitted*: the combine recomputes that row's logits (:func:`_refit_rows`) and writes ``dz`` itself, with ``r = 1``.
 
 Kernels, in the order a chunk runs them:
 
@@ -31,8 +31,7 @@ Kernels, in the order a chunk runs them:
   row) ``l_t = o + log Σ_tile E``, the tile's logsumexp relative to ``c`` (``o`` 0, or the tile's ``max(z − c)``
   where that exceeds ``CLAMP``). (A Hopper warp-specialised version of this GEMM is :mod:`.factored_gluon`.)
 - :func:`_factored_combine_kernel`: ``lse = c + L + log Σ_t exp(l_t − L)`` (``L = max_t l_t``), the loss
-  ``w_y·(lse − c)``, ``r``, ``dz_y`` (``E_y`` zeroed), and the rows to refit.
-- :func:`_refit_rows_kernel`: the refitted rows' ``dz`` (blocks of rows without one return at once).
+  ``w_y·(lse − c)``, ``r``, ``dz_y`` (``E_y`` zeroed), and the refitted rows' ``dz`` (:func:`_refit_rows`).
 - after cuBLAS's ``E'·W``: :func:`_input_grad_rows_kernel` (``grad_x``, and ``r ⊙ x`` for cuBLAS's ``E'ᵀ·(r ⊙ x)``
   written where ``E'·W`` was);
 - once, after the last chunk: :func:`_target_weight_grad_kernel` (every row's ``dz_y·x`` added at its target's row
@@ -176,6 +175,7 @@ def _exp_logits_kernel(
 
 @triton.heuristics(
     {
+        "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
         "HAS_CLASS_WEIGHT": lambda args: args["class_weight_ptr"] is not None,
         "HAS_SMOOTHING": lambda args: args["z_sum_ptr"] is not None,
     }
@@ -183,6 +183,9 @@ def _exp_logits_kernel(
 @triton.jit
 def _factored_combine_kernel(
     # pointers
+    x_ptr,  # (r, H): read by the refit only
+    w_ptr,  # (V, H): read by the refit only
+    bias_ptr,  # (V,) or None: read by the refit only
     partials_ptr,  # (tiles, r) fp32: l_t
     shift_ptr,  # (r,) fp32: c
     target_ptr,  # (r,) int64
@@ -191,18 +194,21 @@ def _factored_combine_kernel(
     z_scale_ptr,  # (r,) or a scalar (stride 0): s_z, the z-loss share (read with HAS_Z_LOSS)
     z_sum_ptr,  # (r,) fp32 Σ_c w_c·z_c, or None (no label smoothing)
     weight_sum_ptr,  # () fp32 W_sum = Σ_c w_c (read with HAS_SMOOTHING and HAS_CLASS_WEIGHT; else C)
-    e_ptr,  # (r, V): E; its target column set to 0 (rows that keep a scale)
+    e_ptr,  # (r, V): E; its target column set to 0 (rows that keep a scale), dz written over refitted rows
     loss_ptr,  # (r,) fp32; written
     lse_ptr,  # (r,) fp32; written
     scale_ptr,  # (r,) fp32: r (1 on refitted rows); written
     coef_ptr,  # (3, r) fp32: coef and T (what the refit needs), and the smoothing coefficient s·ε/C; written
     target_grad_ptr,  # (r,) fp32: dz_y (0 on refitted rows); written
-    refit_ptr,  # (r,) int8: 1 where the row's dz must be recomputed; written
+    refit_ptr,  # (r,) int8: 1 where the row's dz was recomputed; written
     # dimensions
     n_rows,
     n_tiles,
     n_classes,
+    n_features,
     # strides
+    stride_x_row,
+    stride_w_row,
     stride_e_row,
     stride_ce,
     stride_zs,
@@ -212,12 +218,16 @@ def _factored_combine_kernel(
     label_smoothing,
     logit_scale,  # a > 0
     # meta-parameters
+    HAS_BIAS: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     CLAMP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """One program per ``BLOCK_R`` rows: one read of their partials, ``L = max_t l_t`` and ``S = Σ_t exp(l_t − L)``
     kept online (``S`` rescaled by ``exp(L_old − L_new)`` as ``L`` grows), then per row::
@@ -232,11 +242,12 @@ def _factored_combine_kernel(
     The target column's ``dz_y`` is kept exact in fp32 (the gradient GEMMs' callers add ``dz_y·W_y`` and
     ``dz_y·x`` themselves) and ``E_y`` is set to 0: with a confident prediction ``dz_y = coef·(p_y − 1)`` is
     a difference the GEMMs must not form from rounded terms. A row is refitted where ``L > CLAMP`` (a tile may have
-    been shifted by its own max: ``E`` is not ``exp(z − c)`` there); its scale is then 1, its ``dz_y`` 0 and ``E``
-    is left for the refit. Ignored rows: loss 0, scale 0. Out-of-range targets: NaN loss and scale (NaN gradients). With a
-    logit scale ``a`` (``z = a·u``, ``u = x·Wᵀ + b``) everything above is in ``z``; ``coef``, ``T`` and the
-    smoothing coefficient are stored times ``a``, so that ``r``, ``dz_y`` and the rank-1 term are ``u``'s
-    gradient, which the GEMMs take."""
+    been shifted by its own max: ``E`` is not ``exp(z − c)`` there); its scale is then 1, its ``dz_y`` 0, and the
+    same program writes its ``dz`` over ``E`` (:func:`_refit_rows`) — one launch a chunk less than a kernel of
+    its own, whose host cost would be paid for a refit that almost never happens. Ignored rows: loss 0, scale 0.
+    Out-of-range targets: NaN loss and scale (NaN gradients). With a logit scale ``a`` (``z = a·u``,
+    ``u = x·Wᵀ + b``) everything above is in ``z``; ``coef``, ``T`` and the smoothing coefficient are stored times
+    ``a``, so that ``r``, ``dz_y`` and the rank-1 term are ``u``'s gradient, which the GEMMs take."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     offs_t = tl.arange(0, BLOCK_T)
@@ -302,6 +313,11 @@ def _factored_combine_kernel(
     tl.store(coef_ptr + n_rows + rows, target_coef, mask=row_mask)
     tl.store(target_grad_ptr + rows, tl.where(kept_scale, scale - target_coef, 0.0), mask=row_mask)
     tl.store(refit_ptr + rows, refit.to(tl.int8), mask=row_mask)
+    if tl.max(refit.to(tl.int32), axis=0) != 0:  # the common case skips it: one reduction a program
+        _refit_rows(
+            x_ptr, w_ptr, bias_ptr, e_ptr, rows, refit, y, coef, target_coef, n_classes, n_features, stride_x_row,
+            stride_w_row, stride_e_row, logit_scale, HAS_BIAS, BLOCK_R, BLOCK_V, BLOCK_H, INPUT_PRECISION,
+        )  # fmt: skip
 
 
 @triton.heuristics(
@@ -442,48 +458,16 @@ def _scaled_logits_tile(x_ptr, w_ptr, bias_ptr, rows64, refit, offs_v, n_classes
     return tl.where((offs_v < n_classes)[None, :], logit_scale * acc, -float("inf"))
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
-def _refit_rows_kernel(
-    # pointers
-    x_ptr,  # (r, H)
-    w_ptr,  # (V, H)
-    bias_ptr,  # (V,) or None
-    target_ptr,  # (r,) int64
-    coef_ptr,  # (2, r) fp32: coef, T (times a)
-    refit_ptr,  # (r,) int8
-    e_ptr,  # (r, V): dz written over the refitted rows
-    # dimensions
-    n_rows,
-    n_classes,
-    n_features,
-    # strides
-    stride_x_row,
-    stride_w_row,
-    stride_e_row,
-    # scalars
-    logit_scale,  # a > 0
-    # meta-parameters
-    HAS_BIAS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """``dz = coef·exp(z − lse) − T·[v = y]`` (``z = a·u``; ``coef`` and ``T`` already times ``a``) of the refitted
-    rows among ``BLOCK_R`` rows, their logits recomputed tile by tile, twice: the first sweep takes the row's max
-    ``m`` and ``Σ exp(z − m)`` online, the second writes ``exp((z − m) − log Σ)``. (The combine's ``lse`` would do
-    for one sweep, but a refitted row's logits are large — its loss exceeds ``CLAMP`` nats — and ``z − lse``
-    formed from two rounded large numbers loses the digits eager's ``z − m`` keeps.) A block without a refitted
-    row returns after one load (the common case: the launch costs microseconds)."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = offs_r < n_rows
-    refit = tl.load(refit_ptr + offs_r, mask=row_mask, other=0) != 0
-    if tl.max(refit.to(tl.int32), axis=0) == 0:
-        return
-    coef = tl.load(coef_ptr + offs_r, mask=refit, other=0.0)
-    target_coef = tl.load(coef_ptr + n_rows + offs_r, mask=refit, other=0.0)
-    y = tl.load(target_ptr + offs_r, mask=refit, other=-1)
+def _refit_rows(x_ptr, w_ptr, bias_ptr, e_ptr, offs_r, refit, y, coef, target_coef, n_classes, n_features,
+                stride_x_row, stride_w_row, stride_e_row, logit_scale, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """``dz = coef·exp(z − lse) − T·[v = y]`` (``z = a·u``; ``coef`` and ``T`` already times ``a``) of the rows
+    ``offs_r`` flagged in ``refit``, written over their rows of ``E``, their logits recomputed tile by tile, twice:
+    the first sweep takes each row's max ``m`` and ``Σ exp(z − m)`` online, the second writes
+    ``exp((z − m) − log Σ)``. (The combine's ``lse`` would do for one sweep, but a refitted row's logits are large
+    — its loss exceeds ``CLAMP`` nats — and ``z − lse`` formed from two rounded large numbers loses the digits
+    eager's ``z − m`` keeps.)"""
     rows64 = offs_r.to(tl.int64)
     row_max = tl.full([BLOCK_R], -3.0e38, tl.float32)  # finite: the rows not refitted stay NaN-free
     row_sum = tl.zeros([BLOCK_R], tl.float32)

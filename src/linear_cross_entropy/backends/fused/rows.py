@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 
 from ..common import LossParams
+from ..grid import cdiv, next_power_of_2
 from .kernels import _cross_entropy_rows_kernel, _scale_cast_kernel
 
 __all__ = [
@@ -58,7 +58,7 @@ def row_kernel_block(num_classes: int, heavy: bool) -> int:
     if not heavy:
         about_3_5_steps = 1 << max(0, (2 * num_classes // 7).bit_length() - 1)  # the largest power of two <= 2C/7
         widest = min(_MAX_BLOCK_C, max(_MIN_BLOCK_C, about_3_5_steps))
-    return min(widest, triton.next_power_of_2(num_classes))
+    return min(widest, next_power_of_2(num_classes))
 
 
 def row_kernel_warps(block_c: int) -> int:
@@ -233,7 +233,7 @@ def scale_cast(
         return torch.mul(src, scale, out=out)
     numel = src.numel()
     if numel:
-        grid = (triton.cdiv(numel, _SCALE_CAST_BLOCK),)
+        grid = (cdiv(numel, _SCALE_CAST_BLOCK),)
         in_place = out.data_ptr() == src.data_ptr() and out.dtype == src.dtype
         _scale_cast_kernel[grid](src, scale, out, numel, IN_PLACE=in_place, BLOCK=_SCALE_CAST_BLOCK, num_warps=4)
     return out

@@ -16,9 +16,9 @@ import dataclasses
 from typing import NamedTuple
 
 import torch
-import triton
 
 from ..common import LossParams, index_rows
+from ..grid import cdiv
 from ..partials import SPLITS, Partials, combine_partials
 from ..tma import descriptor, have_descriptors, input_precision
 from .softmax_gemm_kernels import _input_grad_kernel, _logits_stats_kernel, _weight_grad_kernel
@@ -112,12 +112,12 @@ def logits_stats(
     """``z = x·Wᵀ + b`` and each vocabulary tile's softmax partials (one GEMM; see the kernels' module)."""
     (r, h), v = x.shape, w.shape[0]
     t = (config or default_config(x.device)).stats
-    tiles = triton.cdiv(v, t.block_n)
+    tiles = cdiv(v, t.block_n)
     partials = torch.empty((_PLANES, tiles, r), dtype=torch.float32, device=x.device)
     z_y = torch.empty(r, dtype=torch.float32, device=x.device)
     if r == 0:
         return LogitStats(partials, z_y)
-    _logits_stats_kernel[(triton.cdiv(r, t.block_m) * tiles,)](
+    _logits_stats_kernel[(cdiv(r, t.block_m) * tiles,)](
         descriptor(x, t.block_m, t.block_k), descriptor(w, t.block_n, t.block_k),
         descriptor(z, t.block_m, t.block_n), b, target, partials, z_y,
         r, v, h, **_meta(t, lp, x.dtype),
@@ -169,7 +169,7 @@ def input_grad(
     if r == 0:
         return
     t = (config or default_config(z.device)).input_grad
-    _input_grad_kernel[(triton.cdiv(r, t.block_m) * triton.cdiv(h, t.block_n),)](
+    _input_grad_kernel[(cdiv(r, t.block_m) * cdiv(h, t.block_n),)](
         descriptor(z, t.block_m, t.block_k), descriptor(w, t.block_k, t.block_n),
         descriptor(out, t.block_m, t.block_n // 2), None if dz_out is None else descriptor(dz_out, t.block_m, t.block_k),
         target, lse, coefs, r, v, h, **_meta(t, lp, z.dtype),
@@ -195,7 +195,7 @@ def weight_grad(
             out.zero_()
         return
     t = (config or default_config(z.device)).weight_grad
-    _weight_grad_kernel[(triton.cdiv(v, t.block_m) * triton.cdiv(h, t.block_n),)](
+    _weight_grad_kernel[(cdiv(v, t.block_m) * cdiv(h, t.block_n),)](
         descriptor(z, t.block_k, t.block_m), descriptor(x, t.block_k, t.block_n),
         descriptor(out, t.block_m, t.block_n // 2), target, lse, coefs, r, v, h,
         ACCUMULATE=accumulate, **_meta(t, lp, z.dtype),

@@ -21,9 +21,9 @@ import dataclasses
 import functools
 
 import torch
-import triton
 
 from ..common import Grads, LossParams, index_rows
+from ..grid import cdiv
 from ..partials import SPLITS, Partials, combine_partials
 from ..tma import can_use_tma, descriptor, input_precision
 from .kernels import _partial_stats_kernel, _tiled_backward_kernel
@@ -99,12 +99,12 @@ def partial_stats(
     (n, h), v = x.shape, w.shape[0]
     use_tma = can_use_tma(x, w) if use_tma is None else use_tma
     cfg = cfg or tile_configs(x.device, x.dtype, False)[0]
-    row_blocks = triton.cdiv(n, cfg.block_m)
-    tiles = triton.cdiv(v, cfg.block_n)
+    row_blocks = cdiv(n, cfg.block_m)
+    tiles = cdiv(v, cfg.block_n)
     # at least two programs per SM in all, with at least min_splits per row block (see the kernel's grid order)
-    wanted = max(cfg.min_splits, triton.cdiv(2 * _multiprocessors(x.device), max(row_blocks, 1)))
-    tiles_per_split = triton.cdiv(tiles, min(tiles, wanted))
-    splits = triton.cdiv(tiles, tiles_per_split)
+    wanted = max(cfg.min_splits, cdiv(2 * _multiprocessors(x.device), max(row_blocks, 1)))
+    tiles_per_split = cdiv(tiles, min(tiles, wanted))
+    splits = cdiv(tiles, tiles_per_split)
     partials = torch.empty((splits, _PARTIALS, n), dtype=torch.float32, device=x.device)
     if n == 0:
         return partials
@@ -192,7 +192,7 @@ def tiled_backward(
         gb = torch.zeros(v, dtype=torch.float32, device=x.device)
     sparse = sparse_eps > 0 and lp.label_smoothing == 0  # smoothing puts ε/C·w_c into every entry: nothing to skip
     if n and grads.any:
-        grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(v, cfg.block_n),)
+        grid = (cdiv(n, cfg.block_m) * cdiv(v, cfg.block_n),)
         _tiled_backward_kernel[grid](
             x, w, b, target, class_weight, lse, coefs, gx, gw, gb,
             n, v, h,
