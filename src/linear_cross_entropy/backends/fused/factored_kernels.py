@@ -471,25 +471,25 @@ def _refit_rows(x_ptr, w_ptr, bias_ptr, e_ptr, offs_r, refit, y, coef, target_co
     rows64 = offs_r.to(tl.int64)
     row_max = tl.full([BLOCK_R], -3.0e38, tl.float32)  # finite: the rows not refitted stay NaN-free
     row_sum = tl.zeros([BLOCK_R], tl.float32)
-    for v0 in range(0, n_classes, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        z = _scaled_logits_tile(
-            x_ptr, w_ptr, bias_ptr, rows64, refit, offs_v, n_classes, n_features, stride_x_row, stride_w_row,
-            logit_scale, HAS_BIAS, BLOCK_R, BLOCK_V, BLOCK_H, INPUT_PRECISION,
-        )  # fmt: skip
-        new_max = tl.maximum(row_max, tl.max(z, axis=1))
-        row_sum = row_sum * tl.exp2((row_max - new_max) * _LOG2E) + tl.sum(
-            tl.exp2((z - new_max[:, None]) * _LOG2E), axis=1
-        )
-        row_max = new_max
-    log2_sum = tl.log2(row_sum)
-    for v0 in range(0, n_classes, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        z = _scaled_logits_tile(
-            x_ptr, w_ptr, bias_ptr, rows64, refit, offs_v, n_classes, n_features, stride_x_row, stride_w_row,
-            logit_scale, HAS_BIAS, BLOCK_R, BLOCK_V, BLOCK_H, INPUT_PRECISION,
-        )  # fmt: skip
-        dz = coef[:, None] * tl.exp2((z - row_max[:, None]) * _LOG2E - log2_sum[:, None])
-        dz -= tl.where(offs_v[None, :] == y[:, None], target_coef[:, None], 0.0)
-        mask = refit[:, None] & (offs_v < n_classes)[None, :]
-        tl.store(e_ptr + rows64[:, None] * stride_e_row + offs_v[None, :], dz.to(e_ptr.dtype.element_ty), mask=mask)
+    log2_sum = tl.zeros([BLOCK_R], tl.float32)
+    for sweep in tl.static_range(2):  # 0: each row's max and sum; 1: dz
+        if sweep == 1:
+            log2_sum = tl.log2(row_sum)
+        for v0 in range(0, n_classes, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            z = _scaled_logits_tile(
+                x_ptr, w_ptr, bias_ptr, rows64, refit, offs_v, n_classes, n_features, stride_x_row, stride_w_row,
+                logit_scale, HAS_BIAS, BLOCK_R, BLOCK_V, BLOCK_H, INPUT_PRECISION,
+            )  # fmt: skip
+            if sweep == 0:
+                new_max = tl.maximum(row_max, tl.max(z, axis=1))
+                row_sum = row_sum * tl.exp2((row_max - new_max) * _LOG2E) + tl.sum(
+                    tl.exp2((z - new_max[:, None]) * _LOG2E), axis=1
+                )
+                row_max = new_max
+            else:
+                dz = coef[:, None] * tl.exp2((z - row_max[:, None]) * _LOG2E - log2_sum[:, None])
+                dz -= tl.where(offs_v[None, :] == y[:, None], target_coef[:, None], 0.0)
+                mask = refit[:, None] & (offs_v < n_classes)[None, :]
+                e_out = e_ptr + rows64[:, None] * stride_e_row + offs_v[None, :]
+                tl.store(e_out, dz.to(e_ptr.dtype.element_ty), mask=mask)
