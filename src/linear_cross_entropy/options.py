@@ -14,6 +14,7 @@ import torch
 
 from .backends.common import ResolvedOptions
 from .backends.fused.policy import memory_chunk_rows, recomputes_weight_grad
+from .backends.grid import cdiv, next_power_of_2
 
 __all__ = ["LinearCrossEntropyOptions", "ResolvedOptions", "resolve", "materializes"]
 
@@ -146,8 +147,8 @@ def _aspect_ratio_factor(method: str) -> int | None:
 
 def aspect_ratio_chunk_rows(num_rows: int, in_features: int, num_classes: int, factor: int) -> int:
     """PyTorch's rule: a chunk's ``(rows, C)`` logits match the ``(N, F)`` input in size, divided by ``factor``."""
-    target = -(-num_rows // -(-num_classes // in_features))
-    return min((1 << max(target - 1, 0).bit_length()) // factor, num_rows)
+    target = cdiv(num_rows, cdiv(num_classes, in_features))
+    return min(next_power_of_2(target) // factor, num_rows)
 
 
 _CHUNK_BUDGET_BYTES = 64 << 20

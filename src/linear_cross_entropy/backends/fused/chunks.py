@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ..common import LossParams, index_rows
+from ..grid import cdiv
 from ..partials import Partials, VocabShard, combine_partials
 from . import factored
 from .gemm import input_grad_gemm, logits_buffers, logits_gemm, weight_grad_gemm
@@ -133,7 +134,7 @@ def _row_pass(
     out_rows = n if plan.per_row else rows
     losses = torch.empty(out_rows, dtype=torch.float32, device=x.device)
     lse = torch.empty(out_rows, dtype=torch.float32, device=x.device)
-    loss_sums = None if plan.per_row else torch.empty(-(-n // rows), dtype=torch.float32, device=x.device)
+    loss_sums = None if plan.per_row else torch.empty(cdiv(n, rows), dtype=torch.float32, device=x.device)
     stats = torch.empty((n, 5), dtype=torch.float32, device=x.device) if lp.metrics else None
     # the factored pass (.factored) replaces the logits GEMM, the row kernel and the gradient GEMMs chunk by chunk
     fact = None

@@ -173,8 +173,8 @@ def smoothing_terms(
     """Label smoothing's constants for one call, or None without smoothing: the class-weighted sums over the
     vocabulary (one read of ``W``) and over the rows (one read of ``x``).
 
-    The smoothing adds ``−(s_n·ε/C)·w`` to each row of ``dz`` (times ``a`` with a logit scale) (``w`` the class weights, or ones), so ``grad_W``
-    gains the rank-1 ``−w ⊗ q`` with ``q = Σ_n (s_n·ε/C)·x_n``: instead of a pass over ``grad_W`` it is added by the
+    The smoothing adds ``−(s_n·ε/C)·w`` to each row of ``dz`` (``w`` the class weights, or ones; times ``a`` with
+    a logit scale), so ``grad_W`` gains the rank-1 ``−w ⊗ q`` with ``q = Σ_n (s_n·ε/C)·x_n``: instead of a pass over ``grad_W`` it is added by the
     first chunk's weight-gradient GEMM, as extra rows of its operands, ``E'`` below the chunk's rows and ``r ⊙ x``
     below its own: ``−(w_hi·q_hi + w_lo·q_hi + w_hi·q_lo)``, each factor split into 16-bit parts (16 bits of
     mantissa, the products summed in fp32 by the GEMM). ``s`` is 0 on ignored rows."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..grid import cdiv
 from .policy import has_out_dtype_mm
 
 __all__ = ["row_padded", "logits_buffers", "logits_gemm", "input_grad_gemm", "weight_grad_gemm"]
@@ -14,8 +15,8 @@ _ROW_ALIGN_BYTES = 128
 
 
 def _padded(n: int, dtype: torch.dtype) -> int:
-    per = max(1, _ROW_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-    return -(-n // per) * per
+    per = max(1, _ROW_ALIGN_BYTES // dtype.itemsize)
+    return cdiv(n, per) * per
 
 
 def row_padded(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

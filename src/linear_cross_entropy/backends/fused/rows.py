@@ -207,7 +207,7 @@ def _loaded_columns(num_classes: int, *buffers: torch.Tensor | None) -> int:
     accesses; the extra columns come from the rows' padding (their values are masked out of the math, and what the
     kernel stores there is never read).
     """
-    wide = -(-num_classes // 16) * 16
+    wide = cdiv(num_classes, 16) * 16
     for t in buffers:
         if t is None:
             continue
