@@ -70,7 +70,6 @@ _PIECES = [
     (factored, "_target_logit_kernel"),
     (factored_gluon, "exp_logits"),
     (factored, "_factored_combine_kernel"),
-    (factored, "_refit_rows_kernel"),
     (factored, "input_grad_gemm"),
     (factored, "_input_grad_rows_kernel"),
     (factored, "weight_grad_gemm"),

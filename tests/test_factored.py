@@ -95,6 +95,65 @@ def test_factored_matches_float64(force_factored, monkeypatch, n, h, v, rows, bi
     assert_within_plain(ours, plain, ref, torch.float32)
 
 
+@pytest.mark.parametrize("group_m", [1, 2, 4, 8])
+@pytest.mark.parametrize("workers", [1, 2, 3, 4, 6, 8, 12, 30, 264])
+def test_schedule_gives_each_slot_one_worker(group_m, workers):
+    """The exponential GEMM's schedule (factored_schedule): every tile once; each (row block, slot) pair handled by
+    one worker, back to back in its stream, its last tile flagged; the slots a row has (what the combine reads) all
+    written and within the allocation — for ragged row-block counts (remainder groups) and few or many classes."""
+    from linear_cross_entropy.backends.fused.factored_schedule import group_size, largest_group, slots, tile_schedule
+
+    g = largest_group(workers, group_m)
+    for tiles_m in range(1, 20):
+        for tiles_n in (1, 2, 7, 33, 40):
+            total, seen, owner = tiles_m * tiles_n, set(), {}
+            for worker in range(min(workers, total)):
+                for tile in range(worker, total, workers):
+                    m, n, slot, last = tile_schedule(tile, tiles_m, tiles_n, g, workers)
+                    assert 0 <= m < tiles_m and 0 <= n < tiles_n and (m, n) not in seen
+                    seen.add((m, n))
+                    assert owner.get((m, slot), (worker, False)) == (worker, False), "a slot split between workers"
+                    owner[(m, slot)] = (worker, bool(last))
+            assert len(seen) == total
+            assert all(closed for _, closed in owner.values())
+            row_slots = {m: min(workers // group_size(m, tiles_m, g), tiles_n) for m in range(tiles_m)}
+            assert set(owner) == {(m, s) for m, k in row_slots.items() for s in range(k)}
+            assert max(row_slots.values()) <= slots(tiles_m * 16, 16, tiles_n, g, workers)
+
+
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize("grad_x", [True, False])
+def test_the_product_rides_in_grad_x(force_factored, monkeypatch, grad_x):
+    """Each chunk's partials, then its (r, H) product, go over its own rows of grad_x (no buffer beside the
+    (rows, V) one); without grad_x they share one, the partials fewer than one a tile."""
+    from linear_cross_entropy.backends.fused import factored
+
+    spaces = []
+    real = factored.allocate
+
+    def spy(rows, x, num_classes, gx, **kw):
+        ws = real(rows, x, num_classes, gx, **kw)
+        spaces.append((ws.grad_x is not None, ws.space.numel(), ws.slots * rows, rows * x.shape[1]))
+        return ws
+
+    monkeypatch.setattr(factored, "allocate", spy)
+    x, w, b, y, _ = small_problem(70, 32, 230, torch.float32, seed=21, bias=True)
+    options = LinearCrossEntropyOptions(backend="fused", batch_chunk_size=32, chunking_method=None)
+    xl, wl = (leaf(x) if grad_x else x), leaf(w)
+    linear_cross_entropy(xl, wl, y, linear_bias=b, options=options, label_smoothing=0.1).backward()
+    ((in_grad_x, numel, partials, product),) = spaces
+    assert in_grad_x == grad_x
+    assert numel == 0 if grad_x else numel >= max(partials, product)
+    assert partials < 32 * -(-230 // 16)  # fewer than one partial per 16-class tile
+    xr, wr = x.double().requires_grad_(grad_x), w.double().requires_grad_()
+    oracle_loss(xr, wr, y, linear_bias=b.double(), label_smoothing=0.1).backward()
+    px, pw = leaf(x), leaf(w)
+    plain_loss(px, pw, y, linear_bias=b, label_smoothing=0.1).backward()
+    ours = (wl.grad,) + ((xl.grad,) if grad_x else ())
+    assert_within_plain(ours, (pw.grad, px.grad), (wr.grad, xr.grad), torch.float32, names=("grad_w", "grad_x"))
+
+
 @pytest.mark.interpreter
 @needs_interpreter
 def test_factored_z_loss(force_factored, monkeypatch):

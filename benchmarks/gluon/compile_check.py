@@ -166,7 +166,7 @@ def main():
                 HAS_BIAS=bias,
                 CLAMP=50.0,
                 NUM_STAGES=fg._STAGES,
-                GROUP_M=fg._GROUP_M,
+                GROUP_M=fg.GROUP_M,
                 CONSUMER_REGS=fg._CONSUMER_REGS,
                 PRODUCER_REGS=fg._PRODUCER_REGS,
             ),  # fmt: skip
@@ -239,7 +239,7 @@ def main():
         consts = dict(
             HAS_BIAS=bias, HAS_CLASS_WEIGHT=smooth, HAS_Z_LOSS=smooth, HAS_SMOOTHING=smooth, CLAMP=factored.CLAMP,
             BLOCK_T=factored._COMBINE_BLOCK_T, BLOCK_R=factored._COMBINE_BLOCK_R, BLOCK_V=factored._REFIT_BLOCK_V,
-            BLOCK_H=factored._REFIT_BLOCK_H, INPUT_PRECISION="tf32",
+            BLOCK_H=factored._REFIT_BLOCK_H, INPUT_PRECISION="tf32", TILE_M=128, TILE_N=128, GROUP_M=8,
         )  # fmt: skip
         r = compile_one(
             _factored_combine_kernel.fn, sig, consts, None, args.dump, re.sub(r"[^A-Za-z0-9]+", "_", label),

@@ -53,7 +53,7 @@ class Chain:
 
         self.torch, self.factored, self.gemm = torch, factored, gemm
         self.x, self.w, self.y, self.share = x, w, y, share
-        self.ws = factored.allocate(rows, x, w.shape[0], smoothing=False)
+        self.ws = factored.allocate(rows, x, w.shape[0], None, smoothing=False, rank_one_rows=False)
         self.buf = self.ws.chunk(0, rows)
         self.loss = torch.empty(rows, dtype=torch.float32, device=x.device)
         self.lse = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -194,6 +194,7 @@ def step_pieces(shape):
     tbuf = bench.Buffers(rows, h, v, chunks)
     bench.today(x, w, y, share, tbuf)  # tbuf.z: today's dz
     ch = Chain(torch, x, w, y, share, rows, accumulate=chunks > 1, gemm="gluon")
+    sched = ch.factored.schedule(rows, x, v)
     ch.run()
     torch.cuda.synchronize()
     buf, gw = ch.buf, ch.gw
@@ -210,14 +211,16 @@ def step_pieces(shape):
     def combine(block_r, block_t, warps):
         def run():
             factored._COMBINE_BLOCK_R, factored._COMBINE_BLOCK_T, factored._COMBINE_WARPS = block_r, block_t, warps
-            factored.combine(x, w, None, y, None, (share, share), LP, None, buf, ch.loss, ch.lse)
+            factored.combine(x, w, None, y, None, (share, share), LP, None, buf, ch.loss, ch.lse, sched)
 
         return run
 
     def gluon_gemm(group_m, stages):
         def run():
-            factored_gluon._GROUP_M, factored_gluon._STAGES = group_m, stages
-            factored_gluon.exp_logits(x, w, None, buf.shift, 1.0, factored.CLAMP, buf.e, buf.partials)
+            factored_gluon._STAGES = stages
+            factored_gluon.exp_logits(
+                x, w, None, buf.shift, 1.0, factored.CLAMP, buf.e, buf.partials, sched.workers, group_m
+            )
 
         return run
 
@@ -237,7 +240,7 @@ def step_pieces(shape):
         "gradient step (library)": ch.grads,
         "cuBLAS logits GEMM": lambda: torch.mm(x, w.T, out=tbuf.z),
     }
-    for g, st in ((8, 4), (8, 5), (16, 4), (16, 5)):
+    for g, st in ((8, 4), (8, 5), (4, 4), (4, 5)):  # the schedule's groups divide its workers: at most 8
         pieces[f"Gluon exp GEMM GROUP_M={g} stages={st}"] = gluon_gemm(g, st)
     for br, bt, nw in ((16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 8), (64, 64, 8)):
         pieces[f"combine {br}x{bt}, {nw} warps"] = combine(br, bt, nw)

@@ -55,7 +55,8 @@ def _outputs(r, v, x):
 def _with_stages(module, stages):
     def run(x, w, shift, e, partials):
         module._STAGES = stages
-        module.exp_logits(x, w, None, shift, factored.CLAMP, e, partials)
+        sched = factored.schedule(x.shape[0], x, w.shape[0])
+        module.exp_logits(x, w, None, shift, 1.0, factored.CLAMP, e, partials, sched.workers, sched.group_m)
 
     return run
 

@@ -55,7 +55,7 @@ from linear_cross_entropy.backends.fused.factored_gluon import (
     _mma_turn,
     _ping_pong_smem,
     _producer,
-    _tile_coords,
+    _tile_schedule,
 )
 
 __all__ = ["Config", "DEFAULT", "WIDE", "plain_gemm", "stats_gemm", "descriptors", "stats_tiles", "row_padded"]
@@ -180,7 +180,7 @@ def _consumer(
 
     i = 0  # this consumer's tile count m; its local tile is j = 2 * i + CONSUMER
     for tile in range(pid + CONSUMER * nprog, tiles_m * tiles_n, 2 * nprog):
-        pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+        pid_m, pid_n, _, _ = _tile_schedule(tile, tiles_m, tiles_n, GROUP_M, 2 * nprog)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         q0 = (2 * i + CONSUMER) * k_steps

@@ -139,8 +139,15 @@ def _row_pass(
     # the factored pass (.factored) replaces the logits GEMM, the row kernel and the gradient GEMMs chunk by chunk
     fact = None
     if plan.factored and grads is not None and factored.tma_ready(x, w):
-        smoothed_weight_grad = lp.label_smoothing > 0 and grads.weight is not None
-        fact = factored.allocate(min(rows, n), x, w.shape[0], smoothing=smoothed_weight_grad)
+        smoothed = lp.label_smoothing > 0
+        fact = factored.allocate(
+            min(rows, n),
+            x,
+            w.shape[0],
+            grads.input,
+            smoothing=smoothed,
+            rank_one_rows=smoothed and grads.weight is not None,
+        )
         smoothing = factored.smoothing_terms(fact, x, w, b, target, class_weight, scales[0], lp)
         logits_all = grad_all = None
     else:

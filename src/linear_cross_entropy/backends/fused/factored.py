@@ -4,7 +4,9 @@ Per chunk of rows, :func:`forward_chunk` runs the target logits, the exponential
 one of :mod:`.factored_gluon` where it runs, else the plain Triton one) and the combine (with the refit), leaving
 in its :class:`FactoredBuffers` ``E'`` (its target column zeroed), each row's scale ``r`` and the target column's exact
 ``dz_y`` (``dz = r·E' + dz_y·e_y``); :func:`gradient_gemms` then forms the chunk's shares of the gradients with
-cuBLAS and one small kernel. After the last chunk, :func:`target_column_grads` adds every row's target-column term
+cuBLAS and one small kernel. Beside the ``(rows, V)`` buffer a chunk holds only its partials (a few dozen a row:
+:mod:`.factored_schedule`); its ``(r, H)`` product goes over its own, not yet written, rows of ``grad_x``, so the
+pass's peak stays within the row kernel's. After the last chunk, :func:`target_column_grads` adds every row's target-column term
 to the weight and bias gradients in one launch. Label smoothing adds a rank-1 term to ``dz``, ``−(s·ε/C)·w`` (``w``
 the class weights, or ones), kept apart as the target column is: the loss's ``Σ_c w_c z_c`` is one dot product a
 row, ``grad_x`` takes one term a row, and ``grad_W`` its rank-1 share as extra rows of the first chunk's GEMM
@@ -21,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ..common import LossParams
-from ..grid import cdiv, next_power_of_2
+from ..grid import cdiv, next_power_of_2, sm_count
 from ..tma import descriptor, have_descriptors, input_precision
 from . import factored_gluon
 from .factored_kernels import (
@@ -31,6 +33,7 @@ from .factored_kernels import (
     _target_logit_kernel,
     _target_weight_grad_kernel,
 )
+from .factored_schedule import largest_group, slots
 from .gemm import input_grad_gemm, row_padded, weight_grad_gemm
 from .rows import _vector_stride
 
@@ -63,7 +66,8 @@ _REFIT_BLOCK_V, _REFIT_BLOCK_H = 64, 32
 
 @dataclasses.dataclass(frozen=True)
 class FactoredTiles:
-    """The plain-Triton exponential GEMM's tile: ``(block_m, block_n)`` logits over ``block_k`` features a step."""
+    """The plain-Triton exponential GEMM's tile: ``(block_m, block_n)`` logits over ``block_k`` features a step;
+    ``workers`` persistent programs (an SM each on the GPU: ``None``), ``group_m`` row blocks a group."""
 
     block_m: int
     block_n: int
@@ -71,15 +75,44 @@ class FactoredTiles:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    workers: int | None = None
 
 
-# 128 classes a tile on the GPU, as the Gluon kernel (the partials' tile count must not depend on which GEMM runs).
+# 128 × 128 tiles on the GPU, as the Gluon kernel's. The interpreter's 4 workers put several tiles in a slot at the
+# tests' shapes (the schedule's merging is what they check).
 _GPU = FactoredTiles(128, 128, 64, 8, 3)
-_INTERPRETER = FactoredTiles(16, 16, 16, 1, 1, 2)
+_INTERPRETER = FactoredTiles(16, 16, 16, 1, 1, 2, workers=4)
 
 
 def _tiles(device: torch.device) -> FactoredTiles:
     return _GPU if device.type == "cuda" else _INTERPRETER
+
+
+class Schedule(NamedTuple):
+    """One chunk's exponential GEMM: which kernel, its tile, and its schedule (:mod:`.factored_schedule`)."""
+
+    gluon: bool
+    block_m: int
+    block_n: int
+    group_m: int  # the schedule's GROUP_M: a power of two dividing workers
+    workers: int
+
+
+def schedule(rows: int, x: torch.Tensor, num_classes: int) -> Schedule:
+    """The exponential GEMM's launch for a chunk of ``rows`` rows of ``x``."""
+    if factored_gluon.runs_on(x):
+        workers = factored_gluon.workers(rows, num_classes, x.device)
+        block_m, block_n, group_m, gluon = factored_gluon.BLOCK_M, factored_gluon.BLOCK_N, factored_gluon.GROUP_M, True
+    else:
+        t = _tiles(x.device)
+        tiles = cdiv(rows, t.block_m) * cdiv(num_classes, t.block_n)
+        most = t.workers if t.workers is not None else sm_count(x.device)
+        workers, block_m, block_n, group_m, gluon = min(most, tiles), t.block_m, t.block_n, t.group_m, False
+    return Schedule(gluon, block_m, block_n, largest_group(workers, group_m), workers)
+
+
+def _slots(rows: int, num_classes: int, sched: Schedule) -> int:
+    return slots(rows, sched.block_m, cdiv(num_classes, sched.block_n), sched.group_m, sched.workers)
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
@@ -99,14 +132,17 @@ class FactoredBuffers(NamedTuple):
     """One chunk's working set: views of a :class:`Workspace` (:meth:`Workspace.chunk`)."""
 
     e: torch.Tensor  # (r, V) x's dtype, row-padded: E, then E' (and dz on refitted rows)
-    partials: torch.Tensor  # (tiles, r) fp32: l_t
-    product: torch.Tensor  # (r, H) x's dtype, over the partials' storage: E'·W, then r ⊙ x
+    partials: torch.Tensor  # (slots, r) fp32: each slot's l (.factored_schedule)
+    # (r, H) x's dtype: r ⊙ x then E'·W over the chunk's own grad_x rows (product_in_grad_x), or E'·W then r ⊙ x
+    # over the partials' storage
+    product: torch.Tensor
+    product_in_grad_x: bool
     shift: torch.Tensor  # (r,) fp32: the target logits
     scale: torch.Tensor  # (r,) fp32: r
-    coefs: torch.Tensor  # (3, r) fp32: coef, T, label smoothing's s·ε/C
+    smooth_coef: torch.Tensor  # (r,) fp32: label smoothing's s·ε/C (empty without smoothing)
     target_grad: torch.Tensor  # (r,) fp32, a view of the call's (N,): dz_y
     refit: torch.Tensor  # (r,) int8
-    z_sum: torch.Tensor  # (r,) fp32: Σ_c w_c·z_c (label smoothing)
+    z_sum: torch.Tensor  # (r,) fp32: Σ_c w_c·z_c (empty without label smoothing)
     extended: tuple[torch.Tensor, torch.Tensor] | None  # e and product with label smoothing's rank-1 rows below
 
 
@@ -115,30 +151,36 @@ class Workspace(NamedTuple):
     column's ``dz_y``, read after the last chunk: 4 bytes a row)."""
 
     e: torch.Tensor  # (rows [+ rank-1 rows], V) row-padded: the only (rows, V) buffer, as today's logits
-    space: torch.Tensor  # flat fp32: a chunk's partials, then (dead once the combine read them) its (r, H) product
-    tiles: int  # partials per row: vocabulary tiles of the exponential GEMM
+    # flat fp32: a chunk's partials, then (dead once the combine read them) its (r, H) product; empty with grad_x
+    space: torch.Tensor
+    slots: int  # partials a row, at most (.factored_schedule.slots)
     features: int  # H
+    grad_x: torch.Tensor | None  # (N, H): where each chunk's partials, then its product, go (its own rows), or None
     shift: torch.Tensor  # (rows,) fp32
     scale: torch.Tensor  # (rows,) fp32
-    coefs: torch.Tensor  # (3, rows) fp32
+    smooth_coef: torch.Tensor  # (rows,) fp32, or (0,) without label smoothing
     target_grad: torch.Tensor  # (N,) fp32
     refit: torch.Tensor  # (rows,) int8
-    z_sum: torch.Tensor  # (rows,) fp32
+    z_sum: torch.Tensor  # (rows,) fp32, or (0,) without label smoothing
 
     def chunk(self, start: int, r: int) -> FactoredBuffers:
-        """Views for the ``r`` rows from ``start`` (the kernels read ``(tiles, r)`` planes ``r`` rows apart)."""
-        partials = self.space[: self.tiles * r].view(self.tiles, r)
-        coefs = self.coefs.view(-1)[: 3 * r].view(3, r)
+        """Views for the ``r`` rows from ``start`` (the kernels read ``(slots, r)`` planes ``r`` rows apart)."""
+        space = self.space if self.grad_x is None else self.grad_x[start : start + r].view(-1).view(torch.float32)
+        partials = space[: self.slots * r].view(self.slots, r)
         target_grad = self.target_grad[start : start + r]
         extra = self.e.shape[0] - self.shift.shape[0]  # label smoothing's rank-1 rows, below the chunk's
-        extended = (self.e[: r + extra], self._product(r + extra)) if extra else None
+        extended = (self.e[: r + extra], self._product(start, r + extra)) if extra else None
         return FactoredBuffers(
-            self.e[:r], partials, self._product(r), self.shift[:r], self.scale[:r], coefs, target_grad,
-            self.refit[:r], self.z_sum[:r], extended,
+            self.e[:r], partials, self._product(start, r), self.grad_x is not None, self.shift[:r], self.scale[:r],
+            self.smooth_coef[:r], target_grad, self.refit[:r], self.z_sum[:r], extended,
         )  # fmt: skip
 
-    def _product(self, k: int) -> torch.Tensor:
-        """``(k, H)`` in x's dtype over the partials' storage."""
+    def _product(self, start: int, k: int) -> torch.Tensor:
+        """``(k, H)`` in x's dtype: over ``grad_x``'s rows from ``start`` (each product row in the first bytes of
+        its grad_x row, whatever grad_x's dtype: the rows kernel then reads and writes within one row), or over
+        the partials' storage."""
+        if self.grad_x is not None:
+            return self.grad_x[start : start + k].view(self.e.dtype)[:, : self.features]
         return self.space.view(self.e.dtype)[: k * self.features].view(k, self.features)
 
 
@@ -224,30 +266,47 @@ def _weighted_sum(
     return sums.sum(0)
 
 
-def allocate(rows: int, x: torch.Tensor, num_classes: int, smoothing: bool) -> Workspace:
-    """The working set of ``rows``-row chunks of ``x``'s rows (with label smoothing, room for its rank-1 rows below
-    a chunk's in ``E'`` and ``r ⊙ x``: :func:`smoothing_terms`)."""
+def allocate(
+    rows: int,
+    x: torch.Tensor,  # (N, H)
+    num_classes: int,
+    grad_x: torch.Tensor | None,  # (N, H), to be written chunk by chunk
+    *,
+    smoothing: bool,  # label smoothing
+    rank_one_rows: bool,  # label smoothing with grad_W wanted
+) -> Workspace:
+    """The working set of ``rows``-row chunks of ``x``'s rows (with label smoothing and grad_W, room for its rank-1
+    rows below a chunk's in ``E'`` and ``r ⊙ x``: :func:`smoothing_terms`). Each chunk's ``(r, H)`` product goes over its own
+    rows of ``grad_x`` (not yet written) where those hold it, and its partials before it (dead once the combine has
+    read them): no buffer of its own."""
     (n, h), dev = x.shape, x.device
-    tiles = cdiv(num_classes, _block_n(x))
-    extra = _RANK_ONE_ROWS if smoothing else 0
-    product_words = cdiv((rows + extra) * h * x.element_size(), 4)
+    extra = _RANK_ONE_ROWS if rank_one_rows else 0
+    last = n % rows
+    most = max(_slots(r, num_classes, schedule(r, x, num_classes)) for r in ((rows, last) if last else (rows,)))
+    if not (
+        grad_x is not None
+        and grad_x.is_contiguous()
+        and grad_x.element_size() >= x.element_size()
+        and grad_x.shape[0] >= rows + extra  # the first chunk's rank-1 rows below its own
+        and (h * grad_x.element_size()) % 4 == 0  # its rows hold whole fp32 partials ...
+        and most * 4 <= h * grad_x.element_size()  # ... as many as a row has
+    ):
+        grad_x = None
+    words = 0 if grad_x is not None else max(most * rows, cdiv((rows + extra) * h * x.element_size(), 4))
     f32 = dict(dtype=torch.float32, device=dev)
     return Workspace(
         row_padded(rows + extra, num_classes, x.dtype, dev),
-        torch.empty(max(tiles * rows, product_words), **f32),
-        tiles,
+        torch.empty(words, **f32),
+        most,
         h,
+        grad_x,
         torch.empty(rows, **f32),
         torch.empty(rows, **f32),
-        torch.empty((3, rows), **f32),
+        torch.empty(rows if smoothing else 0, **f32),
         torch.empty(n, **f32),
         torch.empty(rows, dtype=torch.int8, device=dev),
-        torch.empty(rows, **f32),
+        torch.empty(rows if smoothing else 0, **f32),
     )
-
-
-def _block_n(x: torch.Tensor) -> int:
-    return factored_gluon.BLOCK_N if factored_gluon.runs_on(x) else _tiles(x.device).block_n
 
 
 def forward_chunk(
@@ -265,7 +324,7 @@ def forward_chunk(
     smoothing: Smoothing | None,
 ) -> None:
     """Per-row losses and lse, and ``dz = r·E'`` left in ``buf`` (``buf.scale``, ``buf.e``; label smoothing's
-    rank-1 part apart, its coefficient in ``buf.coefs[2]``)."""
+    rank-1 part apart, its coefficient in ``buf.smooth_coef``)."""
     (r, h), v = x_c.shape, w.shape[0]
     if r == 0:
         return
@@ -275,13 +334,16 @@ def forward_chunk(
         None if sm is None else sm.weighted_w, None if sm is None else sm.weighted_bias,
         None if sm is None else buf.z_sum,
         v, h, x_c.stride(0), w.stride(0), lp.ignore_index, lp.logit_scale,
-        BLOCK_H=_feature_block(h), num_warps=4,
+        BLOCK_H=_feature_block(h, x_c.device), num_warps=4,
     )  # fmt: skip
-    if factored_gluon.runs_on(x_c):
-        factored_gluon.exp_logits(x_c, w, b, buf.shift, lp.logit_scale, CLAMP, buf.e, buf.partials)
+    sched = schedule(r, x_c, v)
+    if sched.gluon:
+        factored_gluon.exp_logits(
+            x_c, w, b, buf.shift, lp.logit_scale, CLAMP, buf.e, buf.partials, sched.workers, sched.group_m
+        )
     else:
-        _exp_logits(x_c, w, b, buf, lp.logit_scale)
-    combine(x_c, w, b, target, class_weight, scales, lp, smoothing, buf, loss_out, lse_out)
+        _exp_logits(x_c, w, b, buf, lp.logit_scale, sched)
+    combine(x_c, w, b, target, class_weight, scales, lp, smoothing, buf, loss_out, lse_out, sched)
 
 
 def combine(
@@ -296,6 +358,7 @@ def combine(
     buf: FactoredBuffers,  # of r rows, after the exponential GEMM
     loss_out: torch.Tensor,  # (r,) fp32
     lse_out: torch.Tensor,  # (r,) fp32
+    sched: Schedule,  # the exponential GEMM's, whose partials buf holds
 ) -> None:
     """The partials into the losses, lse, ``r``, ``dz_y`` and the rows to refit; ``E``'s target column zeroed, and
     the refitted rows' ``dz`` (their logits recomputed from ``x_c``, ``w`` and ``b``) written over ``E``."""
@@ -303,25 +366,25 @@ def combine(
     _factored_combine_kernel[(cdiv(r, _COMBINE_BLOCK_R),)](
         x_c, w, b, buf.partials, buf.shift, target, class_weight, ce, zs,
         None if smoothing is None else buf.z_sum, None if smoothing is None else smoothing.weight_sum,
-        buf.e, loss_out, lse_out, buf.scale, buf.coefs, buf.target_grad, buf.refit,
-        r, buf.partials.shape[0], v, h,
+        buf.e, loss_out, lse_out, buf.scale, buf.smooth_coef, buf.target_grad, buf.refit,
+        r, buf.partials.shape[0], v, h, sched.workers,
         x_c.stride(0), w.stride(0), buf.e.stride(0), _vector_stride(ce), _vector_stride(zs),
         lp.ignore_index, lp.z_loss, 0.0 if smoothing is None else smoothing.eps, lp.logit_scale,
-        HAS_Z_LOSS=lp.z_loss > 0, CLAMP=CLAMP, BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
+        HAS_Z_LOSS=lp.z_loss > 0, CLAMP=CLAMP, TILE_M=sched.block_m, TILE_N=sched.block_n, GROUP_M=sched.group_m,
+        BLOCK_T=_COMBINE_BLOCK_T, BLOCK_R=_COMBINE_BLOCK_R,
         BLOCK_V=_REFIT_BLOCK_V, BLOCK_H=_REFIT_BLOCK_H, INPUT_PRECISION=input_precision(x_c.dtype),
         num_warps=_COMBINE_WARPS,
     )  # fmt: skip
 
 
-def _exp_logits(x_c, w, b, buf: FactoredBuffers, logit_scale: float) -> None:
+def _exp_logits(x_c, w, b, buf: FactoredBuffers, logit_scale: float, sched: Schedule) -> None:
     (r, h), v = x_c.shape, w.shape[0]
     t = _tiles(x_c.device)
-    grid = (cdiv(r, t.block_m) * cdiv(v, t.block_n),)
-    _exp_logits_kernel[grid](
+    _exp_logits_kernel[(sched.workers,)](
         descriptor(x_c, t.block_m, t.block_k), descriptor(w, t.block_n, t.block_k),
         descriptor(buf.e, t.block_m, t.block_n), b, buf.shift, buf.partials,
         r, v, h, logit_scale,
-        CLAMP=CLAMP, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+        CLAMP=CLAMP, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=sched.group_m,
         INPUT_PRECISION=input_precision(x_c.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
 
@@ -342,35 +405,44 @@ def gradient_gemms(
     first chunk adds label smoothing's rank-1 shares, :func:`smoothing_terms`):
     ``grad_x_c = r ⊙ (E'·W) + dz_y ⊙ W_y`` (the product in x's dtype: cuBLAS's fp32-output GEMM ran 1.4x its
     16-bit one on an H100; the rounding falls on the non-target part only), ``grad_W (+)= E'ᵀ·(r ⊙ x_c)``,
-    ``grad_b += E'ᵀ·r``."""
+    ``grad_b += E'ᵀ·r``. Where the product lives in the chunk's own ``grad_x`` rows, ``r ⊙ x_c`` goes there first
+    and the weight-gradient GEMM reads it before ``E'·W`` takes its place."""
     (r, h), v = x_c.shape, w.shape[0]
     if r == 0:
         return
+    if grad_w is not None and (buf.product_in_grad_x or grad_x is None):
+        torch.mul(x_c, buf.scale[:, None], out=buf.product)
+        _weight_grad_share(grad_w, buf, start, smoothing)
     if grad_x is not None:
         input_grad_gemm(buf.e, w, buf.product)
         out = grad_x[start : start + r]
+        scale_input = grad_w is not None and not buf.product_in_grad_x  # r ⊙ x over the product, for the GEMM below
         _input_grad_rows_kernel[(r,)](
-            buf.product, w, x_c if grad_w is not None else None, target, buf.scale, buf.target_grad,
-            None if smoothing is None else buf.coefs[2], None if smoothing is None else smoothing.weighted_w, out,
+            buf.product, w, x_c if scale_input else None, target, buf.scale, buf.target_grad,
+            None if smoothing is None else buf.smooth_coef, None if smoothing is None else smoothing.weighted_w, out,
             v, h,
             buf.product.stride(0), w.stride(0), x_c.stride(0), out.stride(0),
-            BLOCK_H=_feature_block(h), num_warps=4,
+            BLOCK_H=_feature_block(h, x_c.device), num_warps=4,
         )  # fmt: skip
-    elif grad_w is not None:
-        torch.mul(x_c, buf.scale[:, None], out=buf.product)
-    if grad_w is not None:  # buf.product holds r ⊙ x_c
-        if start == 0 and smoothing is not None:  # and, below it, the rank-1 share's rows (smoothing_terms)
-            e, product = buf.extended
-            product[r:].copy_(smoothing.rank_one_p)
-            weight_grad_gemm(grad_w, e, product, first=True)
-        else:
-            weight_grad_gemm(grad_w, buf.e, buf.product, first=start == 0)
+        if scale_input:
+            _weight_grad_share(grad_w, buf, start, smoothing)
     if grad_b is not None:  # E'ᵀ·r, r rounded to E's dtype (as r ⊙ x is), summed in fp32
         share = torch.empty((v, 1), dtype=torch.float32, device=w.device)
         weight_grad_gemm(share, buf.e, buf.scale.to(buf.e.dtype)[:, None], first=True)
         grad_b.add_(share[:, 0])
         if start == 0 and smoothing is not None:
             grad_b.add_(smoothing.bias_share)
+
+
+def _weight_grad_share(grad_w: torch.Tensor, buf: FactoredBuffers, start: int, smoothing: Smoothing | None) -> None:
+    """``grad_W (+)= E'ᵀ·(r ⊙ x_c)``, ``buf.product`` holding ``r ⊙ x_c``."""
+    r = buf.e.shape[0]
+    if start == 0 and smoothing is not None:  # and, below it, the rank-1 share's rows (smoothing_terms)
+        e, product = buf.extended
+        product[r:].copy_(smoothing.rank_one_p)
+        weight_grad_gemm(grad_w, e, product, first=True)
+    else:
+        weight_grad_gemm(grad_w, buf.e, buf.product, first=start == 0)
 
 
 def target_column_grads(
@@ -391,9 +463,11 @@ def target_column_grads(
         order, sorted_target, target_grad, x, grad_w, grad_b,
         n, num_classes, h,
         x.stride(0), 0 if grad_w is None else grad_w.stride(0),
-        BLOCK_H=_feature_block(h), num_warps=4,
+        BLOCK_H=_feature_block(h, x.device), num_warps=4,
     )  # fmt: skip
 
 
-def _feature_block(h: int) -> int:
-    return min(1024, next_power_of_2(h))
+def _feature_block(h: int, device: torch.device) -> int:
+    """The per-row kernels' block of features: up to 1024 on the GPU, 16 in the interpreter (whose tests then run
+    the loops over several blocks)."""
+    return min(1024 if device.type == "cuda" else 16, next_power_of_2(h))

@@ -34,14 +34,15 @@ import functools
 import torch
 import triton
 
-from ..grid import cdiv
+from ..grid import cdiv, sm_count
+from .factored_schedule import tile_schedule
 
-__all__ = ["BLOCK_N", "runs_on", "exp_logits"]
+__all__ = ["BLOCK_M", "BLOCK_N", "GROUP_M", "runs_on", "workers", "exp_logits"]
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64
 # 4 stages: 197 KB of shared memory with the two staging tiles. 5 (230 KB) ran 2% faster at H = 768, the same at
 # 896 and 14-17% slower at 1536-2048 on an H100 (benchmarks/NOTES.md, v17)
-_STAGES, _GROUP_M = 4, 8
+_STAGES, GROUP_M = 4, 8
 # Registers per thread: the two consumers 232 each (a 128×128 fp32 accumulator is 128), the producer 40; 168 a
 # thread at launch across the 12 warps (the pool setmaxnreg redistributes).
 _CONSUMER_REGS, _PRODUCER_REGS, _MAXNREG = 232, 40, 168
@@ -78,14 +79,8 @@ if gluon is not None:
     _LOG2E = gl.constexpr(1.4426950408889634)
     _LN2 = gl.constexpr(0.6931471805599453)
 
-    @gluon.jit
-    def _tile_coords(tile, tiles_m, tiles_n, GROUP_M: gl.constexpr):
-        """``(pid_m, pid_n)`` of a linear tile id: GROUP_M row blocks walk the column blocks together."""
-        per_group = GROUP_M * tiles_n
-        first_m = (tile // per_group) * GROUP_M
-        group_size = gl.minimum(tiles_m - first_m, GROUP_M)
-        in_group = tile % per_group
-        return first_m + in_group % group_size, in_group // group_size
+    # the schedule's one source (.factored_schedule), compiled by Gluon's frontend
+    _tile_schedule = gluon.jit(tile_schedule)
 
     @gluon.jit
     def _producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, GROUP_M: gl.constexpr):
@@ -99,7 +94,7 @@ if gluon is not None:
         nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
         q = 0  # the CTA's load counter: local tile j, step k -> q = j * k_steps + k
         for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+            pid_m, pid_n, _, _ = _tile_schedule(tile, tiles_m, tiles_n, GROUP_M, 2 * gl.num_programs(0))
             for k in range(k_steps):
                 s = q % S
                 mbarrier.wait(empty.index(s), ((q // S) & 1) ^ 1)  # release n - 1 of the slot
@@ -144,33 +139,28 @@ if gluon is not None:
 
     @gluon.jit
     def _exp_partial(acc, shift, col_mask, to_log2, CLAMP: gl.constexpr, MASKED: gl.constexpr):
-        """``(E, l)`` of one tile, as ``_exp_tile`` of the plain kernel: the row max taken on the accumulator
+        """``(E, o, Σ)`` of one tile, as ``_exp_tile`` of the plain kernel: the row max taken on the accumulator
         ``u`` (``z = a·u``, ``to_log2 = a·log2(e)``, ``a > 0``), ``o`` folded into the row's shift
-        ``s = c·log2(e) + o``, then ``E = exp2(u·a·log2(e) − s)`` (one FFMA and one MUFU op a logit) and
-        ``l = o + log Σ E``. Only a tile past V masks (``MASKED``)."""
+        ``s = c·log2(e) + o``, then ``E = exp2(u·a·log2(e) − s)`` (one FFMA and one MUFU op a logit), ``o`` (base 2)
+        and ``Σ E``. Only a tile past V masks (``MASKED``)."""
         if MASKED:
             acc = gl.where(col_mask[None, :], acc, -float("inf"))
         base = shift * _LOG2E
         tile_max = gl.max(acc, axis=1) * to_log2 - base
-        s = base + gl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
-        e = gl.exp2(acc * to_log2 - s[:, None])
-        return e, (s - base + gl.log2(gl.sum(e, axis=1))) * _LN2
+        offset = gl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
+        e = gl.exp2(acc * to_log2 - (base + offset)[:, None])
+        return e, offset, gl.sum(e, axis=1)
 
     @gluon.jit
-    def _exp_epilogue(acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, to_log2,
-                      acc_layout: gl.constexpr, CLAMP: gl.constexpr):  # fmt: skip
-        """``_exp_partial`` of the tile (its masks only on the last vocabulary tile: a uniform branch) and the
-        partial ``l_t`` stored."""
-        BLOCK_M: gl.constexpr = acc.shape[0]
+    def _exp_epilogue(acc, shift, off_n, n_cols, to_log2, acc_layout: gl.constexpr, CLAMP: gl.constexpr):
+        """``_exp_partial`` of the tile, its masks only on the last vocabulary tile (a uniform branch)."""
         BLOCK_N: gl.constexpr = acc.shape[1]
-        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
         if off_n + BLOCK_N <= n_cols:
-            e, partial = _exp_partial(acc, shift, offs_n < n_cols, to_log2, CLAMP, False)
+            e, offset, tile_sum = _exp_partial(acc, shift, offs_n < n_cols, to_log2, CLAMP, False)
         else:
-            e, partial = _exp_partial(acc, shift, offs_n < n_cols, to_log2, CLAMP, True)
-        gl.store(partials_ptr + pid_n.to(gl.int64) * n_rows + offs_m, partial, mask=offs_m < n_rows)
-        return e
+            e, offset, tile_sum = _exp_partial(acc, shift, offs_n < n_cols, to_log2, CLAMP, True)
+        return e, offset, tile_sum
 
     @gluon.jit
     def _consumer(x_desc, w_desc, e_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, bias_ptr, shift_ptr,
@@ -193,20 +183,31 @@ if gluon is not None:
         my_turn = turn.index(CONSUMER)
         other_turn = turn.index(1 - CONSUMER)
         to_log2 = logit_scale * _LOG2E
+        # this worker's slot, summed over its tiles (.factored_schedule): base-2 offset and sum a row
+        run_offset = gl.zeros((BLOCK_M,), gl.float32, layout=gl.SliceLayout(1, acc_layout))
+        run_sum = gl.zeros((BLOCK_M,), gl.float32, layout=gl.SliceLayout(1, acc_layout))
         i = 0  # this consumer's tile count m; its local tile is j = 2 * i + CONSUMER
         for tile in range(gl.program_id(0) + CONSUMER * nprog, tiles_m * tiles_n, 2 * nprog):
-            pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+            pid_m, pid_n, slot, last = _tile_schedule(tile, tiles_m, tiles_n, GROUP_M, 2 * nprog)
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
             q0 = (2 * i + CONSUMER) * k_steps
             acc = _initial_accumulator(bias_ptr, off_n, n_cols, BLOCK_M, BLOCK_N, acc_layout, HAS_BIAS)
-            offs_s = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-            shift = gl.load(shift_ptr + offs_s, mask=offs_s < n_rows, other=0.0)
+            offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+            shift = gl.load(shift_ptr + offs_m, mask=offs_m < n_rows, other=0.0)
             acc = _mma_turn(acc, a_bufs, b_bufs, ready, empty, my_turn, other_turn, i, q0, k_steps)
             # the epilogue, under the other consumer's wgmmas
-            e = _exp_epilogue(
-                acc, shift, off_m, off_n, n_rows, n_cols, partials_ptr, pid_n, to_log2, acc_layout, CLAMP
-            ).to(e_desc.dtype)
+            e, offset, tile_sum = _exp_epilogue(acc, shift, off_n, n_cols, to_log2, acc_layout, CLAMP)
+            # _add_partial of the plain kernel: the slot's running (o, Σ), stored as o + log2 Σ after its last tile
+            new_offset = gl.maximum(run_offset, offset)
+            run_sum = run_sum * gl.exp2(run_offset - new_offset) + tile_sum * gl.exp2(offset - new_offset)
+            run_offset = new_offset
+            if last:
+                partial = (run_offset + gl.log2(run_sum)) * _LN2
+                gl.store(partials_ptr + slot.to(gl.int64) * n_rows + offs_m, partial, mask=offs_m < n_rows)
+            run_offset = gl.where(last, 0.0, run_offset)
+            run_sum = gl.where(last, 0.0, run_sum)
+            e = e.to(e_desc.dtype)
             tma.store_wait(pendings=0)  # this consumer's previous store has read c_smem
             c_smem.store(e)
             fence_async_shared()
@@ -305,9 +306,11 @@ def _shared_layout(block: tuple[int, int], dtype: torch.dtype):
     )
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def workers(rows: int, num_classes: int, device: torch.device) -> int:
+    """The schedule's workers for a chunk (:mod:`.factored_schedule`): two consumers a CTA, one CTA an SM (fewer
+    when the chunk has fewer tiles)."""
+    tiles = cdiv(rows, BLOCK_M) * cdiv(num_classes, BLOCK_N)
+    return 2 * min(sm_count(device), tiles)
 
 
 def exp_logits(
@@ -318,17 +321,16 @@ def exp_logits(
     logit_scale: float,  # a > 0
     clamp: float,
     e: torch.Tensor,  # (r, V) x's dtype, 16-byte row stride: written
-    partials: torch.Tensor,  # (cdiv(V, BLOCK_N), r) fp32: written
+    partials: torch.Tensor,  # (≥ slots, r) fp32: written (.factored_schedule.slots)
+    n_workers: int,  # workers(r, V, device)
+    group_m: int,  # the schedule's GROUP_M: largest_group(n_workers, GROUP_M)
 ) -> None:
     """``E`` and the partials, as :func:`.factored_kernels._exp_logits_kernel` computes them."""
-    r, v = x.shape[0], w.shape[0]
-    if r == 0:
+    if x.shape[0] == 0:
         return
-    tiles = cdiv(r, BLOCK_M) * cdiv(v, BLOCK_N)
-    grid = (min(_sm_count(x.device), tiles),)
-    _exp_logits_gluon_kernel[grid](
+    _exp_logits_gluon_kernel[(n_workers // 2,)](
         _descriptor(x, (BLOCK_M, BLOCK_K)), _descriptor(w, (BLOCK_N, BLOCK_K)), _descriptor(e, (BLOCK_M, BLOCK_N)),
         bias if bias is not None else partials, shift, partials, float(logit_scale), bias is not None, float(clamp),
-        _STAGES, _GROUP_M,
+        _STAGES, group_m,
         _CONSUMER_REGS, _PRODUCER_REGS, num_warps=4, maxnreg=_MAXNREG,
     )  # fmt: skip

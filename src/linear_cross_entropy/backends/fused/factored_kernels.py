@@ -27,13 +27,16 @@ by its own maximum instead, which keeps the combined ``lse`` exact, and its row 
 Kernels, in the order a chunk runs them:
 
 - :func:`_target_logit_kernel`: ``c_n = a·(x_n·W_y + b_y)`` (0 on ignored rows and out-of-range targets).
-- :func:`_exp_logits_kernel`: ``E = exp(a·(x·Wᵀ + b) − c − o)`` through TMA descriptors, and per (vocabulary tile,
-  row) ``l_t = o + log Σ_tile E``, the tile's logsumexp relative to ``c`` (``o`` 0, or the tile's ``max(z − c)``
-  where that exceeds ``CLAMP``). (A Hopper warp-specialised version of this GEMM is :mod:`.factored_gluon`.)
-- :func:`_factored_combine_kernel`: ``lse = c + L + log Σ_t exp(l_t − L)`` (``L = max_t l_t``), the loss
+- :func:`_exp_logits_kernel`: ``E = exp(a·(x·Wᵀ + b) − c − o)`` through TMA descriptors, and per vocabulary tile
+  and row ``l_t = o + log Σ_tile E``, the tile's logsumexp relative to ``c`` (``o`` 0, or the tile's ``max(z − c)``
+  where that exceeds ``CLAMP``), summed (``l = log Σ exp(l_t)``) over the tiles of one *slot* before it is stored:
+  a persistent worker handles each slot's tiles back to back (:mod:`.factored_schedule`), so a row has a few dozen
+  partials, not one a tile. (A Hopper warp-specialised version of this GEMM is :mod:`.factored_gluon`.)
+- :func:`_factored_combine_kernel`: ``lse = c + L + log Σ_s exp(l_s − L)`` (``L = max_s l_s``), the loss
   ``w_y·(lse − c)``, ``r``, ``dz_y`` (``E_y`` zeroed), and the refitted rows' ``dz`` (:func:`_refit_rows`).
-- after cuBLAS's ``E'·W``: :func:`_input_grad_rows_kernel` (``grad_x``, and ``r ⊙ x`` for cuBLAS's ``E'ᵀ·(r ⊙ x)``
-  written where ``E'·W`` was);
+- after cuBLAS's ``E'·W``: :func:`_input_grad_rows_kernel` (``grad_x``; either in place, the product having been
+  written in the chunk's own ``grad_x`` rows after cuBLAS's ``E'ᵀ·(r ⊙ x)`` read ``r ⊙ x`` there, or with
+  ``r ⊙ x`` written where ``E'·W`` was, for that GEMM to read next);
 - once, after the last chunk: :func:`_target_weight_grad_kernel` (every row's ``dz_y·x`` added at its target's row
   of ``grad_W``, summed per class over the rows sorted by target).
 
@@ -54,7 +57,8 @@ are then ``u``'s gradient, which the GEMMs take as before. (``a ≤ 0`` reverses
 import triton
 import triton.language as tl
 
-from .softmax_gemm_kernels import _logits_tile
+from .factored_schedule import group_size_jit, tile_schedule_jit
+from .softmax_gemm_kernels import _logits_tile_at
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -120,18 +124,26 @@ def _target_logit_kernel(
 
 @triton.jit
 def _exp_tile(acc, shift, offs_n, n_classes, logit_scale, CLAMP: tl.constexpr):
-    """``(E, l)`` of one ``(rows, classes)`` fp32 tile of ``u = x·Wᵀ + b``, the logits ``z = a·u`` (``a > 0``):
+    """``(E, o, Σ)`` of one ``(rows, classes)`` fp32 tile of ``u = x·Wᵀ + b``, the logits ``z = a·u`` (``a > 0``):
     ``E = exp(z − c − o)`` (0 past ``V``) with ``o`` per row 0, or ``max(z − c)`` where that exceeds ``CLAMP``, and
-    the partial ``l = o + log Σ_tile E``. In base-2 units, the row max taken on ``u`` (``a > 0`` keeps the order)
+    per row ``o`` (base 2) and ``Σ_tile E``. In base-2 units, the row max taken on ``u`` (``a > 0`` keeps the order)
     and ``o`` folded into the row's shift ``s = c·log2(e) + o``: one FMA a logit before the exponential,
     ``E = exp2(u·a·log2(e) − s)``."""
     acc = tl.where((offs_n < n_classes)[None, :], acc, -float("inf"))
     to_log2 = logit_scale * _LOG2E
     base = shift * _LOG2E
     tile_max = tl.max(acc, axis=1) * to_log2 - base
-    s = base + tl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
-    e = tl.exp2(acc * to_log2 - s[:, None])
-    return e, (s - base + tl.log2(tl.sum(e, axis=1))) * _LN2
+    offset = tl.where(tile_max > CLAMP * _LOG2E, tile_max, 0.0)
+    e = tl.exp2(acc * to_log2 - (base + offset)[:, None])
+    return e, offset, tl.sum(e, axis=1)
+
+
+@triton.jit
+def _add_partial(run_offset, run_sum, offset, tile_sum):
+    """A slot's running ``(o, Σ)`` (base 2: the partial is ``o + log2 Σ``) with one more tile's added; ``o`` stays 0
+    unless a tile was shifted by its own max (``o ≥ 0`` always, so a fresh slot starts from ``(0, 0)``)."""
+    new_offset = tl.maximum(run_offset, offset)
+    return new_offset, run_sum * tl.exp2(run_offset - new_offset) + tile_sum * tl.exp2(offset - new_offset)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -143,7 +155,7 @@ def _exp_logits_kernel(
     e_desc,  # (r, V) blocks (BLOCK_M, BLOCK_N): E, written
     bias_ptr,  # (V,) or None
     shift_ptr,  # (r,) fp32
-    partials_ptr,  # (tiles, r) fp32: l_t; written
+    partials_ptr,  # (slots, r) fp32: a slot's l = log Σ over its tiles' exp(l_t); written
     # dimensions
     n_rows,
     n_classes,
@@ -159,18 +171,32 @@ def _exp_logits_kernel(
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    acc, pid_n, first_row, first_col = _logits_tile(
-        x_desc, w_desc, bias_ptr, n_rows, n_classes, n_features, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-        INPUT_PRECISION,
-    )  # fmt: skip
-    offs_m = first_row + tl.arange(0, BLOCK_M)
-    offs_n = first_col + tl.arange(0, BLOCK_N)
-    row_mask = offs_m < n_rows
-    shift = tl.load(shift_ptr + offs_m, mask=row_mask, other=0.0)
-    e, partial = _exp_tile(acc, shift, offs_n, n_classes, logit_scale, CLAMP)
-    e_desc.store([first_row, first_col], e.to(e_desc.dtype))
-    # l_t: the tile's logsumexp relative to c ((tiles, r): rows contiguous)
-    tl.store(partials_ptr + pid_n.to(tl.int64) * n_rows + offs_m, partial, mask=row_mask)
+    """A persistent worker per program (:mod:`.factored_schedule`): its tiles in the schedule's order, each slot's
+    partial summed over the slot's tiles in registers and stored after the last."""
+    tiles_m = tl.cdiv(n_rows, BLOCK_M)
+    tiles_n = tl.cdiv(n_classes, BLOCK_N)
+    workers = tl.num_programs(0)
+    run_offset = tl.zeros((BLOCK_M,), tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for tile in range(tl.program_id(0), tiles_m * tiles_n, workers):
+        pid_m, pid_n, slot, last = tile_schedule_jit(tile, tiles_m, tiles_n, GROUP_M, workers)
+        first_row = pid_m * BLOCK_M
+        first_col = pid_n * BLOCK_N
+        acc = _logits_tile_at(
+            x_desc, w_desc, bias_ptr, first_row, first_col, n_classes, n_features, HAS_BIAS, BLOCK_M, BLOCK_N,
+            BLOCK_K, INPUT_PRECISION,
+        )  # fmt: skip
+        offs_m = first_row + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < n_rows
+        shift = tl.load(shift_ptr + offs_m, mask=row_mask, other=0.0)
+        e, offset, tile_sum = _exp_tile(acc, shift, first_col + tl.arange(0, BLOCK_N), n_classes, logit_scale, CLAMP)
+        e_desc.store([first_row, first_col], e.to(e_desc.dtype))
+        run_offset, run_sum = _add_partial(run_offset, run_sum, offset, tile_sum)
+        if last:  # the slot's logsumexp relative to c ((slots, r): rows contiguous), then a fresh slot
+            partial = (run_offset + tl.log2(run_sum)) * _LN2
+            tl.store(partials_ptr + slot.to(tl.int64) * n_rows + offs_m, partial, mask=row_mask)
+        run_offset = tl.where(last, 0.0, run_offset)
+        run_sum = tl.where(last, 0.0, run_sum)
 
 
 @triton.heuristics(
@@ -186,7 +212,7 @@ def _factored_combine_kernel(
     x_ptr,  # (r, H): read by the refit only
     w_ptr,  # (V, H): read by the refit only
     bias_ptr,  # (V,) or None: read by the refit only
-    partials_ptr,  # (tiles, r) fp32: l_t
+    partials_ptr,  # (slots, r) fp32: each slot's l (the exponential GEMM's schedule: .factored_schedule)
     shift_ptr,  # (r,) fp32: c
     target_ptr,  # (r,) int64
     class_weight_ptr,  # (V,) or None
@@ -198,14 +224,15 @@ def _factored_combine_kernel(
     loss_ptr,  # (r,) fp32; written
     lse_ptr,  # (r,) fp32; written
     scale_ptr,  # (r,) fp32: r (1 on refitted rows); written
-    coef_ptr,  # (3, r) fp32: coef and T (what the refit needs), and the smoothing coefficient s·ε/C; written
+    smooth_coef_ptr,  # (r,) fp32: label smoothing's coefficient s·ε/C (times a); written with HAS_SMOOTHING
     target_grad_ptr,  # (r,) fp32: dz_y (0 on refitted rows); written
     refit_ptr,  # (r,) int8: 1 where the row's dz was recomputed; written
     # dimensions
     n_rows,
-    n_tiles,
+    n_slots,  # the partials' planes (the most any row has)
     n_classes,
     n_features,
+    n_workers,  # the exponential GEMM's workers W
     # strides
     stride_x_row,
     stride_w_row,
@@ -223,14 +250,17 @@ def _factored_combine_kernel(
     HAS_Z_LOSS: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     CLAMP: tl.constexpr,
+    TILE_M: tl.constexpr,  # the exponential GEMM's tile and group (its schedule)
+    TILE_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One program per ``BLOCK_R`` rows: one read of their partials, ``L = max_t l_t`` and ``S = Σ_t exp(l_t − L)``
-    kept online (``S`` rescaled by ``exp(L_old − L_new)`` as ``L`` grows), then per row::
+    """One program per ``BLOCK_R`` rows: one read of their partials (``min(W/g, tiles)`` a row, ``g`` the row's
+    group in the exponential GEMM's schedule), ``L = max_t l_t`` and ``S = Σ_t exp(l_t − L)`` kept online (``S`` rescaled by ``exp(L_old − L_new)`` as ``L`` grows), then per row::
 
         lse = c + L + log S,   ℓ = w_y·(L + log S)   (lse − z_y with z_y = c),
         coef = s·w_y (+ 2λ·s_z·lse),   T = s·w_y,   r = coef·exp(c − lse),   dz_y = coef·exp(c − lse) − T
@@ -251,12 +281,14 @@ def _factored_combine_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     offs_t = tl.arange(0, BLOCK_T)
+    tiles_m = tl.cdiv(n_rows, TILE_M)
+    row_slots = tl.minimum(n_workers // group_size_jit(rows // TILE_M, tiles_m, GROUP_M), tl.cdiv(n_classes, TILE_N))
     # L starts finite (−3e38): a row whose every exponential underflowed (only an ignored row) gets S = 0, no NaN
     big_l = tl.full([BLOCK_R], -3.0e38, tl.float32)
     big_s = tl.zeros([BLOCK_R], tl.float32)
-    for t0 in range(0, n_tiles, BLOCK_T):
+    for t0 in range(0, n_slots, BLOCK_T):
         t = t0 + offs_t
-        mask = (t < n_tiles)[:, None] & row_mask[None, :]
+        mask = (t[:, None] < row_slots[None, :]) & row_mask[None, :]
         l_t = tl.load(partials_ptr + t.to(tl.int64)[:, None] * n_rows + rows[None, :], mask=mask, other=-float("inf"))
         new_l = tl.maximum(big_l, tl.max(l_t, axis=0))
         big_s = big_s * tl.exp2((big_l - new_l) * _LOG2E) + tl.sum(tl.exp2((l_t - new_l[None, :]) * _LOG2E), axis=0)
@@ -286,7 +318,7 @@ def _factored_combine_kernel(
         row_loss = (1.0 - eps) * w_y * loss_rel + (eps / n_classes) * (weight_sum * lse - z_sum)
         target_coef = (1.0 - eps) * s * w_y
         coef = s * ((1.0 - eps) * w_y + (eps / n_classes) * weight_sum)
-        tl.store(coef_ptr + 2 * n_rows + rows, logit_scale * s * (eps / n_classes), mask=row_mask)
+        tl.store(smooth_coef_ptr + rows, logit_scale * s * (eps / n_classes), mask=row_mask)
     else:
         row_loss = w_y * loss_rel
         target_coef = s * w_y
@@ -300,8 +332,8 @@ def _factored_combine_kernel(
     target_coef *= logit_scale
     # 0 where coef is (an ignored row's S may underflow to 0: no 0·inf)
     scale = tl.where(coef != 0.0, coef * tl.exp2(-loss_rel * _LOG2E), coef)
-    # a tile shifted by its own max has l_t ≥ its max − c > CLAMP; one not shifted l_t ≤ CLAMP + log(BLOCK_N): those
-    # between are refitted too (harmless, and as rare)
+    # a slot holding a tile shifted by its own max has l ≥ that max − c > CLAMP; one without, l ≤ CLAMP + log(its
+    # classes): those between are refitted too (harmless, and as rare: a loss above CLAMP − log V nats or so)
     refit = has_class & (big_l > CLAMP)
     kept_scale = row_mask & has_class & (refit == 0)
     tl.store(e_ptr + rows.to(tl.int64) * stride_e_row + y, tl.zeros_like(scale).to(e_ptr.dtype.element_ty),
@@ -309,8 +341,6 @@ def _factored_combine_kernel(
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     tl.store(scale_ptr + rows, tl.where(refit, 1.0, scale), mask=row_mask)
-    tl.store(coef_ptr + rows, coef, mask=row_mask)
-    tl.store(coef_ptr + n_rows + rows, target_coef, mask=row_mask)
     tl.store(target_grad_ptr + rows, tl.where(kept_scale, scale - target_coef, 0.0), mask=row_mask)
     tl.store(refit_ptr + rows, refit.to(tl.int8), mask=row_mask)
     if tl.max(refit.to(tl.int32), axis=0) != 0:  # the common case skips it: one reduction a program
@@ -353,7 +383,10 @@ def _input_grad_rows_kernel(
 ):
     """``grad_x_n = r_n·(E'·W)_n + dz_y·W_y`` (``− (s·ε/C)·Σ_c w_c·W_c`` with label smoothing), rounded once to
     ``out``'s dtype (one program per row); with ``x``, the weight gradient's operand ``r_n·x_n`` then goes where the
-    row's product was (each block is read before it is written, and no program reads another's row)."""
+    row's product was (each block is read before it is written, and no program reads another's row). The product
+    row may lie in the first bytes of the row's own ``out`` row (a wider ``out``): the blocks run last to first, so
+    that block ``k``'s store (bytes ``[k, k + B)·|out|``) only covers product elements ``≥ k·|out|/|product|``,
+    already read."""
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + row)
     dz_y = tl.load(target_grad_ptr + row)
@@ -362,8 +395,9 @@ def _input_grad_rows_kernel(
         smooth = tl.load(smooth_ptr + row)
     y = tl.load(target_ptr + row)
     y = tl.where((dz_y != 0.0) & (y >= 0) & (y < n_classes), y, 0)
-    for k in range(0, n_features, BLOCK_H):
-        offs_h = k + tl.arange(0, BLOCK_H)
+    n_blocks = tl.cdiv(n_features, BLOCK_H)
+    for i in range(n_blocks):
+        offs_h = (n_blocks - 1 - i) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = offs_h < n_features
         product = product_ptr + row * stride_product_row + offs_h
         g = scale * tl.load(product, mask=mask, other=0.0).to(tl.float32)

@@ -43,10 +43,23 @@ def _logits_tile(
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``(acc, pid_n, first_row, first_col)``: this program's fp32 ``(BLOCK_M, BLOCK_N)`` tile of ``x·Wᵀ + b`` in the
-    grouped order, the logits GEMMs' shared main loop (here and in :mod:`.factored_kernels`)."""
+    grouped order."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_classes, BLOCK_N), GROUP_M)
-    first_row = pid_m * BLOCK_M
-    first_col = pid_n * BLOCK_N
+    acc = _logits_tile_at(
+        x_desc, w_desc, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, n_classes, n_features, HAS_BIAS, BLOCK_M,
+        BLOCK_N, BLOCK_K, INPUT_PRECISION,
+    )  # fmt: skip
+    return acc, pid_n, pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _logits_tile_at(
+    x_desc, w_desc, bias_ptr, first_row, first_col, n_classes, n_features,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The fp32 ``(BLOCK_M, BLOCK_N)`` tile of ``x·Wᵀ + b`` from ``(first_row, first_col)``: the logits GEMMs' shared
+    main loop (here and in :mod:`.factored_kernels`)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, n_features, BLOCK_K):
         a = x_desc.load([first_row, k])  # (BLOCK_M, BLOCK_K)
@@ -55,7 +68,7 @@ def _logits_tile(
     if HAS_BIAS:
         offs_n = first_col + tl.arange(0, BLOCK_N)
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < n_classes, other=0.0).to(tl.float32)[None, :]
-    return acc, pid_n, first_row, first_col
+    return acc
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
