@@ -4,10 +4,10 @@ Per chunk of rows, :func:`forward_chunk` runs the target logits, the exponential
 one of :mod:`.factored_gluon` where it runs, else the plain Triton one) and the combine (with the refit), leaving
 in its :class:`FactoredBuffers` ``E'`` (its target column zeroed), each row's scale ``r`` and the target column's exact
 ``dz_y`` (``dz = r·E' + dz_y·e_y``); :func:`gradient_gemms` then forms the chunk's shares of the gradients with
-cuBLAS and one small kernel. Beside the ``(rows, V)`` buffer a chunk holds only its partials (a few dozen a row:
-:mod:`.factored_schedule`); its ``(r, H)`` product goes over its own, not yet written, rows of ``grad_x``, so the
-pass's peak stays within the row kernel's. After the last chunk, :func:`target_column_grads` adds every row's target-column term
-to the weight and bias gradients in one launch. Label smoothing adds a rank-1 term to ``dz``, ``−(s·ε/C)·w`` (``w``
+cuBLAS and one small kernel. Beside the ``(rows, V)`` buffer a chunk's working set — its partials (a few dozen a
+row: :mod:`.factored_schedule`), then its ``(r, H)`` product — lives in its own, not yet written, rows of
+``grad_x``, so the pass's peak stays within the row kernel's. After the last chunk, :func:`target_column_grads`
+adds every row's target-column term to the weight and bias gradients in one launch. Label smoothing adds a rank-1 term to ``dz``, ``−(s·ε/C)·w`` (``w``
 the class weights, or ones), kept apart as the target column is: the loss's ``Σ_c w_c z_c`` is one dot product a
 row, ``grad_x`` takes one term a row, and ``grad_W`` its rank-1 share as extra rows of the first chunk's GEMM
 (:func:`smoothing_terms`). A logit scale ``a > 0`` (``z = a·(x·Wᵀ + b)``) enters the kernels as one scalar: from the
@@ -276,9 +276,9 @@ def allocate(
     rank_one_rows: bool,  # label smoothing with grad_W wanted
 ) -> Workspace:
     """The working set of ``rows``-row chunks of ``x``'s rows (with label smoothing and grad_W, room for its rank-1
-    rows below a chunk's in ``E'`` and ``r ⊙ x``: :func:`smoothing_terms`). Each chunk's ``(r, H)`` product goes over its own
-    rows of ``grad_x`` (not yet written) where those hold it, and its partials before it (dead once the combine has
-    read them): no buffer of its own."""
+    rows below a chunk's in ``E'`` and ``r ⊙ x``: :func:`smoothing_terms`). Each chunk's partials, then (dead once
+    the combine has read them) its ``(r, H)`` product, go over its own rows of ``grad_x`` (not yet written) where
+    those hold them: no buffer of their own."""
     (n, h), dev = x.shape, x.device
     extra = _RANK_ONE_ROWS if rank_one_rows else 0
     last = n % rows

@@ -1,9 +1,9 @@
 r"""The factored row pass's exponential GEMM for Hopper, in Gluon (Triton 3.6's ``triton.experimental.gluon``).
 
-Same outputs as :func:`.factored_kernels._exp_logits_kernel` (``E = exp(a·(x·Wᵀ + b) − c − o)`` in x's dtype and the
-partial ``l_t`` per 128-class tile and row), with the schedule written out: a persistent kernel, one CTA
-per SM walking the grouped tile order ``tile = pid, pid + P, ...``, three partitions (FA3's / CUTLASS's
-"ping-pong"):
+Same outputs as :func:`.factored_kernels._exp_logits_kernel` (``E = exp(a·(x·Wᵀ + b) − c − o)`` in x's dtype and
+one partial per slot and row), with the schedule written out: a persistent kernel, one CTA per SM walking the tile
+order of :mod:`.factored_schedule` (``tile = pid, pid + P, ...``; each consumer is one of its ``W = 2P``
+workers), three partitions (FA3's / CUTLASS's "ping-pong"):
 
 - producer (1 warp): TMA loads of the x and W tiles into a ring of ``S`` slots (``ready`` / ``empty`` mbarriers);
 - consumers 0 and 1 (one warpgroup each) take the CTA's even and odd tiles. Each waits for its MMA *turn*, issues

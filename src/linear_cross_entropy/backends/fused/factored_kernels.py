@@ -260,7 +260,8 @@ def _factored_combine_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """One program per ``BLOCK_R`` rows: one read of their partials (``min(W/g, tiles)`` a row, ``g`` the row's
-    group in the exponential GEMM's schedule), ``L = max_t l_t`` and ``S = Σ_t exp(l_t − L)`` kept online (``S`` rescaled by ``exp(L_old − L_new)`` as ``L`` grows), then per row::
+    group in the exponential GEMM's schedule), ``L = max_t l_t`` and ``S = Σ_t exp(l_t − L)`` kept online (``S``
+    rescaled by ``exp(L_old − L_new)`` as ``L`` grows), then per row::
 
         lse = c + L + log S,   ℓ = w_y·(L + log S)   (lse − z_y with z_y = c),
         coef = s·w_y (+ 2λ·s_z·lse),   T = s·w_y,   r = coef·exp(c − lse),   dz_y = coef·exp(c − lse) − T
