@@ -67,7 +67,8 @@ _REFIT_BLOCK_V, _REFIT_BLOCK_H = 64, 32
 @dataclasses.dataclass(frozen=True)
 class FactoredTiles:
     """The plain-Triton exponential GEMM's tile: ``(block_m, block_n)`` logits over ``block_k`` features a step;
-    ``workers`` persistent programs (an SM each on the GPU: ``None``), ``group_m`` row blocks a group."""
+    ``workers`` persistent programs (``None``: two an SM, as the Gluon kernel has two workers a CTA; a second
+    program is resident where registers and shared memory allow), ``group_m`` row blocks a group."""
 
     block_m: int
     block_n: int
@@ -106,7 +107,7 @@ def schedule(rows: int, x: torch.Tensor, num_classes: int) -> Schedule:
     else:
         t = _tiles(x.device)
         tiles = cdiv(rows, t.block_m) * cdiv(num_classes, t.block_n)
-        most = t.workers if t.workers is not None else sm_count(x.device)
+        most = t.workers if t.workers is not None else 2 * sm_count(x.device)
         workers, block_m, block_n, group_m, gluon = min(most, tiles), t.block_m, t.block_n, t.group_m, False
     return Schedule(gluon, block_m, block_n, largest_group(workers, group_m), workers)
 
