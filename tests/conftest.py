@@ -1,5 +1,5 @@
-"""pytest's hooks and fixtures: the GPU skip, the per-test seed, the fused weight-gradient pass, hypothesis'
-profiles. The helpers tests import (problem builder, oracle, runner, tolerances) are in the package ``helpers``."""
+"""pytest's hooks and fixtures: the GPU skip, ``--force-factored``, the per-test seed, the fused weight-gradient
+pass, hypothesis' profiles. The helpers tests import (problem builder, oracle, runner, tolerances) are in the package ``helpers``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,27 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import DEVICES, HAS_CUDA  # noqa: E402 (reads TRITON_INTERPRET)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--force-factored",
+        action="store_true",
+        help="run every fp32/bf16/fp64 fused call the factored row pass can take on it (CPU interpreter and CUDA, any "
+        "hidden size): the whole suite as a check of that pass; only the test of the default thresholds then fails",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--force-factored"):
+        from linear_cross_entropy.backends.fused import policy
+
+        policy.THRESHOLDS = dataclasses.replace(
+            policy.THRESHOLDS,
+            factored_dtypes=frozenset({torch.float32, torch.bfloat16, torch.float64}),
+            factored_devices=frozenset({"cpu", "cuda"}),
+            factored_max_features_triton=1 << 20,
+        )
 
 
 def pytest_collection_modifyitems(config, items):
