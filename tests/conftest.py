@@ -1,4 +1,4 @@
-"""pytest's hooks and fixtures: the GPU skip, ``--force-factored``, the per-test seed, the fused weight-gradient
+"""pytest's hooks and fixtures: the GPU skip, ``--force-factored`` (and its fixture twin), the per-test seed, the fused weight-gradient
 pass, hypothesis' profiles. The helpers tests import (problem builder, oracle, runner, tolerances) are in the package ``helpers``."""
 
 from __future__ import annotations
@@ -28,16 +28,31 @@ def pytest_addoption(parser):
     )
 
 
+def _forced_factored(thresholds, *dtypes: torch.dtype):
+    """``thresholds`` with the factored row pass for fp32, bf16 and ``dtypes`` on the CPU (interpreter) and CUDA, at
+    any hidden size."""
+    return dataclasses.replace(
+        thresholds,
+        factored_dtypes=frozenset({torch.float32, torch.bfloat16, *dtypes}),
+        factored_devices=frozenset({"cpu", "cuda"}),
+        factored_max_features_triton=1 << 20,
+        factored_max_features_gluon=1 << 20,
+    )
+
+
 def pytest_configure(config):
     if config.getoption("--force-factored"):
         from linear_cross_entropy.backends.fused import policy
 
-        policy.THRESHOLDS = dataclasses.replace(
-            policy.THRESHOLDS,
-            factored_dtypes=frozenset({torch.float32, torch.bfloat16, torch.float64}),
-            factored_devices=frozenset({"cpu", "cuda"}),
-            factored_max_features_triton=1 << 20,
-        )
+        policy.THRESHOLDS = _forced_factored(policy.THRESHOLDS, torch.float64)
+
+
+@pytest.fixture
+def force_factored(monkeypatch):
+    """The factored pass for fp32 and bf16 on the CPU (interpreter) and CUDA, at any hidden size."""
+    from linear_cross_entropy.backends.fused import policy
+
+    monkeypatch.setattr(policy, "THRESHOLDS", _forced_factored(policy.THRESHOLDS))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,7 @@ forced by ``THRESHOLDS`` (the default takes it for bf16 on CUDA only). The cases
 ragged last one, V not a multiple of the tile, ignored rows, bias, class weights, the z-loss, every reduction, and
 rows whose largest logit exceeds the target logit by more than the window (refitted). The ``gpu`` tests run bf16 at
 sizes with thousands of classes against eager in bf16 (the Gluon GEMM where it runs). The plan's decision table
-is checked without running anything.
+is checked without running anything. (The ``force_factored`` fixture is conftest's.)
 """
 
 import dataclasses
@@ -20,19 +20,6 @@ from linear_cross_entropy.backends.common import LossParams
 from linear_cross_entropy.backends.fused import policy
 
 pytest.importorskip("triton")
-
-
-@pytest.fixture
-def force_factored(monkeypatch):
-    """The factored pass for fp32 and bf16 on the CPU (interpreter) and CUDA, at any hidden size."""
-    thresholds = dataclasses.replace(
-        policy.THRESHOLDS,
-        factored_dtypes=frozenset({torch.float32, torch.bfloat16}),
-        factored_devices=frozenset({"cpu", "cuda"}),
-        factored_max_features_triton=1 << 20,
-        factored_max_features_gluon=1 << 20,
-    )
-    monkeypatch.setattr(policy, "THRESHOLDS", thresholds)
 
 
 def _spy(monkeypatch):
