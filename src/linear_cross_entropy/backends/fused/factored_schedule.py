@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl  # noqa: F401  (the interpreter patches the jit functions' module through it)
 
+from ..grid import cdiv
+
 __all__ = ["group_size", "tile_schedule", "group_size_jit", "tile_schedule_jit", "slots", "largest_group"]
 
 
@@ -67,7 +69,7 @@ def largest_group(workers: int, group_m: int) -> int:
 def slots(rows: int, block_m: int, tiles_n: int, group_m: int, workers: int) -> int:
     """Partials a row, at most, for a chunk of ``rows`` rows: ``W / g`` for its smallest group ``g``, at most one
     a vocabulary tile."""
-    tiles_m = -(-rows // block_m)
+    tiles_m = cdiv(rows, block_m)
     rem = tiles_m % group_m
     smallest = rem & -rem if rem else group_m
     return min(workers // smallest, tiles_n)

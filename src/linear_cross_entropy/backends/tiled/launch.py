@@ -18,12 +18,11 @@ masks too. The CPU interpreter uses 16-wide tiles and pointer loads (its tests a
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from ..common import Grads, LossParams, index_rows
-from ..grid import cdiv
+from ..grid import cdiv, sm_count
 from ..partials import SPLITS, Partials, combine_partials
 from ..tma import can_use_tma, descriptor, input_precision
 from .kernels import _partial_stats_kernel, _tiled_backward_kernel
@@ -68,11 +67,8 @@ def tile_configs(device: torch.device, dtype: torch.dtype, fp32_atomics: bool) -
     return forward, backward
 
 
-@functools.cache
 def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device) if device.type == "cuda" else 2
 
 
 def _flags(lp: LossParams) -> dict:
