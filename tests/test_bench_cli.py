@@ -126,3 +126,14 @@ def test_policy_specs():
     assert (o.acc_policy, o.acc_dtype, o.batch_chunk_size, o.loss_dtype) == ("auto", None, None, None)
     with pytest.raises(ValueError, match="fp32-loss"):
         _policy_options("auto+fp16-loss", "fused")
+
+
+def test_gpu_peers_are_skipped_on_the_cpu_with_a_note():
+    from linear_cross_entropy.bench.peers import FAMILIES, methods
+
+    peers = ("liger", "cut-cross-entropy", "quack")
+    assert set(peers) <= set(FAMILIES)
+    fns, notes = methods(("eager", *peers), ["auto"], device="cpu")
+    assert list(fns) == ["eager"]
+    assert sorted(note.split(" skipped")[0] for note in notes) == sorted(peers)
+    assert all("CUDA" in note for note in notes)

@@ -2,15 +2,15 @@
 ours beside the three-GEMM floor and the peers, on whatever device is present.
 
 For each shape N×H×V and dtype: the floor (the three GEMMs ``x@Wᵀ``, ``dz@W``, ``dzᵀ@x`` on shapes padded to
-multiples of 128), eager, torch.compile of eager, ours per backend and acc_policy, Liger-Kernel and
-cut-cross-entropy (CUDA, when importable) and PyTorch's built-in ``F.linear_cross_entropy`` (torch >= 2.13).
+multiples of 128), eager, torch.compile of eager, ours per backend and acc_policy, Liger-Kernel,
+cut-cross-entropy and QuACK (CUDA, when importable) and PyTorch's built-in ``F.linear_cross_entropy`` (torch >= 2.13).
 Reported per method: median fwd+bwd time, ×floor, peak memory beyond the inputs and the two gradients, relative
 L2 errors of the loss, grad_input and grad_weight against float64, and the first call's time. Prints a table;
 writes ``TAG.csv`` and PNG plots (with ``matplotlib``: ``pip install -e ".[bench]"`` in a checkout) under --out.
 
 Defaults by device:
   CUDA: shapes 8192x4096x128256 16384x2048x131072, bfloat16, backend fused with policies auto, compact,
-        accurate:float32; eager, torch.compile, Liger-Kernel, cut-cross-entropy, torch built-in; 10 reps.
+        accurate:float32; eager, torch.compile, Liger-Kernel, cut-cross-entropy, QuACK, torch built-in; 10 reps.
   CPU:  shapes 1024x256x8192 2048x256x16384, float32, backends chunked and reference with policy auto; eager,
         torch built-in (torch.compile with --compile: compiling is slow on a CPU); 3 reps (about a minute on 2
         cores).
@@ -39,7 +39,7 @@ from . import measure, peers
 GPU_DEFAULTS = dict(
     shapes=["8192x4096x128256", "16384x2048x131072"],
     dtypes=["bfloat16"],
-    methods=["eager", "compile", "ours", "liger", "cut-cross-entropy", "torch built-in"],
+    methods=["eager", "compile", "ours", "liger", "cut-cross-entropy", "quack", "torch built-in"],
     backends=["fused"],
     policies=["auto", "compact", "accurate:float32"],
     reps=10,

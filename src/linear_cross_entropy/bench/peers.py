@@ -6,8 +6,10 @@
   ``tiled`` → ``ours-tiled[spec]`` (the memory-minimal backend: ``auto`` = no accumulator, ``balanced:float32`` =
   fp32 input-gradient accumulator), ``chunked`` → ``ours-chunked[spec]``, ``reference`` → ``ours[reference]`` (``options=None``: logits
   materialised).
-- Liger-Kernel (``liger``) and cut-cross-entropy (``cut-cross-entropy``): when importable, and on CUDA only (both
-  are Triton kernels for GPUs).
+- Liger-Kernel (``liger``), cut-cross-entropy (``cut-cross-entropy``) and QuACK (``quack``, ``quack-kernels``'
+  ``chunked_linear_cross_entropy`` at its defaults: 4096-row chunks, on a compute-capability 9.0 GPU its CuTe DSL
+  "scaled-exp" pipeline where ``V % 128 == 0``, its base chunked pipeline otherwise): when importable, and on CUDA
+  only (Triton and CuTe DSL kernels for GPUs).
 - PyTorch's built-in ``F.linear_cross_entropy`` with ``torch.nn.LinearCrossEntropyOptions()`` (``torch built-in``):
   when the installed torch has it (>= 2.13).
 """
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import LinearCrossEntropyOptions, linear_cross_entropy
 
-FAMILIES = ("eager", "compile", "ours", "liger", "cut-cross-entropy", "torch built-in")
+FAMILIES = ("eager", "compile", "ours", "liger", "cut-cross-entropy", "quack", "torch built-in")
 BACKENDS = ("fused", "tiled", "chunked", "reference")
 
 
@@ -56,10 +58,17 @@ def _cut_cross_entropy():
     return lambda x, w, y: cce(x, w, y)
 
 
+def _quack():
+    from quack.linear_cross_entropy import chunked_linear_cross_entropy
+
+    return lambda x, w, y: chunked_linear_cross_entropy(x, w, y)
+
+
 # The peers that run on CUDA only: family -> (why skipped elsewhere, loader of their fn(x, w, y)).
 _CUDA_PEERS = {
     "liger": ("Liger-Kernel needs", _liger),
     "cut-cross-entropy": ("it needs", _cut_cross_entropy),
+    "quack": ("QuACK needs", _quack),
 }
 
 
