@@ -1,5 +1,5 @@
-"""pytest's hooks and fixtures: the GPU skip, ``--force-factored`` (and its fixture twin), the per-test seed, the fused weight-gradient
-pass, hypothesis' profiles. The helpers tests import (problem builder, oracle, runner, tolerances) are in the package ``helpers``."""
+"""pytest's hooks and fixtures: the GPU skip, ``--force-factored`` (and its fixture twin), ``--without-gluon``, the per-test
+seed, the fused weight-gradient pass, hypothesis' profiles. The helpers tests import (problem builder, oracle, runner, tolerances) are in the package ``helpers``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,13 @@ def pytest_addoption(parser):
         "--force-factored",
         action="store_true",
         help="run every fp32/bf16/fp64 fused call the factored row pass can take on it (CPU interpreter and CUDA, any "
-        "hidden size): the whole suite as a check of that pass; only the test of the default thresholds then fails",
+        "hidden size): the whole suite as a check of that pass; only the tests of the default thresholds then fail",
+    )
+    parser.addoption(
+        "--without-gluon",
+        action="store_true",
+        help="the factored row pass with its plain-Triton exponential GEMM on the GPU too, as with a Triton other than "
+        "the Gluon kernel's (3.6): the GPU tests as a check of that fallback (the CPU runs it anyway)",
     )
 
 
@@ -45,6 +51,12 @@ def pytest_configure(config):
         from linear_cross_entropy.backends.fused import policy
 
         policy.THRESHOLDS = _forced_factored(policy.THRESHOLDS, torch.float64)
+    if config.getoption("--without-gluon"):
+        from linear_cross_entropy.backends.fused import factored_gluon, policy
+
+        factored_gluon.runs_on = lambda x: False
+        t = policy.THRESHOLDS  # the plain-Triton GEMM takes every call the Gluon one would
+        policy.THRESHOLDS = dataclasses.replace(t, factored_max_features_triton=t.factored_max_features_gluon)
 
 
 @pytest.fixture

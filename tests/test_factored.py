@@ -278,6 +278,20 @@ def test_default_thresholds_keep_the_cpu_on_the_row_kernel():
     assert not _plan(torch.empty(4, 8))  # factored_dtypes: bf16 only
 
 
+@pytest.mark.parametrize("gluon", [False, True])
+def test_default_thresholds_take_the_factored_pass_only_with_the_gluon_gemm(monkeypatch, gluon):
+    """On a device the factored pass serves, at a hidden size both GEMMs cover: only the Hopper Gluon GEMM beats
+    the row kernel (the plain-Triton one measured slower on an H100: NOTES, "The plain-Triton GEMM on the GPU")."""
+    from linear_cross_entropy.backends.fused import factored_gluon
+
+    here = dataclasses.replace(policy.THRESHOLDS, factored_devices=frozenset({"cpu"}))
+    monkeypatch.setattr(policy, "THRESHOLDS", here)
+    monkeypatch.setattr(factored_gluon, "runs_on", lambda x: gluon)
+    for h in (768, 896, 2048):
+        assert _plan(torch.empty(4, h, dtype=torch.bfloat16)) is gluon, h
+    assert not _plan(torch.empty(4, 4096, dtype=torch.bfloat16))  # above the Gluon GEMM's measured win
+
+
 # ------------------------------------------------------------------------------------------------------------- GPU
 
 

@@ -46,11 +46,13 @@ class Thresholds:
     gemm_flops_per_byte: Mapping[torch.dtype, int]
     recompute_column_align: int = 128  # the vocabulary-major pass's class blocks: multiples of cuBLAS's tiles
     min_rows: int = 1024  # the shortest chunk fused_chunk_rows picks (long GEMMs for small batches)
-    # The factored row pass (uses_factored): where it runs, and the widest hidden sizes at which it beat the row
-    # kernel on an H100 with the plain-Triton exponential GEMM and with the Hopper Gluon one (NOTES, v16).
+    # The factored row pass (uses_factored): where it runs, and the widest hidden sizes at which it beats the row
+    # kernel on an H100 with the plain-Triton exponential GEMM (none since that GEMM went persistent in v18e:
+    # 25.2-25.7 ms against the row kernel's 23.9 at 16384x896x151936; it runs where tests force it) and with the
+    # Hopper Gluon one (NOTES, v16 and "The plain-Triton GEMM on the GPU").
     factored_dtypes: frozenset = frozenset({torch.bfloat16})
     factored_devices: frozenset = frozenset({"cuda"})
-    factored_max_features_triton: int = 1024
+    factored_max_features_triton: int = 0
     factored_max_features_gluon: int = 2048
 
 
