@@ -1,5 +1,6 @@
-"""pytest's hooks and fixtures: the GPU skip, ``--force-factored`` (and its fixture twin), ``--without-gluon``, the per-test
-seed, the fused weight-gradient pass, hypothesis' profiles. The helpers tests import (problem builder, oracle, runner, tolerances) are in the package ``helpers``."""
+"""pytest's hooks and fixtures: the GPU skip, ``--force-factored`` (and its fixture twin), ``--without-gluon``,
+the per-test seed, the fused weight-gradient pass, hypothesis' profiles. The helpers tests import (problem builder,
+oracle, runner, tolerances) are in the package ``helpers``."""
 
 from __future__ import annotations
 
