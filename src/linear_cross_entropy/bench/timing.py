@@ -33,6 +33,7 @@ __all__ = [
     "CpuPeakMemory",
     "cpu_memory",
     "floor_ms",
+    "floor_operands",
     "synchronize",
     "empty_cache",
     "is_cuda",
@@ -160,12 +161,20 @@ def empty_cache(device):
         torch.cuda.empty_cache()
 
 
-def floor_ms(n, h, v, dtype, reps, warmup=2, device="cuda"):
+def floor_operands(n, h, v, dtype, device="cuda"):
+    """``(x, w, dz)``: random ``(N, H)``, ``(V, H)`` and ``(N, V)`` operands of the floor's GEMMs, each dimension
+    padded to a multiple of 128 (cuBLAS's fast kernels; an odd V such as 50257 would otherwise cost a multiple)."""
     pad = lambda d: -(-d // 128) * 128  # noqa: E731
     n, h, v = pad(n), pad(h), pad(v)
-    x = torch.randn(n, h, device=device, dtype=dtype)
-    w = torch.randn(v, h, device=device, dtype=dtype)
-    dz = torch.randn(n, v, device=device, dtype=dtype)
+    return (
+        torch.randn(n, h, device=device, dtype=dtype),
+        torch.randn(v, h, device=device, dtype=dtype),
+        torch.randn(n, v, device=device, dtype=dtype),
+    )
+
+
+def floor_ms(n, h, v, dtype, reps, warmup=2, device="cuda"):
+    x, w, dz = floor_operands(n, h, v, dtype, device)
 
     def step():
         torch.mm(x, w.T, out=dz)
