@@ -44,6 +44,7 @@ def _forced_factored(thresholds, *dtypes: torch.dtype):
         factored_devices=frozenset({"cpu", "cuda"}),
         factored_max_features_triton=1 << 20,
         factored_max_features_gluon=1 << 20,
+        factored_one_chunk=True,
     )
 
 

@@ -244,12 +244,57 @@ def test_logit_scale(force_factored, monkeypatch, logit_scale, bias, class_weigh
     assert_within_plain(ours, plain, ref, torch.float32)
 
 
-def _plan(x, lp=None, w_dtype=None, **kw):
+@pytest.mark.interpreter
+@needs_interpreter
+@pytest.mark.parametrize(
+    "bias, class_weight, reduction, extras",
+    [
+        (False, False, "mean", {}),
+        (True, True, "sum", {}),
+        (True, False, "mean", dict(z_loss=1e-2)),
+        (False, True, "mean", dict(logit_scale=0.7)),
+    ],
+)
+def test_one_chunk_deferred(force_factored, monkeypatch, bias, class_weight, reduction, extras):
+    """Every row in one chunk (eager forward, scalar reduction): forward keeps ``E'`` and the rows' scales,
+    backward multiplies them by the upstream gradient and runs the gradient GEMMs once (no fp32 scratch, nothing
+    scaled after rounding). A refitted row among them."""
+    from linear_cross_entropy.backends.fused import chunks
+
+    calls = _spy(monkeypatch)
+    backwards = []
+    real = chunks.factored_deferred_grads
+    monkeypatch.setattr(chunks, "factored_deferred_grads", lambda *a: backwards.append(1) or real(*a))
+    x, w, b, y, cw = small_problem(37, 16, 203, torch.float32, seed=21, bias=bias, class_weight=class_weight)
+    x[5] *= 150.0  # beyond the window: refitted
+    y[5] = 0
+    ours = _run(x, w, y, b, cw, None, reduction, **extras)
+    assert calls == [1] and backwards == [1], (calls, backwards)
+    oracle = _z_loss_loss if "z_loss" in extras else _scaled_oracle(oracle_loss, extras)
+    plain_fn = _z_loss_loss if "z_loss" in extras else _scaled_oracle(plain_loss, extras)
+    kw = {"z_loss": extras["z_loss"]} if "z_loss" in extras else {}
+    ref = _reference(oracle, x.double(), w.double(), y, None if b is None else b.double(),
+                     None if cw is None else cw.double(), reduction, **kw)  # fmt: skip
+    plain = _reference(plain_fn, x, w, y, b, cw, reduction, **kw)
+    assert_within_plain(ours, plain, ref, torch.float32)
+
+
+def _scaled_oracle(fn, extras):
+    """``fn`` with ``extras``' logit scale (``z = a·(x·Wᵀ + b)``: ``a·W`` and ``a·b`` give the same logits)."""
+    a = extras.get("logit_scale", 1.0)
+
+    def scaled(x, w, y, *, linear_bias, weight, reduction):
+        b = None if linear_bias is None else a * linear_bias
+        return fn(x, a * w, y, linear_bias=b, weight=weight, reduction=reduction)
+
+    return scaled
+
+
+def _plan(x, lp=None, w_dtype=None, mode=policy.Mode.ACCUMULATED, **kw):
     lp = lp or LossParams("mean", -100, 0.0, False)
     return policy.uses_factored(
-        policy.Mode.ACCUMULATED, lp, x, w_dtype or x.dtype,
-        **({"sharded": False, "entropy_grad": False, "fp32_logits": False} | kw),
-    )  # fmt: skip
+        mode, lp, x, w_dtype or x.dtype, **({"sharded": False, "entropy_grad": False, "fp32_logits": False} | kw)
+    )
 
 
 def test_the_decision_table(force_factored):
@@ -268,9 +313,30 @@ def test_the_decision_table(force_factored):
     assert not _plan(x, sharded=True)
     assert not _plan(x, entropy_grad=True)
     assert not _plan(x, fp32_logits=True)
-    assert not policy.uses_factored(
-        policy.Mode.DEFERRED, base, x, x.dtype, sharded=False, entropy_grad=False, fp32_logits=False
-    )
+    # one chunk: only where backward can fold the upstream gradient into the row scales, and without smoothing
+    assert not _plan(x, mode=policy.Mode.DEFERRED)
+    assert _plan(x, mode=policy.Mode.DEFERRED, deferrable=True)
+    assert not _plan(x, dataclasses.replace(base, label_smoothing=0.1), mode=policy.Mode.DEFERRED, deferrable=True)
+
+
+@pytest.mark.parametrize("reduction, retain, stage, factored", [
+    ("mean", False, "forward", True),
+    ("sum", False, "forward", True),
+    ("mean", True, "forward", False),  # a second backward would find the scales multiplied
+    ("none", False, "none_forward", False),  # token_log_probs' deferral: a per-row upstream gradient, the logits kept
+])  # fmt: skip
+def test_one_chunk_plans(force_factored, reduction, retain, stage, factored):
+    """Which one-chunk plans take the factored pass."""
+    from linear_cross_entropy.backends.common import Grads
+    from linear_cross_entropy.options import resolve
+
+    x = torch.empty(8, 16)
+    opts = LinearCrossEntropyOptions(backend="fused", allow_retain_graph=retain)
+    ro = resolve(opts, backend="fused", num_rows=8, in_features=16, num_classes=50, dtype=x.dtype, device=x.device)
+    lp = LossParams(reduction, -100, 0.0, False)
+    plan = policy.make_plan(stage, lp, ro, Grads(True, True, False), x, x.dtype)
+    assert plan.mode is policy.Mode.DEFERRED
+    assert plan.factored is factored
 
 
 def test_default_thresholds_keep_the_cpu_on_the_row_kernel():
@@ -289,6 +355,8 @@ def test_default_thresholds_take_the_factored_pass_only_with_the_gluon_gemm(monk
     monkeypatch.setattr(factored_gluon, "runs_on", lambda x: gluon)
     for h in (768, 896, 2048):
         assert _plan(torch.empty(4, h, dtype=torch.bfloat16)) is gluon, h
+        one_chunk = _plan(torch.empty(4, h, dtype=torch.bfloat16), mode=policy.Mode.DEFERRED, deferrable=True)
+        assert one_chunk is gluon, h  # NOTES, "One chunk on the factored pass"
     assert not _plan(torch.empty(4, 4096, dtype=torch.bfloat16))  # above the Gluon GEMM's measured win
 
 
@@ -315,6 +383,35 @@ def test_factored_bf16_gpu(monkeypatch, n, h, v, rows, bias, label_smoothing, lo
     kw = dict(label_smoothing=label_smoothing, logit_scale=logit_scale)
     ours = _run(x, w, y, b, rows=rows, **kw)
     assert calls
+    _within_eager_bf16(ours, x, w, y, b, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("n, h, v", [(4096, 1024, 32000), (2500, 768, 50257)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("logit_scale", [1.0, 0.6])
+def test_factored_one_chunk_bf16_gpu(monkeypatch, n, h, v, bias, logit_scale):
+    """Every row in one chunk (deferred: the upstream gradient folded into the rows' scales in backward, each
+    gradient rounded once) against eager bf16, the Gluon GEMM where it runs."""
+    from helpers import cuda_problem
+
+    from linear_cross_entropy.backends.fused import chunks
+
+    big = dict(factored_max_features_triton=1 << 20, factored_max_features_gluon=1 << 20)
+    monkeypatch.setattr(policy, "THRESHOLDS", dataclasses.replace(policy.THRESHOLDS, **big))
+    calls = _spy(monkeypatch)
+    backwards = []
+    real = chunks.factored_deferred_grads
+    monkeypatch.setattr(chunks, "factored_deferred_grads", lambda *a: backwards.append(1) or real(*a))
+    x, w, b, y = cuda_problem(n, h, v, torch.bfloat16, seed=h + 1, bias=bias)
+    ours = _run(x, w, y, b, logit_scale=logit_scale)
+    assert calls == [0] and backwards == [1], (calls, backwards)
+    _within_eager_bf16(ours, x, w, y, b, logit_scale=logit_scale)
+
+
+def _within_eager_bf16(ours, x, w, y, b, logit_scale=1.0, label_smoothing=0.0):
+    """``ours`` (loss and gradients) within the large-problem tolerance of eager bf16's error against float64."""
 
     def scaled(x, w, y, *, linear_bias, weight, reduction):  # z = a·logits, the logits in x's dtype, CE in ≥ fp32
         logits = torch.nn.functional.linear(x, w, linear_bias).to(torch.promote_types(x.dtype, torch.float32))

@@ -65,9 +65,10 @@ def _assert_as_exact_as_eager(ours, x, w, y):
 @pytest.mark.parametrize("n,h,v", [(4096, 2048, 8192), (4500, 2304, 4099)])  # the second: odd V (two parts)
 def test_default_trades_the_scratch_for_one_chunk(n, h, v):
     """Where all the logits take no more than the fp32 weight-gradient scratch (N·2 <= 4·H bytes per class), the
-    default runs one chunk: a peak no higher than the chunked path's (its buffer plus that scratch) but for the 16
-    bytes per row it keeps for backward's sweep (lse and dz's three coefficients), and gradients as exact as
-    eager's."""
+    default runs one chunk: a peak no higher than the chunked path's (its buffer plus that scratch) but for at most
+    16 bytes per row kept for backward (the row kernel's lse and dz's three coefficients; the factored pass's target
+    logit, scale, dz_y, refit flag and target order: 17 bytes, of which the chunked pass also keeps dz_y), and
+    gradients as exact as eager's."""
     x, w, b, y = cuda_problem(n, h, v, torch.bfloat16, seed=5)
     one_chunk, ours = _peak_and_results(x, w, y, LinearCrossEntropyOptions(backend="fused"))
     chunked, _ = _peak_and_results(x, w, y, LinearCrossEntropyOptions(backend="fused", batch_chunk_size=1024))

@@ -135,6 +135,22 @@ def test_no_host_sync_and_cuda_graph(backend, weight_grad_pass, force_weight_gra
     assert not torch.equal(expected[1], captured[2])
 
 
+def test_one_chunk_factored_pass_has_no_host_sync_and_captures(monkeypatch):
+    """One chunk on the fused backend's default (the factored pass where its Gluon GEMM runs: forward keeps ``E'``
+    and the rows' scales, backward multiplies them by ``g`` on the device): no host sync, and a CUDA graph replay
+    equal to a fresh run bit for bit."""
+    from linear_cross_entropy.backends.fused import chunks, factored_gluon
+
+    backwards = []
+    real = chunks.factored_deferred_grads
+    monkeypatch.setattr(chunks, "factored_deferred_grads", lambda *a: backwards.append(1) or real(*a))
+    expected, captured, fresh = sync_free_graph_run(LinearCrossEntropyOptions(backend="fused"))
+    assert all(torch.equal(a, c) for a, c in zip(captured, fresh))
+    assert not torch.equal(expected[1], captured[2])
+    gluon = factored_gluon.runs_on(torch.empty(1, 256, dtype=torch.bfloat16, device="cuda"))
+    assert bool(backwards) == gluon, (len(backwards), gluon)
+
+
 def _ours(x, w, y, b, opts):
     return linear_cross_entropy(x, w, y, linear_bias=b, options=opts)
 

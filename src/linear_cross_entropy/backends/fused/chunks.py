@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..common import LossParams, index_rows
+from ..common import Grads, LossParams, index_rows
 from ..grid import cdiv
 from ..partials import Partials, VocabShard, combine_partials
 from . import factored
@@ -25,7 +25,18 @@ from .gemm import input_grad_gemm, logits_buffers, logits_gemm, weight_grad_gemm
 from .policy import FusedPlan, Mode
 from .rows import PARTIALS, cross_entropy_grad, cross_entropy_partials, cross_entropy_rows
 
-__all__ = ["Gradients", "DeferredSaved", "RecomputeSaved", "Pass", "loss_only", "deferred", "accumulated", "recompute"]
+__all__ = [
+    "Gradients",
+    "DeferredSaved",
+    "FactoredSaved",
+    "RecomputeSaved",
+    "Pass",
+    "loss_only",
+    "deferred",
+    "factored_deferred_grads",
+    "accumulated",
+    "recompute",
+]
 
 Scales = tuple[torch.Tensor, torch.Tensor]  # (N,) fp32 each: the cross-entropy and z-loss shares s, s_z
 EntropyGrad = tuple[torch.Tensor, torch.Tensor]  # (N,) fp32 each: the rows' entropies H and their gradients g_H
@@ -45,6 +56,16 @@ class DeferredSaved(NamedTuple):
     coefs: torch.Tensor  # (N, 3) fp32 dz's coefficients for an upstream gradient of 1
 
 
+class FactoredSaved(NamedTuple):
+    """What a single factored chunk keeps for backward (:func:`factored_deferred_grads`)."""
+
+    buffers: factored.FactoredBuffers  # E' (its target column zeroed), r and dz_y for an upstream gradient of 1
+    # (N, H) in x's dtype, allocated in forward: its rows held the chunk's partials and will hold its product
+    # (factored.allocate); None without grad_x
+    grad_x: torch.Tensor | None
+    order: torch.Tensor | None  # (N,) int32 factored.target_order, None without grad_W and grad_b
+
+
 class RecomputeSaved(NamedTuple):
     """What the vocabulary-major pass needs (:func:`.vocab_major.weight_grad_pass`), and ``grad_x``."""
 
@@ -57,7 +78,8 @@ class Pass(NamedTuple):
     losses: torch.Tensor  # (N,) fp32, or each chunk's sum (num_chunks,) without plan.per_row
     lse: torch.Tensor | None  # (N,) fp32; None without plan.per_row
     stats: torch.Tensor | None  # (N, 5) fp32 with lp.metrics
-    saved: object  # None, Gradients, DeferredSaved or RecomputeSaved: fixed by the function that returns it
+    # None, Gradients, DeferredSaved, FactoredSaved or RecomputeSaved: fixed by the function (and plan) that returns it
+    saved: object
 
 
 def loss_only(x, w, b, target, class_weight, lp: LossParams, plan: FusedPlan, shard=None) -> Pass:
@@ -67,8 +89,11 @@ def loss_only(x, w, b, target, class_weight, lp: LossParams, plan: FusedPlan, sh
 
 
 def deferred(x, w, b, target, class_weight, lp, plan: FusedPlan, scales: Scales, shard=None) -> Pass:
-    """One chunk: sweep 1 only, keeping the logits, each row's lse and ``dz``'s coefficients for backward."""
+    """One chunk: sweep 1 only, keeping the logits, each row's lse and ``dz``'s coefficients for backward; or, on
+    the factored pass, the chunk's forward keeping ``E'`` and its rows' scales (:class:`FactoredSaved`)."""
     assert plan.mode is Mode.DEFERRED and plan.chunk_rows >= x.shape[0]
+    if plan.factored and shard is None and factored.tma_ready(x, w):
+        return _factored_deferred(x, w, b, target, class_weight, lp, plan, scales)
     coefs = torch.empty((x.shape[0], 3), dtype=torch.float32, device=x.device)
     losses, lse, stats, logits = _row_pass(x, w, b, target, class_weight, lp, plan, scales, shard, coefs)
     # one chunk: lse holds every row whatever plan.per_row says
@@ -99,6 +124,45 @@ def recompute(x, w, b, target, class_weight, lp, plan: FusedPlan, scales: Scales
     entropy_grad = entropy_grad if grads is not None else None
     losses, lse, stats, _ = _row_pass(x, w, b, target, class_weight, lp, plan, scales, None, coefs, grads, entropy_grad)
     return Pass(losses, lse, stats, RecomputeSaved(None if grads is None else grads.input, lse, coefs))
+
+
+def _factored_deferred(x, w, b, target, class_weight, lp, plan: FusedPlan, scales: Scales) -> Pass:
+    """The factored forward of one chunk of every row, ``grad_x`` allocated now in x's dtype (the upstream
+    gradient is folded into the rows' scales before anything is rounded into it) for the workspace to ride in."""
+    n = x.shape[0]
+    order = factored.target_order(target) if plan.grads.weight or plan.grads.bias else None  # before E
+    grad_x = torch.empty_like(x) if plan.grads.input else None
+    ws = factored.allocate(n, x, w.shape[0], grad_x, smoothing=False, rank_one_rows=False)
+    buf = ws.chunk(0, n)
+    losses = torch.empty(n, dtype=torch.float32, device=x.device)
+    lse = torch.empty(n, dtype=torch.float32, device=x.device)
+    factored.forward_chunk(x, w, b, target, class_weight, scales, lp, buf, losses, lse, smoothing=None)
+    if not plan.per_row:  # as the row pass returns them: the chunk's sum
+        losses = losses.sum(dim=0, keepdim=True)
+    return Pass(losses, lse if plan.per_row else None, None, FactoredSaved(buf, grad_x, order))
+
+
+def factored_deferred_grads(
+    saved: FactoredSaved,
+    x: torch.Tensor,  # (N, H)
+    w: torch.Tensor,  # (V, H)
+    target: torch.Tensor,  # (N,) int64
+    grad_out: torch.Tensor,  # () the upstream gradient g
+    grads: Grads,
+) -> Gradients:
+    """The single factored chunk's gradients for ``g``: the rows' scales ``r`` and target-column terms ``dz_y``
+    times ``g`` (``dz`` is linear in them; in place: the plan keeps no graph for a second backward), then the
+    gradient GEMMs on ``E'`` and the target column, each gradient rounded once into the inputs' dtypes (``grad_b``
+    fp32)."""
+    buf = saved.buffers
+    g = grad_out.float()
+    buf.scale.mul_(g)
+    buf.target_grad.mul_(g)
+    grad_w = torch.empty_like(w) if grads.weight else None
+    grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if grads.bias else None
+    factored.gradient_gemms(saved.grad_x, grad_w, grad_b, buf, w, x, target, 0, smoothing=None)
+    factored.target_column_grads(grad_w, grad_b, buf.target_grad, x, target, w.shape[0], saved.order)
+    return Gradients(saved.grad_x, grad_w, grad_b)
 
 
 def _allocate_grads(x: torch.Tensor, w: torch.Tensor, plan: FusedPlan) -> Gradients:

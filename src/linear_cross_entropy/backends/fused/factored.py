@@ -50,6 +50,7 @@ __all__ = [
     "combine",
     "gradient_gemms",
     "target_column_grads",
+    "target_order",
 ]
 
 # The window of the stored exponential, in nats above the row's target logit. A tile whose max(z − z_y) exceeds it
@@ -453,19 +454,27 @@ def target_column_grads(
     x: torch.Tensor,  # (N, H)
     target: torch.Tensor,  # (N,) int64
     num_classes: int,
+    order: torch.Tensor | None = None,  # target_order(target), if already sorted
 ) -> None:
     """``grad_W[y_n] += dz_y,n·x_n`` and ``grad_b[y_n] += dz_y,n`` for every row at once, after the last chunk:
     the rows sorted by target once, one writer per class (deterministic, no atomics)."""
     n, h = x.shape
     if n == 0 or (grad_w is None and grad_b is None):
         return
-    sorted_target, order = torch.sort(target, stable=True)
+    order = target_order(target) if order is None else order
     _target_weight_grad_kernel[(n,)](
-        order, sorted_target, target_grad, x, grad_w, grad_b,
+        order, target, target_grad, x, grad_w, grad_b,
         n, num_classes, h,
         x.stride(0), 0 if grad_w is None else grad_w.stride(0),
         BLOCK_H=_feature_block(h, x.device), num_warps=4,
     )  # fmt: skip
+
+
+def target_order(target: torch.Tensor) -> torch.Tensor:
+    """The rows sorted by target, stable, (N,) int32 (4 bytes a row kept; N < 2^31): :func:`target_column_grads`'
+    order. A one-chunk call sorts in forward, before ``E`` exists, so that the sort's scratch never sits beside
+    it."""
+    return torch.sort(target, stable=True).indices.to(torch.int32)
 
 
 def _feature_block(h: int, device: torch.device) -> int:

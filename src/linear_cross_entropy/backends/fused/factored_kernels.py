@@ -420,8 +420,8 @@ def _input_grad_rows_kernel(
 @triton.jit
 def _target_weight_grad_kernel(
     # pointers
-    order_ptr,  # (r,) int64: the rows sorted by target (stable)
-    sorted_target_ptr,  # (r,) int64: the targets in that order
+    order_ptr,  # (r,) int32: the rows sorted by target (stable)
+    target_ptr,  # (r,) int64: the targets, in row order
     target_grad_ptr,  # (r,) fp32: dz_y
     x_ptr,  # (r, H)
     weight_grad_ptr,  # (V, H) or None: added to at the target rows
@@ -442,8 +442,8 @@ def _target_weight_grad_kernel(
     sorted position of each class sums that class's rows in sorted order and adds once — one writer per class,
     no atomics, the same sums every run."""
     i = tl.program_id(0)
-    y = tl.load(sorted_target_ptr + i)
-    prev = tl.load(sorted_target_ptr + tl.maximum(i - 1, 0))
+    y = tl.load(target_ptr + tl.load(order_ptr + i))
+    prev = tl.load(target_ptr + tl.load(order_ptr + tl.maximum(i - 1, 0)))
     if ((i > 0) & (prev == y)) | (y < 0) | (y >= n_classes):
         return
     for k in range(0, n_features, BLOCK_H):
@@ -454,14 +454,14 @@ def _target_weight_grad_kernel(
         j = i
         same = True
         while same:
-            row = tl.load(order_ptr + j)
+            row = tl.load(order_ptr + j).to(tl.int64)
             dz_y = tl.load(target_grad_ptr + row)
             acc += dz_y * tl.load(x_ptr + row * stride_x_row + offs_h, mask=mask, other=0.0).to(tl.float32)
             bias += dz_y
             j += 1
             same = j < n_rows
             if same:
-                same = tl.load(sorted_target_ptr + j) == y
+                same = tl.load(target_ptr + tl.load(order_ptr + j)) == y
         if HAS_WEIGHT_GRAD:
             wg_ptr = weight_grad_ptr + y * stride_wg_row + offs_h
             g = tl.load(wg_ptr, mask=mask, other=0.0).to(tl.float32) + acc

@@ -4,7 +4,8 @@ The plan (:func:`.policy.make_plan`) picks one of four modes (:class:`.policy.Mo
 
 - ``DEFERRED`` (the whole batch one chunk): forward stops after the row kernel's first sweep; backward runs its
   second with the upstream gradient ``g`` folded into each row's coefficients, then the two gradient GEMMs: every
-  gradient is rounded once, as eager's, and no ``(V, H)`` gradient is scaled.
+  gradient is rounded once, as eager's, and no ``(V, H)`` gradient is scaled. On the factored pass forward keeps
+  ``E'`` and each row's scale instead, and backward multiplies the scales by ``g`` before the gradient GEMMs.
 - ``ACCUMULATED`` (chunks): forward forms the gradients for an upstream gradient of 1, which backward scales (the
   fp32 accumulators of ``"balanced"``/``"accurate"``, when they exist, are rounded once in that same pass).
 - ``RECOMPUTE`` (small chunks, ``ro.recompute_weight_grad``): forward forms only ``grad_x`` (and each row's ``lse``
@@ -165,9 +166,14 @@ def _accumulated_backward(ctx, grad_out):
 
 def _deferred_backward(ctx, grad_out):
     """The single-chunk backward: sweep 2 on the logits forward left, with ``grad_out`` folded into the rows'
-    coefficients, then the two gradient GEMMs (``grad_x`` then all-reduced over a vocabulary-parallel group)."""
-    logits, lse, coefs = take_saved_grads(ctx)
+    coefficients, then the two gradient GEMMs (``grad_x`` then all-reduced over a vocabulary-parallel group); on
+    the factored pass, ``grad_out`` folded into the rows' scales, then the gradient GEMMs on ``E'``."""
+    saved = take_saved_grads(ctx)
     x, w, b, target, class_weight = ctx.saved_tensors
+    if isinstance(saved, chunks.FactoredSaved):
+        gx, gw, gb = chunks.factored_deferred_grads(saved, x, w, target, grad_out, ctx.grads)
+        return gx, gw, None if gb is None else gb.to(ctx.w_dtype)
+    logits, lse, coefs = saved
     in_place = not ctx.ro.allow_retain_graph  # a second backward reads the logits again
     gx, gw, gb = deferred_grads(
         logits, lse, coefs, x, w, b, target, class_weight, ctx.lp, grad_out, ctx.grads, ctx.shard, in_place

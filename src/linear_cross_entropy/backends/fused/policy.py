@@ -54,6 +54,9 @@ class Thresholds:
     factored_devices: frozenset = frozenset({"cuda"})
     factored_max_features_triton: int = 0
     factored_max_features_gluon: int = 2048
+    # whether one-chunk (deferred) calls take the factored pass too, within the same limits (NOTES, "One chunk on
+    # the factored pass")
+    factored_one_chunk: bool = True
 
 
 THRESHOLDS = Thresholds(gemm_flops_per_byte={torch.bfloat16: 240, torch.float16: 240})
@@ -199,11 +202,14 @@ def _mode(stage: Stage, lp: LossParams, ro: ResolvedOptions, grads: Grads, num_r
 
 def uses_factored(
     mode: Mode, lp: LossParams, x: torch.Tensor, w_dtype: torch.dtype, *, sharded: bool, entropy_grad: bool,
-    fp32_logits: bool,
+    fp32_logits: bool, deferrable: bool = False,
 ) -> bool:  # fmt: skip
     """Whether the row pass runs factored (:mod:`.factored`: ``dz`` as a row scale times the exponential the
-    logits GEMM's epilogue stores, no pass over the logits): chunks accumulated, unsharded, class-index targets
-    (with or without label smoothing), a logit scale ``a > 0`` if any (the epilogue takes the row max of
+    logits GEMM's epilogue stores, no pass over the logits): chunks accumulated, or one chunk deferred where
+    ``deferrable`` (the eager Function's forward of a scalar reduction without a retained graph: backward multiplies
+    the rows' scales by the upstream gradient and runs the gradient GEMMs on ``E`` once) and without label
+    smoothing (its rank-1 share of ``grad_W`` is formed for an upstream gradient of 1); unsharded, class-index
+    targets (with or without label smoothing), a logit scale ``a > 0`` if any (the epilogue takes the row max of
     ``u = x·Wᵀ + b``, which is ``z = a·u``'s only for ``a > 0``), neither soft-capping, metrics nor the entropy's
     gradient, the logits not kept in fp32, 16-bit operands of one dtype (``THRESHOLDS.factored_dtypes``: bf16;
     fp16's range cannot hold ``exp(z − z_y)``), and a GEMM that beats the row kernel at this hidden size: the
@@ -211,7 +217,8 @@ def uses_factored(
     ``factored_max_features_gluon`` (benchmarks/NOTES.md, v16). The operands' layout (TMA's rules) and the GPU
     (Hopper or newer) are checked where the operands are, in the row pass (:func:`.factored.tma_ready`)."""
     t = THRESHOLDS
-    if not (mode is Mode.ACCUMULATED and not sharded and not entropy_grad and not fp32_logits):
+    deferred = mode is Mode.DEFERRED and deferrable and t.factored_one_chunk and lp.label_smoothing == 0
+    if not ((mode is Mode.ACCUMULATED or deferred) and not sharded and not entropy_grad and not fp32_logits):
         return False
     if lp.target_is_probs or lp.metrics or lp.logit_softcap or lp.logit_scale <= 0:
         return False
@@ -250,6 +257,8 @@ def make_plan(
     chunked = ro.batch_chunk_size < n
     recompute = mode is Mode.RECOMPUTE
     fp32_logits = _fp32_logits(ro.acc_policy, x)
+    # the eager Function's scalar reductions, whose backward can fold g into the factored pass's row scales once
+    deferrable = stage == "forward" and lp.reduction != "none" and not ro.allow_retain_graph
     return FusedPlan(
         mode=mode,
         chunk_rows=max(1, min(ro.batch_chunk_size, n)),
@@ -263,6 +272,13 @@ def make_plan(
         weight_grad_later=recompute and stage == "forward",
         entropy_grad=entropy_grad,
         factored=uses_factored(
-            mode, lp, x, w_dtype, sharded=sharded, entropy_grad=entropy_grad, fp32_logits=fp32_logits
+            mode,
+            lp,
+            x,
+            w_dtype,
+            sharded=sharded,
+            entropy_grad=entropy_grad,
+            fp32_logits=fp32_logits,
+            deferrable=deferrable,
         ),
     )
