@@ -12,7 +12,16 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import assert_within_plain, extras_oracle, leaf, oracle_loss, plain_loss, small_problem, upstream_grad
+from helpers import (
+    assert_within_plain,
+    count_calls,
+    extras_oracle,
+    leaf,
+    oracle_loss,
+    plain_loss,
+    small_problem,
+    upstream_grad,
+)
 from helpers.env import HAS_CUDA, HAS_TRITON, needs_interpreter
 
 from linear_cross_entropy import LinearCrossEntropyOptions, linear_cross_entropy
@@ -262,9 +271,7 @@ def test_one_chunk_deferred(force_factored, monkeypatch, bias, class_weight, red
     from linear_cross_entropy.backends.fused import chunks
 
     calls = _spy(monkeypatch)
-    backwards = []
-    real = chunks.factored_deferred_grads
-    monkeypatch.setattr(chunks, "factored_deferred_grads", lambda *a: backwards.append(1) or real(*a))
+    backwards = count_calls(monkeypatch, chunks, "factored_deferred_grads")
     x, w, b, y, cw = small_problem(37, 16, 203, torch.float32, seed=21, bias=bias, class_weight=class_weight)
     x[5] *= 150.0  # beyond the window: refitted
     y[5] = 0
@@ -401,9 +408,7 @@ def test_factored_one_chunk_bf16_gpu(monkeypatch, n, h, v, bias, logit_scale):
     big = dict(factored_max_features_triton=1 << 20, factored_max_features_gluon=1 << 20)
     monkeypatch.setattr(policy, "THRESHOLDS", dataclasses.replace(policy.THRESHOLDS, **big))
     calls = _spy(monkeypatch)
-    backwards = []
-    real = chunks.factored_deferred_grads
-    monkeypatch.setattr(chunks, "factored_deferred_grads", lambda *a: backwards.append(1) or real(*a))
+    backwards = count_calls(monkeypatch, chunks, "factored_deferred_grads")
     x, w, b, y = cuda_problem(n, h, v, torch.bfloat16, seed=h + 1, bias=bias)
     ours = _run(x, w, y, b, logit_scale=logit_scale)
     assert calls == [0] and backwards == [1], (calls, backwards)

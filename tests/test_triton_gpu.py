@@ -19,6 +19,7 @@ from helpers import (
     WEIGHT_GRAD_PASSES,
     Case,
     assert_within_plain,
+    count_calls,
     cuda_problem,
     forward_backward,
     gpu_only,
@@ -141,9 +142,7 @@ def test_one_chunk_factored_pass_has_no_host_sync_and_captures(monkeypatch):
     equal to a fresh run bit for bit."""
     from linear_cross_entropy.backends.fused import chunks, factored_gluon
 
-    backwards = []
-    real = chunks.factored_deferred_grads
-    monkeypatch.setattr(chunks, "factored_deferred_grads", lambda *a: backwards.append(1) or real(*a))
+    backwards = count_calls(monkeypatch, chunks, "factored_deferred_grads")
     expected, captured, fresh = sync_free_graph_run(LinearCrossEntropyOptions(backend="fused"))
     assert all(torch.equal(a, c) for a, c in zip(captured, fresh))
     assert not torch.equal(expected[1], captured[2])

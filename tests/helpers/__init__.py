@@ -37,6 +37,7 @@ from .env import (
 )
 from .problems import (
     Case,
+    count_calls,
     cuda_problem,
     extras_oracle,
     forward_backward,
@@ -66,6 +67,7 @@ __all__ = [
     "Case",
     "check_close",
     "check_within_plain",
+    "count_calls",
     "cuda_problem",
     "extras_oracle",
     "DEVICES",

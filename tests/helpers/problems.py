@@ -262,3 +262,17 @@ def reference_grads(case: Case, *, grad_seed: int = 1234, upstream: torch.Tensor
     """The float64 oracle: ``F.cross_entropy(F.linear(...))`` on float64 copies of ``case``; returns
     ``(loss, grad_input, grad_weight, grad_bias)`` in float64."""
     return forward_backward(oracle_loss, case.to(torch.float64), grad_seed=grad_seed, upstream=upstream)
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """``module.name`` wrapped for the test: the returned list gains an entry per call (so that a test fails if a
+    path it means to check silently was not taken)."""
+    calls = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
