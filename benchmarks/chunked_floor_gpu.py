@@ -8,7 +8,8 @@ per chunk of ``fused_chunk_rows`` rows (a ``(rows, V)`` buffer, a quarter of the
 accumulates the weight gradient across chunks in an fp32 ``(V, H)`` scratch, rounded once at the end. This script
 times, per shape and on the same padded operands as the floor,
 
-- ``floor``: the three GEMMs on the whole problem (as ``floor_ms``);
+- ``floor``: the three GEMMs on the whole problem (``floor_ms``'s, written into preallocated outputs as the
+  chunked variants write theirs);
 - ``chunked floor``: the same GEMMs per chunk, ``grad_W`` accumulated in the fp32 scratch (cuBLAS ``beta = 1``)
   and rounded to bf16 once: the least any design that keeps a chunk's ``(rows, V)`` matrix and uses cuBLAS can
   spend, before any softmax work;
